@@ -1,0 +1,40 @@
+# The two commands of README.md: `make run` and `make test`. Both create the
+# virtual environment and install on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DATA ?= appliance-data
+PYTEST_ARGS ?=
+
+.PHONY: install run test lint format bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	@test -f $(DATA)/appliance.toml || $(BIN)/appliance init --data-dir $(DATA)
+	$(BIN)/appliance run --config $(DATA)/appliance.toml --log-format text
+
+lint: $(STAMP)
+	$(BIN)/ruff check appliance tests bench
+	$(BIN)/ruff format --check appliance tests bench
+
+format: $(STAMP)
+	$(BIN)/ruff format appliance tests bench
+	$(BIN)/ruff check --fix appliance tests bench
+
+test: lint
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/pip install -q -e '.[bench]'
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) build dist .pytest_cache .ruff_cache

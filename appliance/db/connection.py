@@ -1,0 +1,121 @@
+"""Opening the database named by the config, in any process.
+
+SQLite (default): one file in the data dir, WAL, busy timeout, foreign keys on.
+PostgreSQL: a connection pool per process; idle connections are probed by the
+pool, and a statement that fails because the server restarted (outside a
+transaction) reconnects once and runs again (ReconnectMixin with the
+psycopg2 messages). After os.fork() the child forgets the parent's
+connections without closing them (closing would end the parent's sessions).
+"""
+
+from __future__ import annotations
+
+import os
+import urllib.parse
+from typing import Any
+
+import peewee as pw
+from playhouse.pool import PooledPostgresqlDatabase
+from playhouse.shortcuts import ReconnectMixin
+
+from appliance.db.models import database
+
+_FORGOTTEN: list[Any] = []  # connections inherited over fork: kept referenced so GC never closes them
+
+
+class PostgresDatabase(ReconnectMixin, PooledPostgresqlDatabase):
+    reconnect_errors = (
+        (pw.OperationalError, "server closed the connection"),
+        (pw.OperationalError, "terminating connection"),
+        (pw.OperationalError, "connection to server"),
+        (pw.OperationalError, "ssl connection has been closed"),
+        (pw.OperationalError, "could not receive data"),
+        (pw.InterfaceError, "connection already closed"),
+    )
+
+    def _reconnect(self, func: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super()._reconnect(func, *args, **kwargs)
+        except (pw.OperationalError, pw.InterfaceError):
+            # A second failure right after reconnecting: drop the pool's idle
+            # connections (likely all dead after a server restart) before the error surfaces.
+            self._drop_dead()
+            raise
+
+    def _drop_dead(self) -> None:
+        try:
+            self.close_idle()
+        except Exception:  # pragma: no cover - best effort cleanup
+            pass
+
+
+def _sqlite(cfg: Any) -> pw.SqliteDatabase:
+    path = cfg.path(cfg.database.sqlite_file)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return pw.SqliteDatabase(
+        str(path),
+        pragmas={
+            "journal_mode": "wal",
+            "busy_timeout": cfg.database.busy_timeout_ms,
+            "foreign_keys": 1,
+            "synchronous": "normal",
+        },
+        timeout=cfg.database.busy_timeout_ms / 1000.0,
+    )
+
+
+def _postgres(cfg: Any) -> PostgresDatabase:
+    url = cfg.database.url
+    parsed = urllib.parse.urlparse(url)
+    name = (parsed.path or "/").lstrip("/") or "postgres"
+    return PostgresDatabase(
+        name,
+        dsn=url,
+        max_connections=cfg.database.max_connections,
+        stale_timeout=cfg.database.stale_timeout,
+        timeout=10,
+        connect_timeout=5,
+        application_name=f"appliance-{os.getpid()}",
+    )
+
+
+def make_database(cfg: Any) -> pw.Database:
+    """A new (unbound) database object for the config."""
+    return _postgres(cfg) if cfg.database.url else _sqlite(cfg)
+
+
+def open_database(cfg: Any) -> pw.Database:
+    """Create the database for `cfg` and bind every model to it in this process."""
+    db = make_database(cfg)
+    database.initialize(db)
+    return db
+
+
+def engine_name(cfg: Any) -> str:
+    return "postgresql" if cfg.database.url else "sqlite"
+
+
+def describe(cfg: Any) -> str:
+    """Where the data lives, without a password, for logs and messages."""
+    if not cfg.database.url:
+        return f"sqlite:{cfg.path(cfg.database.sqlite_file)}"
+    p = urllib.parse.urlparse(cfg.database.url)
+    return f"postgresql://{p.hostname}:{p.port or 5432}{p.path}"
+
+
+def _after_fork_in_child() -> None:
+    db = database.obj
+    if db is None:
+        return
+    state = getattr(db, "_state", None)
+    if state is not None and getattr(state, "conn", None) is not None:
+        _FORGOTTEN.append(state.conn)
+        state.reset()
+    if isinstance(db, PooledPostgresqlDatabase):
+        _FORGOTTEN.extend(db._connections)
+        _FORGOTTEN.extend(db._in_use.values())
+        db._connections = []
+        db._in_use = {}
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -1,0 +1,67 @@
+"""The child roles the supervisor starts, each as `appliance _child ROLE --index N`.
+
+A role is a function `serve(cfg, index) -> exit status` in its own package.
+The supervisor hands its parsed config to children in the environment
+variable APPLIANCE_CONFIG_JSON (the whole tree, parsed once); a child started
+by hand reads --config instead. Roles are named by dotted path so that no role
+imports another, and the frozen binary bundles them all (packaging lists them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import os
+import sys
+from typing import Any
+
+ROLES: dict[str, str] = {
+    "balancer": "appliance.balancer.server:serve",
+    "api": "appliance.api.server:serve",
+    "worker": "appliance.queue.worker:serve",
+    "scheduler": "appliance.queue.scheduler:serve",
+    "monitor": "appliance.monitor.server:serve",
+}
+
+CONFIG_ENV = "APPLIANCE_CONFIG_JSON"
+EXIT_BOOT_FAILURE = 3  # a child that cannot boot exits with this; the supervisor does not retry forever
+
+
+def child_config(args: argparse.Namespace) -> Any:
+    from appliance.config import Config, ConfigError, load_config
+
+    raw = os.environ.get(CONFIG_ENV)
+    if raw:
+        return Config.from_json(raw)
+    try:
+        return load_config(args.config)
+    except ConfigError as exc:
+        print(f"appliance: {exc}", file=sys.stderr)
+        raise SystemExit(EXIT_BOOT_FAILURE) from None
+
+
+def resolve(role: str) -> Any:
+    target = ROLES.get(role)
+    if target is None:
+        raise SystemExit(f"appliance: unknown role {role!r}; known roles: {', '.join(ROLES)}")
+    module, _, func = target.partition(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def available(role: str) -> bool:
+    """True when the role's module exists in this build."""
+    module = ROLES[role].partition(":")[0]
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def run_child(args: argparse.Namespace) -> int:
+    from appliance.logs import setup_logging
+
+    cfg = child_config(args)
+    setup_logging(args.role, args.log_format or cfg.logging.format, cfg.logging.level)
+    serve = resolve(args.role)
+    return int(serve(cfg, args.index) or 0)

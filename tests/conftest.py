@@ -1,0 +1,138 @@
+"""Shared fixtures: configs in temp dirs, and the real PostgreSQL and Redis servers.
+
+PostgreSQL: a fresh database per test session on APPLIANCE_TEST_PG_URL
+(default postgresql://postgres@127.0.0.1:5432/postgres), dropped after.
+Redis: APPLIANCE_TEST_REDIS_URL (default redis://127.0.0.1:6379/0) with a
+fresh key prefix, whose keys are deleted after. When a server cannot be
+reached its tests skip naming the URL, except with CI=true: then they fail.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import urllib.parse
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+PG_URL = os.environ.get("APPLIANCE_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("APPLIANCE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def _unreachable(what: str, url: str, exc: Exception) -> None:
+    safe = url.split("@")[-1]
+    message = f"{what} at {safe} cannot be reached ({type(exc).__name__}: {str(exc).strip()[:200]})"
+    if IN_CI:
+        pytest.fail(message + "; CI=true requires it", pytrace=False)
+    pytest.skip(message)
+
+
+def _with_db(url: str, name: str) -> str:
+    p = urllib.parse.urlparse(url)
+    return urllib.parse.urlunparse(p._replace(path="/" + name))
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """URL of a fresh PostgreSQL database for this test session."""
+    import psycopg2
+
+    name = f"appliance_test_{secrets.token_hex(4)}"
+    try:
+        admin = psycopg2.connect(PG_URL, connect_timeout=5)
+    except psycopg2.Error as exc:
+        _unreachable("PostgreSQL", PG_URL, exc)
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield _with_db(PG_URL, name)
+    finally:
+        with admin.cursor() as cur:
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[dict[str, str]]:
+    """{"url", "prefix"}: the Redis server and a key prefix of our own, cleaned after the session."""
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=3)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        _unreachable("Redis", REDIS_URL, exc)
+    prefix = f"appliance-test-{secrets.token_hex(4)}:"
+    try:
+        yield {"url": REDIS_URL, "prefix": prefix}
+    finally:
+        for key in client.scan_iter(match=f"*{prefix}*", count=1000):
+            client.delete(key)
+        client.close()
+
+
+def write_config(data_dir: Path, **sections: dict[str, Any]) -> Path:
+    """Write appliance.toml (with the given section overrides) and fresh secrets into data_dir."""
+    import tomli_w
+
+    from appliance import secretfile
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    cfg_path = data_dir / "appliance.toml"
+    secretfile.write_private(cfg_path, tomli_w.dumps(sections).encode())
+    secrets_path = data_dir / "secrets.toml"
+    if not secrets_path.exists():
+        secretfile.write_secrets(secrets_path, secretfile.generate_secrets())
+    return cfg_path
+
+
+@pytest.fixture
+def make_config(tmp_path: Path):
+    """make_config(**sections) -> a loaded Config in a fresh data dir under tmp_path."""
+    from appliance.config import load_config
+
+    counter = {"n": 0}
+
+    def make(**sections: dict[str, Any]):
+        counter["n"] += 1
+        path = write_config(tmp_path / f"data{counter['n']}", **sections)
+        return load_config(path, env={})
+
+    return make
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def engine(request: pytest.FixtureRequest) -> str:
+    """Parametrises a test over both database engines."""
+    return request.param
+
+
+@pytest.fixture
+def db_config(engine: str, make_config, request: pytest.FixtureRequest):
+    """A Config whose database is SQLite in a temp dir or the session's PostgreSQL database."""
+    if engine == "postgresql":
+        url = request.getfixturevalue("pg_url")
+        return make_config(database={"url": url, "max_connections": 8})
+    return make_config()
+
+
+@pytest.fixture
+def db(db_config) -> Iterator[Any]:
+    """The database of db_config, migrated and empty, bound to every model."""
+    from appliance import db as dbmod
+    from appliance.db.models import ALL_MODELS
+
+    handle = dbmod.open_database(db_config)
+    dbmod.migrate(handle)
+    if dbmod.engine_name(db_config) == "postgresql":
+        tables = ", ".join(f'"{m._meta.table_name}"' for m in ALL_MODELS)
+        handle.execute_sql(f"TRUNCATE {tables} RESTART IDENTITY CASCADE")
+    try:
+        yield handle
+    finally:
+        handle.close_all() if hasattr(handle, "close_all") else handle.close()
