@@ -1,0 +1,76 @@
+"""Helpers for tests that run real processes on real loopback sockets.
+
+Only processes started here are ever stopped, by pid. Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, host: str = "127.0.0.1", timeout: float = 20.0, proc: subprocess.Popen | None = None) -> None:
+    """Wait until something accepts on host:port; fail early if `proc` exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process {proc.pid} exited with {proc.returncode} before listening on {host}:{port}")
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s")
+
+
+def appliance_cmd(*args: str) -> list[str]:
+    """The command line of the appliance from this source tree."""
+    return [sys.executable, "-m", "appliance", *args]
+
+
+def start_child(role: str, config: Path, index: int = 0, env: dict[str, str] | None = None, log: Path | None = None) -> subprocess.Popen:
+    """Start `appliance _child ROLE` as a real process; its output goes to `log` (or is discarded)."""
+    full_env = {**os.environ, **(env or {})}
+    out = open(log, "ab") if log else subprocess.DEVNULL
+    return subprocess.Popen(
+        appliance_cmd("_child", role, "--index", str(index), "--config", str(config)),
+        env=full_env,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+    """Stop a process we started (by pid): `sig`, then SIGKILL after `timeout`."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+    return proc.returncode
+
+
+@contextlib.contextmanager
+def running(proc: subprocess.Popen) -> Iterator[subprocess.Popen]:
+    """Context manager that always stops `proc` on exit."""
+    try:
+        yield proc
+    finally:
+        stop(proc)
