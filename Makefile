@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 DATA ?= appliance-data
 PYTEST_ARGS ?=
 
-.PHONY: install run test lint format bench clean
+.PHONY: install run test lint format docs bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,9 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(BIN)/ruff format appliance tests bench
 	$(BIN)/ruff check --fix appliance tests bench
+
+docs: $(STAMP)
+	$(BIN)/python scripts/gen_config_docs.py
 
 test: lint
 	$(BIN)/pytest $(PYTEST_ARGS)

@@ -478,3 +478,9 @@ def render_markdown_table() -> str:
             )
             rows.append(f"| `{name}.{field.name}` | `{shown}` | {text} |")
     return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":  # `python -m appliance.config [--markdown]` prints the generated docs
+    import sys
+
+    sys.stdout.write(render_markdown_table() if "--markdown" in sys.argv else render_sample())
