@@ -136,3 +136,24 @@ def db(db_config) -> Iterator[Any]:
         yield handle
     finally:
         handle.close_all() if hasattr(handle, "close_all") else handle.close()
+
+
+_BACKEND_COUNTS: dict[str, dict[str, int]] = {}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Count outcomes of tests that used PostgreSQL or Redis, for the summary below."""
+    if report.when != "call" and not (report.when == "setup" and report.outcome != "passed"):
+        return
+    for backend, marker in (("PostgreSQL", "postgresql"), ("Redis", "redis")):
+        if marker in report.nodeid.lower() or marker in getattr(report, "keywords", {}):
+            counts = _BACKEND_COUNTS.setdefault(backend, {})
+            counts[report.outcome] = counts.get(report.outcome, 0) + 1
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Say plainly how many tests ran against the real PostgreSQL and Redis servers."""
+    for backend, url in (("PostgreSQL", PG_URL), ("Redis", REDIS_URL)):
+        counts = _BACKEND_COUNTS.get(backend, {})
+        shown = ", ".join(f"{n} {outcome}" for outcome, n in sorted(counts.items())) or "none ran"
+        terminalreporter.write_line(f"{backend} tests ({url.split('@')[-1]}): {shown}")
