@@ -1,0 +1,71 @@
+"""The monitor role: Prometheus exposition of every process's metrics, on loopback.
+
+GET /metrics       text exposition read from the shared metrics directory
+                   (appliance/metrics.py), i.e. every process of this host.
+GET /health/ping   liveness for the balancer's health checks and the supervisor.
+The live status page (/status) is the next milestone; until then /status
+answers 404 in the error envelope rather than a half-made page.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+from typing import Any
+
+from appliance import metrics
+from appliance.errors import error_body
+from appliance.times import now_iso
+
+log = logging.getLogger(__name__)
+
+_JSON = [("Content-Type", "application/json"), ("X-Content-Type-Options", "nosniff"), ("Cache-Control", "no-store")]
+
+
+def make_app(cfg: Any, node_id: str) -> Any:
+    """The monitor's WSGI application."""
+    import orjson
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        path = environ.get("PATH_INFO", "")
+        method = environ.get("REQUEST_METHOD", "GET")
+        rid = environ.get("HTTP_X_REQUEST_ID")
+        if method not in ("GET", "HEAD"):
+            start_response("405 Method Not Allowed", [*_JSON, ("Allow", "GET, HEAD")])
+            return [error_body("method_not_allowed", f"{method} is not allowed here", request_id=rid)]
+        if path == "/metrics":
+            try:
+                body = metrics.exposition()
+            except Exception:  # a torn metrics file must not take the monitor down
+                log.exception("reading metrics failed")
+                start_response("503 Service Unavailable", _JSON)
+                return [error_body("metrics_unavailable", "metrics could not be read; see the monitor log", request_id=rid)]
+            start_response("200 OK", [("Content-Type", "text/plain; version=0.0.4; charset=utf-8"), ("Cache-Control", "no-store")])
+            return [body]
+        if path == "/health/ping":
+            start_response("200 OK", _JSON)
+            return [orjson.dumps({"status": "ok", "node_id": node_id, "timestamp": now_iso()})]
+        start_response("404 Not Found", _JSON)
+        return [error_body("not_found", f"no such path: {path[:200]}", request_id=rid)]
+
+    return app
+
+
+def serve(cfg: Any, index: int) -> int:
+    """Role entry: serve the monitor on 127.0.0.1:[monitor] port until SIGTERM."""
+    metrics.prepare(cfg)
+    from waitress.server import create_server
+
+    node_id = f"{cfg.server.node_name or socket.gethostname()}:monitor:{index}"
+    server = create_server(make_app(cfg, node_id), host="127.0.0.1", port=cfg.monitor.port, threads=2, ident="appliance-monitor")
+
+    def stop(signum: int, frame: Any) -> None:
+        raise SystemExit(0)  # waitress's run() catches it and shuts its task threads down
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    log.info("monitor listening", extra={"fields": {"address": f"127.0.0.1:{cfg.monitor.port}", "pid": os.getpid()}})
+    server.run()
+    return 0
