@@ -1,0 +1,67 @@
+"""The Falcon application factory of an API worker.
+
+`create_app(cfg)` builds the app: middleware (appliance.api.middleware), the one
+error handler (appliance.api.handlers), then every route module of ROUTE_MODULES
+(each exposes `register(app, ctx)`), then the operators' own modules from
+[api] apps_dir (appliance.api.apps). Optional route modules (written by the tasks
+and data helpers) are imported only when present; a present module that fails to
+import is an error, never skipped.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+from typing import Any
+
+import falcon
+
+from appliance.api import handlers, middleware
+from appliance.api.context import ApiContext
+
+log = logging.getLogger(__name__)
+
+# (module, required): each module exposes register(app, ctx).
+ROUTE_MODULES: list[tuple[str, bool]] = [
+    ("appliance.api.health", True),
+    ("appliance.api.auth", True),
+    ("appliance.api.mfa", True),
+    ("appliance.api.users", True),
+    ("appliance.api.stats", True),
+    ("appliance.api.tasks", False),
+    ("appliance.api.data", False),
+    ("appliance.api.openapi", True),
+]
+
+
+def _present(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+class ApplianceApp(falcon.App):
+    """falcon.App with its ApiContext at `.ctx`."""
+
+    ctx: ApiContext
+
+
+def create_app(cfg: Any, *, index: int = 0, db: Any = None, check_responses: bool = False, load_apps: bool = True) -> ApplianceApp:
+    """The WSGI app of worker `index`; `app.ctx` is its ApiContext."""
+    ctx = ApiContext(cfg=cfg, db=db, index=index, check_responses=check_responses)
+    app = ApplianceApp(middleware=middleware.stack(ctx), cors_enable=False)
+    app.ctx = ctx
+    app.req_options.strip_url_path_trailing_slash = True
+    app.req_options.auto_parse_qs_csv = False
+    handlers.install(app)
+    for module, required in ROUTE_MODULES:
+        if not required and not _present(module):
+            continue
+        importlib.import_module(module).register(app, ctx)
+    if load_apps and cfg.api.apps_dir:
+        from appliance.api import apps
+
+        apps.load_all(app, ctx)
+    return app

@@ -1,0 +1,252 @@
+"""Public health endpoints: /health/ping, /health/status, /health/nodes.
+
+/health/ping never touches the database (the balancer's active check calls it
+every few seconds). /health/status times a `SELECT 1`, the queue's depth and a
+Redis PING; the database failing makes the answer "unhealthy" with 503, the
+others "degraded". Every check opens what it needs per call, so the status
+recovers by itself as soon as the database is back. /health/nodes reads the
+heartbeats the supervisor's children write (appliance.db.models.NodeHeartbeat).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import importlib
+import os
+import threading
+import time
+from typing import Any, Literal
+
+import falcon
+import msgspec
+import psutil
+
+from appliance import __version__
+from appliance.api.context import ApiContext
+from appliance.api.helpers import ok, operation, raw_json
+from appliance.db.models import NodeHeartbeat
+from appliance.times import iso, now_iso, utcnow
+
+CheckStatus = Literal["healthy", "degraded", "unhealthy", "skipped"]
+
+
+class PingData(msgspec.Struct, kw_only=True):
+    node_id: str
+    timestamp: str
+    pid: int
+    version: str
+
+
+class Ping(msgspec.Struct, kw_only=True):
+    status: Literal["ok"]
+    node_id: str
+    timestamp: str
+    data: PingData
+
+
+class Check(msgspec.Struct, kw_only=True, omit_defaults=True):
+    status: CheckStatus
+    response_time: float | None = None
+    error: str | None = None
+    details: dict[str, Any] | None = None
+
+
+class SystemInfo(msgspec.Struct, kw_only=True):
+    uptime: float
+    process_uptime: float
+    cpu: dict[str, Any]
+    memory: dict[str, Any]
+    disk: dict[str, Any]
+    load_average: list[float]
+
+
+class StatusData(msgspec.Struct, kw_only=True):
+    status: Literal["healthy", "degraded", "unhealthy"]
+    node_id: str
+    version: str
+    timestamp: str
+    checks: dict[str, Check]
+    system: SystemInfo
+
+
+class Status(msgspec.Struct, kw_only=True):
+    status: Literal["healthy", "degraded", "unhealthy"]
+    node_id: str
+    version: str
+    timestamp: str
+    checks: dict[str, Check]
+    system: SystemInfo
+    data: StatusData
+
+
+class Node(msgspec.Struct, kw_only=True):
+    node_id: str
+    role: str
+    host: str
+    pid: int
+    status: str
+    last_heartbeat: str | None
+    started_at: str | None
+    cpu: float
+    memory: int
+    stale: bool
+    info: dict[str, Any]
+
+
+class Nodes(msgspec.Struct, kw_only=True):
+    nodes: list[Node]
+    total_nodes: int
+    active_nodes: int
+
+
+def system_info(ctx: ApiContext) -> SystemInfo:
+    vm = psutil.virtual_memory()
+    try:
+        du = psutil.disk_usage(str(ctx.cfg.data_dir))
+        disk = {"total": du.total, "free": du.free, "used": du.used, "percent": du.percent}
+    except OSError:
+        disk = {}
+    try:
+        load = [round(x, 2) for x in os.getloadavg()]
+    except OSError:  # pragma: no cover - Linux always has it
+        load = []
+    return SystemInfo(
+        uptime=round(time.time() - psutil.boot_time(), 1),
+        process_uptime=round(time.time() - ctx.started, 1),
+        cpu={"percent": psutil.cpu_percent(interval=None), "count": psutil.cpu_count() or 1},
+        memory={"total": vm.total, "available": vm.available, "percent": vm.percent},
+        disk=disk,
+        load_average=load,
+    )
+
+
+def _timed(fn: Any) -> Check:
+    started = time.perf_counter()
+    try:
+        details = fn()
+    except Exception as exc:
+        ms = round((time.perf_counter() - started) * 1000, 2)
+        return Check(status="unhealthy", response_time=ms, error=f"{type(exc).__name__}: {str(exc).strip()[:200]}")
+    ms = round((time.perf_counter() - started) * 1000, 2)
+    return Check(status="healthy", response_time=ms, details=details or None)
+
+
+class HealthChecks:
+    """The checks of /health/status; one Redis client per worker, made on first use."""
+
+    def __init__(self, ctx: ApiContext):
+        self.ctx = ctx
+        self._redis: Any = None
+        self._lock = threading.Lock()
+
+    def database(self) -> Check:
+        def probe() -> dict[str, Any]:
+            self.ctx.db.execute_sql("SELECT 1").fetchone()  # type: ignore[union-attr]
+            return {"engine": "postgresql" if self.ctx.cfg.database.url else "sqlite"}
+
+        return _timed(probe)
+
+    def queue(self) -> Check:
+        try:
+            depth = importlib.import_module("appliance.queue").depth
+        except (ImportError, AttributeError):
+            return Check(status="skipped")
+        return _timed(lambda: depth(self.ctx.cfg))
+
+    def redis(self) -> Check:
+        if not self.ctx.cfg.redis.url:
+            return Check(status="skipped")
+        with self._lock:
+            if self._redis is None:
+                import redis
+
+                self._redis = redis.Redis.from_url(self.ctx.cfg.redis.url, socket_timeout=2, socket_connect_timeout=2)
+        return _timed(lambda: {"ping": bool(self._redis.ping())})
+
+    def run(self) -> tuple[str, dict[str, Check]]:
+        checks = {"database": self.database(), "queue": self.queue()}
+        if self.ctx.cfg.redis.url:
+            checks["redis"] = self.redis()
+        if checks["database"].status == "unhealthy":
+            overall = "unhealthy"
+        elif any(c.status == "unhealthy" for c in checks.values()):
+            overall = "degraded"
+            for c in checks.values():
+                if c.status == "unhealthy":
+                    c.status = "degraded" if c is not checks["database"] else c.status
+        else:
+            overall = "healthy"
+        return overall, checks
+
+
+class PingResource:
+    def __init__(self, ctx: ApiContext):
+        self.ctx = ctx
+
+    @operation("Liveness of the answering API worker", response=Ping, envelope=False, tags=("health",))
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        stamp = now_iso()
+        data = PingData(node_id=self.ctx.node_id, timestamp=stamp, pid=os.getpid(), version=__version__)
+        raw_json(resp, Ping(status="ok", node_id=self.ctx.node_id, timestamp=stamp, data=data))
+
+
+class StatusResource:
+    def __init__(self, ctx: ApiContext):
+        self.ctx = ctx
+        self.checks = HealthChecks(ctx)
+
+    @operation(
+        "Health of this node: database, queue, Redis and system",
+        response=Status,
+        envelope=False,
+        tags=("health",),
+        also=(503,),
+        description="503 (same body) when the database is unreachable.",
+    )
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        overall, checks = self.checks.run()
+        data = StatusData(
+            status=overall,  # type: ignore[arg-type]
+            node_id=self.ctx.node_id,
+            version=__version__,
+            timestamp=now_iso(),
+            checks=checks,
+            system=system_info(self.ctx),
+        )
+        body = Status(**{f: getattr(data, f) for f in data.__struct_fields__}, data=data)
+        raw_json(resp, body, status=503 if overall == "unhealthy" else 200)
+
+
+class NodesResource:
+    def __init__(self, ctx: ApiContext):
+        self.ctx = ctx
+
+    @operation("Every process of every host, from their heartbeats", response=Nodes, tags=("health",))
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        cutoff = utcnow() - _dt.timedelta(seconds=self.ctx.cfg.supervisor.heartbeat_timeout)
+        nodes = []
+        for row in NodeHeartbeat.select().order_by(NodeHeartbeat.host, NodeHeartbeat.role, NodeHeartbeat.node_id):
+            stale = row.last_heartbeat is None or row.last_heartbeat < cutoff
+            nodes.append(
+                Node(
+                    node_id=row.node_id,
+                    role=row.role,
+                    host=row.host,
+                    pid=row.pid,
+                    status="stale" if stale and row.status not in ("stopped", "exited") else row.status,
+                    last_heartbeat=iso(row.last_heartbeat),
+                    started_at=iso(row.started_at),
+                    cpu=float(row.cpu or 0.0),
+                    memory=int(row.rss or 0),
+                    stale=stale,
+                    info=row.info if isinstance(row.info, dict) else {},
+                )
+            )
+        active = sum(1 for n in nodes if not n.stale and n.status not in ("stopped", "exited", "failed"))
+        ok(resp, Nodes(nodes=nodes, total_nodes=len(nodes), active_nodes=active))
+
+
+def register(app: falcon.App, ctx: ApiContext) -> None:
+    app.add_route("/health/ping", PingResource(ctx))
+    app.add_route("/health/status", StatusResource(ctx))
+    app.add_route("/health/nodes", NodesResource(ctx))
