@@ -1,0 +1,454 @@
+"""HTTP/1.1 message framing for the proxy: bytes in, a few calls out, no sockets.
+
+httptools (llhttp) tokenises; this module adds what a proxy must enforce on top
+and decides what may travel to the other side:
+
+  * smuggling rules: Content-Length together with Transfer-Encoding, repeated or
+    malformed Content-Length, any transfer coding but one final "chunked",
+    chunked bodies in HTTP/1.0, missing or repeated Host, HTTP versions other
+    than 1.0/1.1, CONNECT, targets that are not origin-form. llhttp already
+    refuses obs-fold, whitespace before the colon, bad header names and value
+    characters, bare CR/LF and bad chunk sizes; its errors become ours.
+  * limits: the request head (431) and body (413) sizes.
+  * header roles: each lower-cased name has a role (forward, drop, capture), so
+    hop-by-hop headers (Connection and what it names, Keep-Alive, TE, Trailer,
+    Upgrade, Proxy-*) never pass, and headers the proxy replaces (X-Forwarded-*,
+    X-Request-ID, identity headers) are captured instead of forwarded. The proxy
+    extends the role table once at start; nothing is decided twice per header.
+
+Every refusal is a ProtocolError carrying the 4xx to answer with (h11's
+error_status_hint); an exception of any other type is a bug of ours.
+
+RequestFramer calls its handler three times per request: on_request(head),
+on_body(bytes) per body piece (chunked bodies arrive de-chunked) and
+on_request_end(). A pipelined request that arrives while the previous one is
+still being answered is held in a backlog and replayed by release().
+ResponseFramer does the same for upstream answers (on_response, on_body,
+on_response_end), skipping 1xx interim answers and bodies of HEAD/204/304.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import httptools
+
+# Header roles (values of the role tables).
+FORWARD = 0  # not in a table: forwarded as is
+DROP = 1  # hop-by-hop or replaced: never forwarded
+CAPTURE = 2  # recorded in head.captured (first value wins) and not forwarded
+_CL = 3
+_TE = 4
+_CONNECTION = 5
+_HOST = 6
+_EXPECT = 7
+
+HOP_BY_HOP = (b"keep-alive", b"te", b"trailer", b"upgrade", b"proxy-connection", b"proxy-authorization", b"proxy-authenticate")
+
+REQUEST_ROLES: dict[bytes, int] = {
+    b"content-length": _CL,
+    b"transfer-encoding": _TE,
+    b"connection": _CONNECTION,
+    b"host": _HOST,
+    b"expect": _EXPECT,
+    **{name: DROP for name in HOP_BY_HOP},
+}
+RESPONSE_ROLES: dict[bytes, int] = {
+    b"content-length": _CL,
+    b"transfer-encoding": _TE,
+    b"connection": _CONNECTION,
+    **{name: DROP for name in HOP_BY_HOP},
+}
+DROP_PREFIXES: tuple[bytes, ...] = (b"proxy-",)
+_ALLOWED_VERSIONS = ("1.1", "1.0")
+
+
+class ProtocolError(Exception):
+    """The peer broke HTTP/1.1 or a limit; `status` is the 4xx to answer with."""
+
+    def __init__(self, message: str, status: int = 400, code: str = "bad_request"):
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.code = code
+
+
+def _too_large_head() -> ProtocolError:
+    return ProtocolError("request header fields too large", 431, "headers_too_large")
+
+
+class RequestHead:
+    """One parsed request head. headers: forwarded (lower-cased name, value) pairs."""
+
+    __slots__ = ("method", "target", "path", "version", "headers", "captured", "host", "content_length", "chunked", "keep_alive", "expect")
+
+    def __init__(self) -> None:
+        self.method = b""
+        self.target = b""
+        self.path = b""
+        self.version = "1.1"
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.captured: dict[bytes, bytes] = {}
+        self.host = b""
+        self.content_length = -1  # -1: no Content-Length
+        self.chunked = False
+        self.keep_alive = True
+        self.expect = b""
+
+    @property
+    def has_body(self) -> bool:
+        return self.chunked or self.content_length > 0
+
+
+class RequestHandler(Protocol):
+    def on_request(self, head: RequestHead) -> None: ...
+    def on_body(self, data: bytes) -> None: ...
+    def on_request_end(self) -> None: ...
+
+
+class RequestFramer:
+    """Feed client bytes; get whole request heads, body pieces and ends, or a ProtocolError."""
+
+    def __init__(
+        self,
+        handler: RequestHandler,
+        *,
+        max_header_bytes: int = 65536,
+        max_body_bytes: int = 1 << 62,
+        roles: dict[bytes, int] | None = None,
+        drop_prefixes: tuple[bytes, ...] = DROP_PREFIXES,
+    ):
+        self.handler = handler
+        self.max_header_bytes = max_header_bytes
+        self.max_body_bytes = max_body_bytes
+        self.roles = roles if roles is not None else REQUEST_ROLES
+        self.drop_prefixes = drop_prefixes
+        self._parser = httptools.HttpRequestParser(self)
+        self._head: RequestHead | None = None
+        self._url = b""
+        self._head_size = 0  # bytes of the head seen so far (431 beyond the limit)
+        self._in_head = False  # between the first byte and the end of the head
+        self._in_body = False
+        self._body_size = 0
+        self._connection = b""
+        self._te_count = 0
+        self.busy = False  # a request is being answered: hold later ones
+        self._backlog: list[tuple[int, Any]] = []
+        self.backlog_bytes = 0
+        self.dead = False
+
+    # -- input ------------------------------------------------------------------------
+    def feed(self, data: bytes) -> None:
+        """Parse `data`; raise ProtocolError on bad framing (the framer is then dead)."""
+        if self.dead:
+            raise ProtocolError("connection is in an error state")
+        if self._in_head or not self._in_body:
+            # Bytes of a head still being read count against the head limit even
+            # before httptools hands them over (it buffers partial header lines).
+            self._head_size += len(data)
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            self.dead = True
+            inner = exc.__context__
+            if isinstance(inner, ProtocolError):
+                raise inner from None
+            raise (inner or exc) from None  # a bug of ours, not the peer's: let the server log it
+        except httptools.HttpParserUpgrade as exc:
+            # An Upgrade request was parsed as a plain one (Upgrade is hop-by-hop and
+            # dropped); go on with a fresh parser after it. CONNECT was refused earlier.
+            self._parser = httptools.HttpRequestParser(self)
+            offset = int(exc.args[0]) if exc.args else len(data)
+            rest = data[offset:]
+            if rest:
+                self.feed(rest)
+            return
+        except httptools.HttpParserError as exc:
+            self.dead = True
+            raise ProtocolError(str(exc) or "malformed request") from None
+        if self._in_head and self._head_size > self.max_header_bytes:
+            self.dead = True
+            raise _too_large_head()
+
+    def release(self) -> None:
+        """The current request was answered: deliver held (pipelined) events up to the next request end."""
+        self.busy = False
+        backlog = self._backlog
+        while backlog and not self.busy:
+            kind, arg = backlog.pop(0)
+            if kind == 0:
+                self.handler.on_request(arg)
+            elif kind == 1:
+                self.backlog_bytes -= len(arg)
+                self.handler.on_body(arg)
+            else:
+                self.busy = True
+                self.handler.on_request_end()
+
+    @property
+    def idle(self) -> bool:
+        """No partial request is buffered (safe to close on a keep-alive timeout)."""
+        return not self._in_head and not self._in_body and not self._backlog
+
+    # -- httptools callbacks ----------------------------------------------------------
+    def on_message_begin(self) -> None:
+        self._head = RequestHead()
+        self._url = b""
+        self._in_head = True
+        self._in_body = False
+        self._body_size = 0
+        self._connection = b""
+        self._te_count = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        head = self._head
+        if self._in_body or head is None:
+            return  # chunked trailer fields are not forwarded
+        lname = name.lower()
+        role = self.roles.get(lname, FORWARD)
+        if role == FORWARD:
+            if lname.startswith(self.drop_prefixes):
+                return
+            head.headers.append((lname, value))
+        elif role == CAPTURE:
+            if lname not in head.captured:
+                head.captured[lname] = value
+        elif role != DROP:
+            self._special(head, role, lname, value)
+
+    def _special(self, head: RequestHead, role: int, lname: bytes, value: bytes) -> None:
+        if role == _CL:
+            value = value.strip()
+            if head.content_length != -1:
+                raise ProtocolError("repeated Content-Length")
+            if not value.isdigit() or len(value) > 18:
+                raise ProtocolError("malformed Content-Length")
+            head.content_length = int(value)
+            head.headers.append((lname, value))
+        elif role == _TE:
+            self._te_count += 1
+            if self._te_count > 1 or value.strip().lower() != b"chunked":
+                raise ProtocolError("only a single 'chunked' transfer coding is accepted")
+            head.chunked = True
+        elif role == _CONNECTION:
+            self._connection = value if not self._connection else self._connection + b"," + value
+        elif role == _HOST:
+            if head.host:
+                raise ProtocolError("repeated Host")
+            head.host = value
+            head.headers.append((lname, value))
+        elif role == _EXPECT:
+            head.expect = value.strip().lower()
+            if head.expect != b"100-continue":
+                raise ProtocolError("unsupported Expect", 417, "expectation_failed")
+
+    def on_headers_complete(self) -> None:
+        head = self._head
+        assert head is not None
+        parser = self._parser
+        self._in_head = False
+        self._in_body = True
+        head.method = parser.get_method()
+        head.version = parser.get_http_version()
+        head.keep_alive = parser.should_keep_alive()
+        self._check(head)
+        if self._connection:
+            _drop_connection_named(head.headers, self._connection)
+        if self.busy:
+            self._backlog.append((0, head))
+        else:
+            self.handler.on_request(head)
+
+    def _check(self, head: RequestHead) -> None:
+        if head.version not in _ALLOWED_VERSIONS:
+            raise ProtocolError("unsupported HTTP version")
+        size = len(self._url) + sum(len(n) + len(v) + 4 for n, v in head.headers) + 16
+        if size > self.max_header_bytes:
+            raise _too_large_head()
+        if head.method == b"CONNECT":
+            raise ProtocolError("CONNECT is not supported", 405, "method_not_allowed")
+        if head.version == "1.1" and not head.host:
+            raise ProtocolError("Host header is required")
+        if head.chunked and head.content_length != -1:
+            raise ProtocolError("Content-Length with Transfer-Encoding")
+        if head.chunked and head.version != "1.1":
+            raise ProtocolError("Transfer-Encoding in an HTTP/1.0 request")
+        if head.content_length > self.max_body_bytes:
+            raise ProtocolError("request body too large", 413, "payload_too_large")
+        url = self._url
+        if url[:1] != b"/":
+            if url == b"*" and head.method == b"OPTIONS":
+                pass
+            elif url[:7].lower() == b"http://" or url[:8].lower() == b"https://":
+                # absolute-form: keep the path (and query) for the upstream
+                rest = url.split(b"//", 1)[1]
+                slash = rest.find(b"/")
+                url = rest[slash:] if slash >= 0 else b"/"
+            else:
+                raise ProtocolError("request target must be a path")
+        head.target = url
+        q = url.find(b"?")
+        head.path = url if q < 0 else url[:q]
+
+    def on_body(self, body: bytes) -> None:
+        self._body_size += len(body)
+        if self._body_size > self.max_body_bytes:
+            raise ProtocolError("request body too large", 413, "payload_too_large")
+        if self.busy:
+            self._backlog.append((1, body))
+            self.backlog_bytes += len(body)
+        else:
+            self.handler.on_body(body)
+
+    def on_message_complete(self) -> None:
+        self._in_body = False
+        self._head_size = 0
+        if self.busy:
+            self._backlog.append((2, None))
+        else:
+            self.busy = True
+            self.handler.on_request_end()
+
+
+def _drop_connection_named(headers: list[tuple[bytes, bytes]], connection: bytes) -> None:
+    """Remove the headers that the Connection header names (they are hop-by-hop)."""
+    named = {t.strip().lower() for t in connection.split(b",")} - {b"close", b"keep-alive", b""}
+    if named:
+        headers[:] = [(n, v) for n, v in headers if n not in named or n == b"host"]
+
+
+class ResponseHead:
+    """One upstream answer head; headers are the end-to-end ones (Content-Length kept)."""
+
+    __slots__ = ("status", "reason", "headers", "content_length", "chunked", "keep_alive", "no_body")
+
+    def __init__(self) -> None:
+        self.status = 0
+        self.reason = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.content_length = -1
+        self.chunked = False
+        self.keep_alive = True
+        self.no_body = False
+
+
+class ResponseHandler(Protocol):
+    def on_response(self, head: ResponseHead) -> None: ...
+    def on_body(self, data: bytes) -> None: ...
+    def on_response_end(self) -> None: ...
+
+
+class ResponseFramer:
+    """Feed upstream bytes; get the answer head, body pieces and end, or a ProtocolError."""
+
+    def __init__(self, handler: ResponseHandler, *, max_header_bytes: int = 65536, roles: dict[bytes, int] | None = None):
+        self.handler = handler
+        self.max_header_bytes = max_header_bytes
+        self.roles = roles if roles is not None else RESPONSE_ROLES
+        self._parser = httptools.HttpResponseParser(self)
+        self._head: ResponseHead | None = None
+        self._connection = b""
+        self._head_size = 0
+        self._in_head = False
+        self._done = False  # the answer was delivered whole (HEAD: at its head)
+        self.head_request = False  # set by the caller before feeding the answer to a HEAD
+
+    def reset(self, head_request: bool) -> None:
+        """Prepare for the next answer on the same connection."""
+        self.head_request = head_request
+        self._done = False
+        self._head = None
+
+    def feed(self, data: bytes) -> None:
+        if self._in_head or self._head is None:
+            self._head_size += len(data)
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            inner = exc.__context__
+            if isinstance(inner, ProtocolError):
+                raise inner from None
+            raise (inner or exc) from None
+        except httptools.HttpParserError as exc:
+            raise ProtocolError(f"upstream sent a malformed answer: {exc}", 502, "bad_gateway") from None
+        if self._in_head and self._head_size > self.max_header_bytes:
+            raise ProtocolError("upstream answer head too large", 502, "bad_gateway")
+
+    def feed_eof(self) -> bool:
+        """The upstream closed: True when that ended a close-delimited body (the answer is whole)."""
+        head = self._head
+        if head is not None and not self._done and not self._in_head and head.content_length < 0 and not head.chunked:
+            self._done = True
+            self.handler.on_response_end()
+            return True
+        return False
+
+    def on_message_begin(self) -> None:
+        self._head = ResponseHead()
+        self._connection = b""
+        self._in_head = True
+        self._done = False
+
+    def on_status(self, reason: bytes) -> None:
+        if self._head is not None:
+            self._head.reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        head = self._head
+        if head is None or not self._in_head:
+            return
+        lname = name.lower()
+        role = self.roles.get(lname, FORWARD)
+        if role == FORWARD:
+            if not lname.startswith(DROP_PREFIXES):
+                head.headers.append((lname, value))
+        elif role == _CL:
+            value = value.strip()
+            if head.content_length != -1 or not value.isdigit():
+                raise ProtocolError("upstream sent a bad Content-Length", 502, "bad_gateway")
+            head.content_length = int(value)
+            head.headers.append((lname, value))
+        elif role == _TE:
+            head.chunked = value.strip().lower().endswith(b"chunked")
+        elif role == _CONNECTION:
+            self._connection = value if not self._connection else self._connection + b"," + value
+
+    def on_headers_complete(self) -> None:
+        head = self._head
+        assert head is not None
+        self._in_head = False
+        self._head_size = 0
+        parser = self._parser
+        head.status = parser.get_status_code()
+        head.keep_alive = parser.should_keep_alive()
+        if 100 <= head.status < 200:
+            if head.status == 101:
+                raise ProtocolError("upstream switched protocols", 502, "bad_gateway")
+            self._head = None  # interim answer (100 Continue, 103): not forwarded
+            return
+        if self._connection:
+            _drop_connection_named(head.headers, self._connection)
+        head.no_body = self.head_request or head.status in (204, 304)
+        if head.chunked:
+            head.content_length = -1
+            head.headers = [(n, v) for n, v in head.headers if n != b"content-length"]
+        self.handler.on_response(head)
+        if self.head_request:
+            # httptools cannot be told "no body follows" (HEAD): the answer ends here,
+            # and a fresh parser reads the next answer on this connection.
+            self._done = True
+            self._parser = httptools.HttpResponseParser(self)
+            self.handler.on_response_end()
+
+    def on_body(self, body: bytes) -> None:
+        if not self._done and self._head is not None:
+            self.handler.on_body(body)
+
+    def on_message_complete(self) -> None:
+        if self._head is None or self._done:
+            return  # end of an interim answer, or of a HEAD answer already delivered
+        self._done = True
+        self.handler.on_response_end()

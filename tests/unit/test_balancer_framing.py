@@ -1,0 +1,240 @@
+"""The balancer's HTTP framing against a corpus of valid and smuggling requests, plus a fuzz target.
+
+Each corpus file under corpus/valid and corpus/invalid starts with "# key: value"
+lines, then the message; literal newlines in the file are ignored and escapes
+(\\r\\n, \\x00) are decoded, so every byte of a vector is visible. Each file is
+replayed whole, byte by byte, line by line and in random chunks: framing must
+not depend on how the bytes arrive.
+"""
+
+from __future__ import annotations
+
+import codecs
+import random
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from appliance.balancer.framing import ProtocolError, RequestFramer, ResponseFramer, ResponseHead
+
+CORPUS = Path(__file__).parent / "corpus"
+
+
+def load(path: Path) -> tuple[dict[str, str], bytes]:
+    meta: dict[str, str] = {}
+    body: list[str] = []
+    for line in path.read_text("utf-8").splitlines():
+        if line.startswith("# ") and not body and ":" in line:
+            key, _, value = line[2:].partition(":")
+            meta[key.strip()] = value.strip()
+        elif line.startswith("#") and not body:
+            continue
+        else:
+            body.append(line)
+    return meta, codecs.escape_decode("".join(body).encode("utf-8"))[0]
+
+
+class Recorder:
+    """A handler that records what the framer delivers and answers each request at once."""
+
+    def __init__(self) -> None:
+        self.heads: list = []
+        self.bodies: list[bytearray] = []
+        self.ends = 0
+        self.framer: RequestFramer | None = None
+
+    def on_request(self, head) -> None:
+        self.heads.append(head)
+        self.bodies.append(bytearray())
+
+    def on_body(self, data: bytes) -> None:
+        self.bodies[-1] += data
+
+    def on_request_end(self) -> None:
+        self.ends += 1
+
+
+def replay(data: bytes, pieces: list[bytes] | None = None, **kw) -> Recorder:
+    rec = Recorder()
+    framer = RequestFramer(rec, **kw)
+    for piece in pieces if pieces is not None else [data]:
+        framer.feed(piece)
+        while framer.busy:  # answer pipelined requests as they come
+            framer.release()
+    return rec
+
+
+def splits(data: bytes, seed: int) -> dict[str, list[bytes]]:
+    rnd = random.Random(seed)
+    chunks, i = [], 0
+    while i < len(data):
+        n = rnd.randint(1, 9)
+        chunks.append(data[i : i + n])
+        i += n
+    lines = [line for line in data.splitlines(keepends=True)]
+    return {"whole": [data], "bytes": [data[i : i + 1] for i in range(len(data))], "lines": lines, "random": chunks}
+
+
+VALID = sorted((CORPUS / "valid").glob("*.http"))
+INVALID = sorted((CORPUS / "invalid").glob("*.http"))
+
+
+def test_corpus_is_there() -> None:
+    assert len(VALID) >= 10 and len(INVALID) >= 40
+
+
+@pytest.mark.parametrize("path", VALID, ids=lambda p: p.stem)
+@pytest.mark.parametrize("mode", ["whole", "bytes", "lines", "random"])
+def test_valid(path: Path, mode: str) -> None:
+    meta, data = load(path)
+    rec = replay(data, splits(data, hash(path.stem) & 0xFFFF)[mode])
+    assert len(rec.heads) == int(meta["requests"]) == rec.ends
+    if "paths" in meta:
+        assert [h.target.split(b"?")[0].decode() for h in rec.heads] == meta["paths"].split()
+    if "body" in meta:
+        assert bytes(rec.bodies[0]) == meta["body"].encode()
+    if "keep_alive" in meta:
+        assert rec.heads[0].keep_alive is (meta["keep_alive"] == "true")
+    if "expect" in meta:
+        assert rec.heads[0].expect == meta["expect"].encode()
+    names = {n for head in rec.heads for n, _ in head.headers}
+    for absent in meta.get("absent", "").split():
+        assert absent.encode() not in names, absent
+    for present in meta.get("present", "").split():
+        assert present.encode() in names, present
+    for head in rec.heads:
+        assert all(n == n.lower() for n, _ in head.headers)
+
+
+@pytest.mark.parametrize("path", INVALID, ids=lambda p: p.stem)
+@pytest.mark.parametrize("mode", ["whole", "bytes", "lines", "random"])
+def test_invalid(path: Path, mode: str) -> None:
+    meta, data = load(path)
+    with pytest.raises(ProtocolError) as info:
+        replay(data, splits(data, hash(path.stem) & 0xFFFF)[mode])
+    assert info.value.status == int(meta["status"])
+
+
+def test_head_too_large_is_431_even_when_unfinished() -> None:
+    data = b"GET / HTTP/1.1\r\nHost: a\r\nX-Big: " + b"a" * 5000
+    with pytest.raises(ProtocolError) as info:
+        replay(data, max_header_bytes=2048)
+    assert info.value.status == 431
+    with pytest.raises(ProtocolError) as info:
+        replay(data + b"\r\n\r\n", [data[:1000], data[1000:] + b"\r\n\r\n"], max_header_bytes=2048)
+    assert info.value.status == 431
+
+
+def test_body_limit_is_413_for_length_and_chunked() -> None:
+    with pytest.raises(ProtocolError) as info:
+        replay(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 11\r\n\r\n", max_body_bytes=10)
+    assert info.value.status == 413
+    chunked = b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n8\r\n12345678\r\n8\r\n12345678\r\n0\r\n\r\n"
+    with pytest.raises(ProtocolError) as info:
+        replay(chunked, max_body_bytes=10)
+    assert info.value.status == 413
+
+
+def test_pipelined_requests_wait_for_release() -> None:
+    rec = Recorder()
+    framer = RequestFramer(rec)
+    framer.feed(b"GET /a HTTP/1.1\r\nHost: a\r\n\r\nPOST /b HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhi")
+    assert [h.path for h in rec.heads] == [b"/a"] and rec.ends == 1 and framer.backlog_bytes == 2
+    framer.release()
+    assert [h.path for h in rec.heads] == [b"/a", b"/b"] and bytes(rec.bodies[1]) == b"hi" and rec.ends == 2
+    assert framer.busy and framer.idle
+
+
+def test_roles_capture_and_drop() -> None:
+    from appliance.balancer.framing import CAPTURE, DROP, REQUEST_ROLES
+
+    roles = {**REQUEST_ROLES, b"x-request-id": CAPTURE, b"x-appliance-identity": DROP}
+    rec = replay(
+        b"GET / HTTP/1.1\r\nHost: a\r\nX-Request-ID: abc\r\nX-Request-ID: def\r\nX-Appliance-Identity: forged\r\nX-User-Id: 1\r\n\r\n",
+        roles=roles,
+        drop_prefixes=(b"proxy-", b"x-user-"),
+    )
+    head = rec.heads[0]
+    assert head.captured == {b"x-request-id": b"abc"}
+    assert [n for n, _ in head.headers] == [b"host"]
+
+
+class ResponseRecorder:
+    def __init__(self) -> None:
+        self.heads: list[ResponseHead] = []
+        self.body = bytearray()
+        self.ends = 0
+
+    def on_response(self, head: ResponseHead) -> None:
+        self.heads.append(head)
+
+    def on_body(self, data: bytes) -> None:
+        self.body += data
+
+    def on_response_end(self) -> None:
+        self.ends += 1
+
+
+def test_response_chunked_interim_and_head() -> None:
+    rec = ResponseRecorder()
+    framer = ResponseFramer(rec)
+    framer.feed(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: keep-alive\r\nX-A: 1\r\n\r\n")
+    framer.feed(b"3\r\nabc\r\n0\r\n\r\n")
+    assert [h.status for h in rec.heads] == [200] and rec.heads[0].chunked and bytes(rec.body) == b"abc" and rec.ends == 1
+    assert [n for n, _ in rec.heads[0].headers] == [b"x-a"]
+    framer.reset(head_request=True)
+    framer.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n")
+    assert rec.ends == 2 and rec.heads[1].no_body and rec.heads[1].content_length == 10
+    framer.reset(head_request=False)
+    framer.feed(b"HTTP/1.1 204 No Content\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    assert rec.ends == 4 and bytes(rec.body).endswith(b"ok")
+
+
+def test_response_close_delimited() -> None:
+    rec = ResponseRecorder()
+    framer = ResponseFramer(rec)
+    framer.feed(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nstream")
+    assert rec.ends == 0 and framer.feed_eof() and rec.ends == 1 and bytes(rec.body) == b"stream"
+
+
+VALID_SAMPLES = [load(p)[1] for p in VALID]
+
+
+def _mutate(data: bytes, ops: list[tuple[int, int, int]]) -> bytes:
+    b = bytearray(data)
+    for kind, pos, val in ops:
+        if not b:
+            break
+        pos %= len(b)
+        if kind == 0:
+            b[pos] = val
+        elif kind == 1:
+            b.insert(pos, val)
+        else:
+            del b[pos]
+    return bytes(b)
+
+
+def _feed_all(data: bytes, cut: int) -> None:
+    try:
+        replay(data, [data[:cut], data[cut:]], max_header_bytes=4096, max_body_bytes=1 << 20)
+    except ProtocolError as exc:
+        assert 400 <= exc.status < 500
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.sampled_from(VALID_SAMPLES),
+    st.lists(st.tuples(st.integers(0, 2), st.integers(0, 10_000), st.integers(0, 255)), max_size=6),
+    st.integers(0, 400),
+)
+def test_fuzz_mutated_requests_parse_or_4xx(sample: bytes, ops, cut: int) -> None:
+    _feed_all(_mutate(sample, ops), cut)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300), st.integers(0, 300))
+def test_fuzz_random_bytes_parse_or_4xx(data: bytes, cut: int) -> None:
+    _feed_all(data, cut)
