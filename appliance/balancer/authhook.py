@@ -1,0 +1,488 @@
+"""The balancer's token-validation hook: who is calling, decided before a request reaches a worker.
+
+How it works
+------------
+`build(cfg, mirror)` returns one AuthHook for [balancer] auth_mode:
+
+  jwt         the Bearer token is verified in-process with appliance.tokens (pinned
+              algorithm, signature, exp, iss, aud, typ=access). Verified tokens are
+              cached by token string (bounded LRU, each entry valid until the token's
+              exp), so pyjwt runs once per token; expiry and the RevocationMirror are
+              checked on EVERY request, so a logout is refused within the mirror's
+              poll interval (~0.5 s). The balancer starts the mirror's thread.
+  subrequest  like nginx auth_request: GET [balancer] auth_subrequest_url with the
+              client's Authorization header; 2xx allows (identity from the JSON answer's
+              data.user or data: id, username, role), 401/403 are passed back, anything
+              else or an unreachable endpoint is a 500. Answers are cached by SHA-256 of
+              the Authorization value for auth_cache_seconds (bounded); concurrent misses
+              for one token share one subrequest.
+  callable    [balancer] auth_callable "module:function", imported once, is called with
+              (method, path, headers as a str->str dict with lowercase names) and returns
+              a claims-like dict (sub, usr, role) to allow, or None to refuse (401). It
+              may be a coroutine function.
+  off         everything is allowed, nobody is identified.
+
+Public prefixes ([balancer] public_prefixes) are served without any check; a prefix
+ending in "/" matches its subtree, any other prefix the exact path or a path below it
+("/auth/login" matches "/auth/login/x" but never "/auth/loginx"). A path with dot
+segments, percent-escapes, backslashes or empty segments is never public, so it
+cannot smuggle a protected route past the check behind a public prefix.
+
+The hook only *returns* the identity (AuthResult.identity_value, an
+X-Appliance-Identity value made with appliance.identity.sign). It never trusts an
+identity the client sent: removing every client-sent X-Appliance-Identity,
+X-User-*, X-Forwarded-User and X-Remote-User header is the proxy's job, on every
+request, public or not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import importlib
+import inspect
+import logging
+import time
+import urllib.parse
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import httptools
+import orjson
+
+from appliance import identity, tokens
+from appliance.balancer.limiter import prefix_matcher
+from appliance.errors import error_body
+
+log = logging.getLogger(__name__)
+
+CACHE_SIZE = 10000  # tokens (jwt) or token hashes (subrequest) remembered at once
+IDENTITY_REFRESH = 15.0  # seconds a signed identity is reused; workers accept up to identity.MAX_AGE
+SUBREQUEST_TIMEOUT = 5.0  # seconds for one whole subrequest answer
+SUBREQUEST_MAX_BODY = 65536
+_UNSAFE_PUBLIC = ("/./", "/../", "//", "%", "\\")
+_WWW_AUTHENTICATE = b"www-authenticate"
+
+
+class AuthResult:
+    """The hook's verdict. On refusal: status (401/403/500), code and message for the error
+    envelope (`body()`), and `headers()` for the answer (WWW-Authenticate on 401)."""
+
+    __slots__ = ("challenge", "code", "identity_value", "message", "ok", "role", "status", "user_id", "username")
+
+    def __init__(
+        self,
+        ok: bool,
+        status: int = 200,
+        code: str = "",
+        message: str = "",
+        identity_value: str | None = None,
+        user_id: str | None = None,
+        username: str | None = None,
+        role: str | None = None,
+        challenge: bytes | None = None,
+    ):
+        self.ok = ok
+        self.status = status
+        self.code = code
+        self.message = message
+        self.identity_value = identity_value
+        self.user_id = user_id
+        self.username = username
+        self.role = role
+        self.challenge = challenge
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        """Extra answer headers of a refusal: WWW-Authenticate on a 401."""
+        if self.status != 401:
+            return []
+        return [(b"WWW-Authenticate", self.challenge or b'Bearer realm="appliance"')]
+
+    def body(self, request_id: str | None = None) -> bytes:
+        """The JSON error envelope of a refusal."""
+        return error_body(self.code, self.message, request_id=request_id)
+
+    def __repr__(self) -> str:
+        return f"AuthResult(ok={self.ok}, status={self.status}, code={self.code!r}, user_id={self.user_id!r})"
+
+
+ALLOWED = AuthResult(True)  # public routes and mode "off": allowed, nobody identified
+MISSING = AuthResult(False, 401, "missing_token", "authentication required: send Authorization: Bearer <token>")
+AMBIGUOUS = AuthResult(False, 401, "invalid_token", "more than one Authorization header")
+REVOKED = AuthResult(False, 401, "token_revoked", "token has been revoked", challenge=b'Bearer realm="appliance", error="invalid_token"')
+EXPIRED = AuthResult(False, 401, "token_expired", "token has expired", challenge=b'Bearer realm="appliance", error="invalid_token"')
+AUTH_UNAVAILABLE = AuthResult(False, 500, "auth_unavailable", "the authentication service could not be asked")
+
+
+def _refused(code: str, message: str) -> AuthResult:
+    return AuthResult(False, 401, code, message, challenge=b'Bearer realm="appliance", error="invalid_token"')
+
+
+def _authorization(headers: list[tuple[bytes, bytes]]) -> bytes | None | AuthResult:
+    """The one Authorization value; None when absent; AMBIGUOUS when repeated."""
+    found = None
+    for name, value in headers:
+        if name == b"authorization":
+            if found is not None:
+                return AMBIGUOUS
+            found = value
+    return found
+
+
+def _bearer(value: bytes) -> bytes | None:
+    scheme, _, token = value.strip().partition(b" ")
+    if scheme.lower() != b"bearer":
+        return None
+    return token.strip() or None
+
+
+class _Verified:
+    """A cached successful verification: the result to hand out and what it depends on."""
+
+    __slots__ = ("claims", "exp", "result", "signed_at")
+
+    def __init__(self, claims: dict[str, Any], exp: float, result: AuthResult, signed_at: float):
+        self.claims = claims
+        self.exp = exp
+        self.result = result
+        self.signed_at = signed_at
+
+
+class AuthHook:
+    """Base of the four modes: public routes, identity signing, the bounded cache."""
+
+    mode = "off"
+
+    def __init__(self, cfg: Any, clock: Callable[[], float] = time.time):
+        self.clock = clock
+        self._exact, self._subtrees = prefix_matcher(cfg.balancer.public_prefixes)
+        self._key = identity.key_bytes(cfg.secrets.identity_key)
+        self._cache: OrderedDict[bytes, _Verified] = OrderedDict()
+        self.cache_size = CACHE_SIZE
+
+    def is_public(self, path: str) -> bool:
+        """True when `path` (without the query) is served without a token."""
+        if path in self._exact:
+            return True
+        if not path.startswith(self._subtrees):
+            return False
+        # Only reached for paths under a public prefix: refuse anything a worker might normalise elsewhere.
+        return not (path.endswith(("/.", "/..")) or any(bad in path for bad in _UNSAFE_PUBLIC))
+
+    async def check(self, method: str, path: str, headers: list[tuple[bytes, bytes]]) -> AuthResult:
+        """The verdict for one request; headers are (lowercase name, value) bytes pairs."""
+        return ALLOWED
+
+    def _allow(self, claims: dict[str, Any], now: float) -> AuthResult:
+        sub = claims.get("sub")
+        return AuthResult(
+            True,
+            identity_value=identity.sign(claims, self._key, now=now),
+            user_id=None if sub is None else str(sub),
+            username=claims.get("usr"),
+            role=claims.get("role"),
+        )
+
+    def _remember(self, key: bytes, entry: _Verified) -> None:
+        cache = self._cache
+        cache[key] = entry
+        cache.move_to_end(key)
+        if len(cache) > self.cache_size:
+            cache.popitem(last=False)
+
+    def _cached(self, key: bytes, now: float) -> AuthResult | None:
+        """A cached result still valid at `now` (re-signed when its identity is getting old)."""
+        entry = self._cache.get(key)
+        if entry is None:
+            return None
+        if now >= entry.exp:
+            del self._cache[key]
+            return None
+        self._cache.move_to_end(key)
+        if entry.result.identity_value is not None and now - entry.signed_at > IDENTITY_REFRESH:
+            entry.result = self._allow(entry.claims, now)
+            entry.signed_at = now
+        return entry.result
+
+    async def close(self) -> None:
+        """Release connections (subrequest mode)."""
+
+
+class JwtAuthHook(AuthHook):
+    """Mode "jwt": in-process verification, cached per token; exp and revocation checked every time."""
+
+    mode = "jwt"
+
+    def __init__(self, cfg: Any, mirror: Any, clock: Callable[[], float] = time.time):
+        super().__init__(cfg, clock)
+        self.settings = tokens.TokenSettings.from_config(cfg)
+        self.mirror = mirror
+        self._leeway = float(self.settings.leeway)
+
+    async def check(self, method: str, path: str, headers: list[tuple[bytes, bytes]]) -> AuthResult:
+        if path in self._exact or (path.startswith(self._subtrees) and self.is_public(path)):
+            return ALLOWED
+        value = _authorization(headers)
+        if value is None:
+            return MISSING
+        if value.__class__ is AuthResult:
+            return value  # type: ignore[return-value]
+        token = _bearer(value)  # type: ignore[arg-type]
+        if token is None:
+            return MISSING
+        now = self.clock()
+        entry = self._cache.get(token)
+        if entry is None:
+            try:
+                claims = tokens.verify(self.settings, token.decode("ascii"), now=now)
+            except UnicodeDecodeError:
+                return _refused("invalid_token", "token is malformed")
+            except tokens.TokenError as exc:
+                return EXPIRED if exc.code == "token_expired" else _refused(exc.code, exc.message)
+            entry = _Verified(claims, float(claims["exp"]) + self._leeway, self._allow(claims, now), now)
+            self._remember(token, entry)
+        else:
+            if now > entry.exp:
+                del self._cache[token]
+                return EXPIRED
+            self._cache.move_to_end(token)
+            if now - entry.signed_at > IDENTITY_REFRESH:
+                entry.result = self._allow(entry.claims, now)
+                entry.signed_at = now
+        mirror = self.mirror
+        if mirror is not None and mirror.is_revoked(entry.claims) is not None:
+            return REVOKED
+        return entry.result
+
+
+class SubrequestAuthHook(AuthHook):
+    """Mode "subrequest": nginx auth_request semantics against [balancer] auth_subrequest_url."""
+
+    mode = "subrequest"
+
+    def __init__(self, cfg: Any, clock: Callable[[], float] = time.time):
+        super().__init__(cfg, clock)
+        url = urllib.parse.urlsplit(cfg.balancer.auth_subrequest_url)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ValueError(f"[balancer] auth_subrequest_url {cfg.balancer.auth_subrequest_url!r} is not an http(s) URL")
+        self._host = url.hostname
+        self._port = url.port or (443 if url.scheme == "https" else 80)
+        self._ssl = url.scheme == "https"
+        target = (url.path or "/") + (f"?{url.query}" if url.query else "")
+        host_header = url.netloc.rpartition("@")[2]
+        self._head = f"GET {target} HTTP/1.1\r\nHost: {host_header}\r\nAccept: application/json\r\n".encode("latin-1")
+        self.ttl = cfg.balancer.auth_cache_seconds
+        self.connect_timeout = min(cfg.balancer.upstream_connect_timeout, SUBREQUEST_TIMEOUT)
+        self.timeout = SUBREQUEST_TIMEOUT
+        self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        self._inflight: dict[bytes, asyncio.Task[AuthResult]] = {}
+
+    async def check(self, method: str, path: str, headers: list[tuple[bytes, bytes]]) -> AuthResult:
+        if path in self._exact or (path.startswith(self._subtrees) and self.is_public(path)):
+            return ALLOWED
+        value = _authorization(headers)
+        if value.__class__ is AuthResult:
+            return value  # type: ignore[return-value]
+        auth: bytes = value or b""  # type: ignore[assignment]
+        key = hashlib.sha256(auth).digest()
+        cached = self._cached(key, self.clock())
+        if cached is not None:
+            return cached
+        # Concurrent misses for one token share one subrequest, run as its own task so that a
+        # caller that is cancelled (client gone) never cancels it for the others.
+        task = self._inflight.get(key)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._fetch(key, auth))
+            self._inflight[key] = task
+        return await asyncio.shield(task)
+
+    async def _fetch(self, key: bytes, auth: bytes) -> AuthResult:
+        try:
+            now = self.clock()
+            result, claims = await self._ask(auth, now)
+            if self.ttl > 0 and result.status in (200, 401, 403):
+                self._remember(key, _Verified(claims or {}, now + self.ttl, result, now))
+            return result
+        except Exception:
+            log.exception("auth subrequest failed unexpectedly")
+            return AUTH_UNAVAILABLE
+        finally:
+            self._inflight.pop(key, None)
+
+    async def _ask(self, auth: bytes, now: float) -> tuple[AuthResult, dict[str, Any] | None]:
+        request = self._head + (b"Authorization: " + auth + b"\r\n" if auth else b"") + b"\r\n"
+        try:
+            status, answer_headers, body = await asyncio.wait_for(self._exchange(request), self.timeout)
+        except (OSError, TimeoutError, EOFError, httptools.HttpParserError) as exc:
+            log.warning("auth subrequest failed: %s: %s", type(exc).__name__, exc)
+            return AUTH_UNAVAILABLE, None
+        if 200 <= status < 300:
+            claims = _identity_from(body)
+            if claims is None:
+                return ALLOWED, None
+            return self._allow(claims, now), claims
+        if status in (401, 403):
+            code, message = _error_from(body, status)
+            return AuthResult(False, status, code, message, challenge=answer_headers.get(_WWW_AUTHENTICATE)), None
+        log.warning("auth subrequest answered %d; refusing with 500", status)
+        return AUTH_UNAVAILABLE, None
+
+    async def _exchange(self, request: bytes) -> tuple[int, dict[bytes, bytes], bytes]:
+        # A reused keep-alive connection may have been closed by the server meanwhile: then retry once on a new one.
+        while self._idle:
+            reader, writer = self._idle.pop()
+            try:
+                return await self._roundtrip(reader, writer, request)
+            except (OSError, EOFError, httptools.HttpParserError):
+                writer.close()
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(self._host, self._port, ssl=self._ssl or None), self.connect_timeout
+        )
+        return await self._roundtrip(reader, writer, request)
+
+    async def _roundtrip(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes
+    ) -> tuple[int, dict[bytes, bytes], bytes]:
+        answer = _Answer()
+        parser = answer.parser = httptools.HttpResponseParser(answer)
+        try:
+            writer.write(request)
+            await writer.drain()
+            while not answer.complete:
+                data = await reader.read(65536)
+                if not data:
+                    if answer.headers_done and b"content-length" not in answer.headers and b"transfer-encoding" not in answer.headers:
+                        break  # a body delimited by the end of the connection
+                    raise EOFError("auth endpoint closed the connection before answering")
+                parser.feed_data(data)
+                if len(answer.body) > SUBREQUEST_MAX_BODY:
+                    raise EOFError("auth endpoint answer is too large")
+        except BaseException:
+            writer.close()
+            raise
+        if answer.complete and answer.keep_alive and len(self._idle) < 8:
+            self._idle.append((reader, writer))
+        else:
+            writer.close()
+        return parser.get_status_code(), answer.headers, bytes(answer.body)
+
+    async def close(self) -> None:
+        while self._idle:
+            _, writer = self._idle.pop()
+            writer.close()
+
+
+class _Answer:
+    """httptools callbacks collecting one response."""
+
+    __slots__ = ("body", "complete", "headers", "headers_done", "keep_alive", "parser")
+
+    def __init__(self) -> None:
+        self.headers: dict[bytes, bytes] = {}
+        self.body = bytearray()
+        self.complete = False
+        self.headers_done = False
+        self.keep_alive = False
+        self.parser: Any = None
+
+    def on_headers_complete(self) -> None:
+        self.headers_done = True
+        # llhttp forgets this once the message is complete, so read it now
+        self.keep_alive = self.parser.should_keep_alive()
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers[name.lower()] = value
+
+    def on_body(self, data: bytes) -> None:
+        self.body += data
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+
+
+def _json(body: bytes) -> Any:
+    try:
+        return orjson.loads(body) if body else None
+    except orjson.JSONDecodeError:
+        return None
+
+
+def _identity_from(body: bytes) -> dict[str, Any] | None:
+    """Claims from an auth answer: data.user, else data, else the object itself (id, username, role)."""
+    doc = _json(body)
+    if not isinstance(doc, dict):
+        return None
+    data = outer = doc.get("data", doc)
+    if isinstance(data, dict) and isinstance(data.get("user"), dict):
+        data = data["user"]
+    if not isinstance(data, dict) or data.get("id", data.get("sub")) is None:
+        return None
+    claims = {"sub": str(data.get("id", data.get("sub"))), "usr": data.get("username", data.get("usr")), "role": data.get("role")}
+    # Token facts the workers' revocation check uses, when the endpoint tells them (in the user or beside it).
+    for source in (outer, data) if isinstance(outer, dict) else (data,):
+        for name in ("jti", "fam", "gen", "exp"):
+            if name in source:
+                claims[name] = source[name]
+    return claims
+
+
+def _error_from(body: bytes, status: int) -> tuple[str, str]:
+    doc = _json(body)
+    err = doc.get("error") if isinstance(doc, dict) else None
+    if isinstance(err, dict) and isinstance(err.get("code"), str) and isinstance(err.get("message"), str):
+        return err["code"], err["message"]
+    return ("unauthorized", "authentication required") if status == 401 else ("forbidden", "not allowed")
+
+
+class CallableAuthHook(AuthHook):
+    """Mode "callable": an operator function decides; claims-like dict allows, None refuses."""
+
+    mode = "callable"
+
+    def __init__(self, cfg: Any, clock: Callable[[], float] = time.time):
+        super().__init__(cfg, clock)
+        self.func = load_callable(cfg.balancer.auth_callable)
+
+    async def check(self, method: str, path: str, headers: list[tuple[bytes, bytes]]) -> AuthResult:
+        if path in self._exact or (path.startswith(self._subtrees) and self.is_public(path)):
+            return ALLOWED
+        plain = {name.decode("latin-1"): value.decode("latin-1") for name, value in headers}
+        try:
+            claims = self.func(method, path, plain)
+            if inspect.isawaitable(claims):
+                claims = await claims
+        except Exception:
+            log.exception("auth callable %s raised", self.func)
+            return AUTH_UNAVAILABLE
+        if claims is None:
+            return _refused("unauthorized", "authentication required")
+        if not isinstance(claims, dict):
+            log.error("auth callable returned %s, not a dict or None", type(claims).__name__)
+            return AUTH_UNAVAILABLE
+        return self._allow(claims, self.clock())
+
+
+def load_callable(spec: str) -> Callable[..., Any]:
+    """Import "module:function" (dotted attribute paths allowed after the colon)."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"auth_callable {spec!r} must be 'module:function'")
+    obj: Any = importlib.import_module(module_name)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ValueError(f"auth_callable {spec!r} is not callable")
+    return obj
+
+
+def build(cfg: Any, mirror: Any = None, clock: Callable[[], float] = time.time) -> AuthHook:
+    """The hook for [balancer] auth_mode. `mirror` is a started RevocationMirror (jwt mode)."""
+    mode = cfg.balancer.auth_mode
+    if mode == "jwt":
+        return JwtAuthHook(cfg, mirror, clock)
+    if mode == "subrequest":
+        return SubrequestAuthHook(cfg, clock)
+    if mode == "callable":
+        return CallableAuthHook(cfg, clock)
+    return AuthHook(cfg, clock)
