@@ -317,11 +317,11 @@ def _drop_connection_named(headers: list[tuple[bytes, bytes]], connection: bytes
     """Remove the headers that the Connection header names (they are hop-by-hop)."""
     named = {t.strip().lower() for t in connection.split(b",")} - {b"close", b"keep-alive", b""}
     if named:
-        headers[:] = [(n, v) for n, v in headers if n not in named or n == b"host"]
+        headers[:] = [(n, v) for n, v in headers if n.lower() not in named or n.lower() == b"host"]
 
 
 class ResponseHead:
-    """One upstream answer head; headers are the end-to-end ones (Content-Length kept)."""
+    """One upstream answer head; headers are the end-to-end ones as spelled (Content-Length kept)."""
 
     __slots__ = ("status", "reason", "headers", "content_length", "chunked", "keep_alive", "no_body")
 
@@ -337,7 +337,7 @@ class ResponseHead:
 
 class ResponseHandler(Protocol):
     def on_response(self, head: ResponseHead) -> None: ...
-    def on_body(self, data: bytes) -> None: ...
+    def on_response_body(self, data: bytes) -> None: ...
     def on_response_end(self) -> None: ...
 
 
@@ -404,13 +404,13 @@ class ResponseFramer:
         role = self.roles.get(lname, FORWARD)
         if role == FORWARD:
             if not lname.startswith(DROP_PREFIXES):
-                head.headers.append((lname, value))
+                head.headers.append((name, value))  # answers keep the upstream's spelling
         elif role == _CL:
             value = value.strip()
             if head.content_length != -1 or not value.isdigit():
                 raise ProtocolError("upstream sent a bad Content-Length", 502, "bad_gateway")
             head.content_length = int(value)
-            head.headers.append((lname, value))
+            head.headers.append((name, value))
         elif role == _TE:
             head.chunked = value.strip().lower().endswith(b"chunked")
         elif role == _CONNECTION:
@@ -434,7 +434,7 @@ class ResponseFramer:
         head.no_body = self.head_request or head.status in (204, 304)
         if head.chunked:
             head.content_length = -1
-            head.headers = [(n, v) for n, v in head.headers if n != b"content-length"]
+            head.headers = [(n, v) for n, v in head.headers if n.lower() != b"content-length"]
         self.handler.on_response(head)
         if self.head_request:
             # httptools cannot be told "no body follows" (HEAD): the answer ends here,
@@ -445,7 +445,7 @@ class ResponseFramer:
 
     def on_body(self, body: bytes) -> None:
         if not self._done and self._head is not None:
-            self.handler.on_body(body)
+            self.handler.on_response_body(body)
 
     def on_message_complete(self) -> None:
         if self._head is None or self._done:

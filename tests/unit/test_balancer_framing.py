@@ -170,7 +170,7 @@ class ResponseRecorder:
     def on_response(self, head: ResponseHead) -> None:
         self.heads.append(head)
 
-    def on_body(self, data: bytes) -> None:
+    def on_response_body(self, data: bytes) -> None:
         self.body += data
 
     def on_response_end(self) -> None:
@@ -183,7 +183,7 @@ def test_response_chunked_interim_and_head() -> None:
     framer.feed(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: keep-alive\r\nX-A: 1\r\n\r\n")
     framer.feed(b"3\r\nabc\r\n0\r\n\r\n")
     assert [h.status for h in rec.heads] == [200] and rec.heads[0].chunked and bytes(rec.body) == b"abc" and rec.ends == 1
-    assert [n for n, _ in rec.heads[0].headers] == [b"x-a"]
+    assert [n for n, _ in rec.heads[0].headers] == [b"X-A"]
     framer.reset(head_request=True)
     framer.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n")
     assert rec.ends == 2 and rec.heads[1].no_body and rec.heads[1].content_length == 10
