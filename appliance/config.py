@@ -176,6 +176,7 @@ class AuthSettings(Section):
     min_password_length: Annotated[int, _h("shortest password accepted", ge=8, le=128)] = 10
     login_max_failures: Annotated[int, _h("failed logins before an account is locked", ge=1, le=1000)] = 5
     login_lockout_seconds: Annotated[int, _h("how long a locked account is refused", ge=1, le=86400)] = 300
+    login_address_max_failures: Annotated[int, _h("failed logins from one client address before it is locked out", ge=1, le=100000)] = 20
     allow_registration: Annotated[bool, _h("let anyone register a user account")] = True
     mfa_issuer: Annotated[str, _h("issuer name in TOTP URIs")] = "Appliance"
     secrets_file: Annotated[str, _h("generated secrets (mode 0600), relative to the data dir")] = "secrets.toml"
