@@ -166,6 +166,7 @@ class Task(BaseModel):
     worker_id = pw.CharField(max_length=200, null=True, index=True)
     cancel_requested = pw.BooleanField(default=False)
     cancel_reason = pw.CharField(max_length=500, null=True)
+    cancel_force = pw.BooleanField(default=False)  # stop the running process, do not wait for a check
     group = pw.ForeignKeyField(TaskGroup, null=True, backref="tasks", on_delete="SET NULL")
     group_index = pw.IntegerField(null=True)
     schedule = pw.ForeignKeyField(Schedule, null=True, backref="tasks", on_delete="SET NULL")

@@ -1,0 +1,96 @@
+"""The task queue: Huey as the fast path, the tasks table as the source of truth.
+
+Offers:
+- `get_queue(cfg)`: this process's Huey instance. SqliteHuey in <data_dir>/queue.db by
+  default; PriorityRedisHuey when [redis] url is set (keys start with [redis] key_prefix).
+  Huey carries only small messages `(task_id, attempt)`; everything else lives in the
+  task row (appliance.db.models.Task).
+- `enqueue(cfg, task_id, attempt, priority, eta)`: hand one attempt of a task to the queue.
+- appliance.queue.service: submit, batch, chain, schedules, status, cancel, logs, stats, list.
+- appliance.queue.worker / scheduler: the two roles (`serve(cfg, index)`).
+- appliance.queue.registry: task types and their input schemas (built-in and operator's).
+
+Priorities: API priority 1 (most urgent) .. 10 maps onto Huey priority 10 .. 1
+(Huey runs higher numbers first), so 1 runs before 10 when both wait.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import threading
+from typing import Any
+
+from appliance.times import UTC
+
+RUN_TASK = "appliance.run"
+_lock = threading.Lock()
+_queues: dict[tuple[str, str, str], Any] = {}
+_current_cfg: Any = None
+
+
+def huey_priority(priority: int) -> int:
+    """API priority 1..10 (1 most urgent) -> Huey priority 10..1 (higher runs first)."""
+    return 11 - max(1, min(10, int(priority)))
+
+
+def queue_name(cfg: Any) -> str:
+    return f"{cfg.redis.key_prefix}tasks" if cfg.redis.url else "tasks"
+
+
+def _key(cfg: Any) -> tuple[str, str, str]:
+    return (cfg.redis.url, cfg.redis.key_prefix, str(cfg.path("queue.db")))
+
+
+def _create(cfg: Any) -> Any:
+    from huey import PriorityRedisHuey, SqliteHuey
+
+    if cfg.redis.url:
+        huey = PriorityRedisHuey(
+            queue_name(cfg), url=cfg.redis.url, results=False, utc=True, clean_name=False, blocking=True, read_timeout=1
+        )
+    else:
+        path = cfg.path("queue.db")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        huey = SqliteHuey(queue_name(cfg), filename=str(path), results=False, utc=True, timeout=30)
+
+    def run(task_id: str, attempt: int) -> None:
+        from appliance.queue import runner
+
+        runner.execute(task_id, attempt)
+
+    huey.appliance_run = huey.task(name=RUN_TASK)(run)
+    return huey
+
+
+def get_queue(cfg: Any) -> Any:
+    """The process-wide Huey instance for this config."""
+    global _current_cfg
+    key = _key(cfg)
+    with _lock:
+        huey = _queues.get(key)
+        if huey is None:
+            huey = _queues[key] = _create(cfg)
+        _current_cfg = cfg
+    return huey
+
+
+def current_config() -> Any:
+    """The config of the last get_queue call in this process (the runner's fallback)."""
+    return _current_cfg
+
+
+def enqueue(cfg: Any, task_id: str, attempt: int, priority: int, eta: _dt.datetime | None = None) -> None:
+    """Put one attempt of a task on the queue; `eta` (naive UTC) delays it."""
+    huey = get_queue(cfg)
+    msg = huey.appliance_run.s(task_id, attempt, priority=huey_priority(priority))
+    if eta is not None and eta > _dt.datetime.now(UTC).replace(tzinfo=None):
+        msg.eta = eta
+        huey.add_schedule(msg)
+    else:
+        huey.enqueue(msg)
+
+
+def depth(cfg: Any) -> dict[str, int]:
+    """Messages waiting in the queue and in its schedule (eta / retry delays)."""
+    huey = get_queue(cfg)
+    return {"pending": int(huey.pending_count()), "scheduled": int(huey.scheduled_count())}

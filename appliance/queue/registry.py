@@ -1,0 +1,202 @@
+"""The task registry: every task type the appliance can run, with its input schema.
+
+A task type is a name, a function `fn(ctx, data) -> result` and an input schema
+(a msgspec Struct, or None for "any JSON object"). Built-in types come from
+appliance.queue.builtins and appliance.queue.dataprocs; operators add their own
+as Python files in `[queue] tasks_dir`, each declaring its types with the
+`task_type` decorator:
+
+    import msgspec
+    from appliance.queue.registry import task_type
+
+    class Resize(msgspec.Struct, forbid_unknown_fields=True):
+        path: str
+        width: int = 800
+
+    @task_type("resize", schema=Resize, description="resize one image")
+    def resize(ctx, data: Resize):
+        ctx.progress(50, "half way")
+        return {"path": data.path}
+
+Submit validates input with `TaskType.parse` (a ValidationFailed naming the
+field on bad input); the runner parses again before running, so a task row
+whose schema changed since submit fails cleanly instead of crashing a worker.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import re
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from appliance.errors import BadRequest, ValidationFailed
+
+log = logging.getLogger(__name__)
+
+_FIELD_RE = re.compile(r"at `\$((?:\.[A-Za-z0-9_]+|\[\d+\])+)`")
+_MISSING_RE = re.compile(r"missing required field `([^`]+)`")
+_UNKNOWN_RE = re.compile(r"unknown field `([^`]+)`")
+
+
+@dataclass
+class TaskType:
+    """One runnable kind of task."""
+
+    name: str
+    func: Callable[..., Any]
+    schema: type | None = None
+    description: str = ""
+    source: str = "builtin"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __call__(self, ctx: Any, data: Any) -> Any:
+        return self.func(ctx, data)
+
+    def parse(self, data: Any, where: str = "data") -> Any:
+        """Validate task input against the schema; raise ValidationFailed naming the field."""
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ValidationFailed(f"{where} must be a JSON object", field=where)
+        if self.schema is None:
+            return data
+        try:
+            return msgspec.convert(data, self.schema, strict=False)
+        except msgspec.ValidationError as exc:
+            name = field_of(str(exc))
+            shown = f"{where}.{name}" if name else where
+            raise ValidationFailed(f"invalid {shown}: {exc}", field=shown) from None
+
+    def json_schema(self) -> dict[str, Any]:
+        if self.schema is None:
+            return {"type": "object"}
+        try:
+            return msgspec.json.schema(self.schema)
+        except Exception:  # a schema msgspec cannot describe still validates
+            return {"type": "object"}
+
+
+def field_of(message: str) -> str | None:
+    """The field a msgspec validation message is about, as a dotted path."""
+    for regex in (_MISSING_RE, _UNKNOWN_RE):
+        m = regex.search(message)
+        if m:
+            prefix = ""
+            at = _FIELD_RE.search(message)
+            if at:
+                prefix = at.group(1).lstrip(".") + "."
+            return prefix + m.group(1)
+    m = _FIELD_RE.search(message)
+    if m:
+        return m.group(1).lstrip(".")
+    return None
+
+
+def task_type(name: str, schema: type | None = None, description: str = "") -> Callable[[Callable[..., Any]], TaskType]:
+    """Decorator declaring a task type (used by built-ins and operator modules alike)."""
+
+    def wrap(func: Callable[..., Any]) -> TaskType:
+        return TaskType(name=name, func=func, schema=schema, description=description or (func.__doc__ or "").strip().split("\n")[0])
+
+    return wrap
+
+
+class Registry:
+    """Task types by name."""
+
+    def __init__(self) -> None:
+        self._types: dict[str, TaskType] = {}
+
+    def add(self, ttype: TaskType) -> None:
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_.-]{0,99}", ttype.name):
+            raise ValueError(f"task type name {ttype.name!r} is invalid: letters, digits, _ . - (at most 100)")
+        self._types[ttype.name] = ttype
+
+    def get(self, name: str) -> TaskType:
+        """The task type, or a BadRequest that lists the known ones."""
+        ttype = self._types.get(name) if isinstance(name, str) else None
+        if ttype is None:
+            known = sorted(self._types)
+            raise BadRequest(
+                f"unknown task_type {name!r}; known task types: {', '.join(known)}",
+                code="unknown_task_type",
+                details={"field": "task_type", "known": known},
+            )
+        return ttype
+
+    def names(self) -> list[str]:
+        return sorted(self._types)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._types
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [
+            {"name": t.name, "description": t.description, "source": t.source, "schema": t.json_schema()}
+            for t in sorted(self._types.values(), key=lambda t: t.name)
+        ]
+
+    def load_dir(self, directory: str | Path) -> list[str]:
+        """Load every *.py in `directory`; a module that fails to import is logged and skipped."""
+        loaded: list[str] = []
+        path = Path(directory)
+        if not path.is_dir():
+            log.warning("tasks_dir %s is not a directory; no operator task types loaded", path)
+            return loaded
+        for file in sorted(path.glob("*.py")):
+            if file.name.startswith("_"):
+                continue
+            modname = f"appliance_operator_tasks.{file.stem}"
+            try:
+                spec = importlib.util.spec_from_file_location(modname, file)
+                if spec is None or spec.loader is None:
+                    raise ImportError("no loader")
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[modname] = module
+                spec.loader.exec_module(module)
+            except Exception:
+                log.exception("operator task module %s failed to load; skipped", file)
+                continue
+            for value in vars(module).values():
+                if isinstance(value, TaskType):
+                    value.source = str(file)
+                    try:
+                        self.add(value)
+                    except ValueError as exc:
+                        log.error("operator task module %s: %s", file, exc)
+                        continue
+                    loaded.append(value.name)
+        return loaded
+
+
+_REGISTRIES: dict[str, Registry] = {}
+
+
+def build_registry(tasks_dir: str = "") -> Registry:
+    """The built-in task types plus the operator's (cached per tasks_dir in this process)."""
+    reg = _REGISTRIES.get(tasks_dir)
+    if reg is not None:
+        return reg
+    from appliance.queue import builtins, dataprocs
+
+    reg = Registry()
+    for module in (builtins, dataprocs):
+        for value in vars(module).values():
+            if isinstance(value, TaskType):
+                reg.add(value)
+    if tasks_dir:
+        reg.load_dir(tasks_dir)
+    _REGISTRIES[tasks_dir] = reg
+    return reg
+
+
+def registry_for(cfg: Any) -> Registry:
+    tasks_dir = str(cfg.path(cfg.queue.tasks_dir)) if cfg.queue.tasks_dir else ""
+    return build_registry(tasks_dir)

@@ -1,0 +1,175 @@
+"""Running one attempt of a task inside a worker: claim, run, record, retry, notify.
+
+How it works:
+1. The queue message is `(task_id, attempt)`. `records.claim` moves the row from
+   queued/retrying to running only for that attempt and only when no cancel was
+   requested, so duplicate or stale messages (a reaper's requeue racing the
+   original, a cancelled task) are dropped here: a queued task that was
+   cancelled never runs.
+2. The task type's function runs with a TaskContext. Success stores the result;
+   TaskCancelled (raised at a progress/cancellation point) records cancelled;
+   any other exception is logged with its traceback into the task log and the
+   process log (never into the API's error field), then becomes a retry
+   (`retry_delay`, doubled per attempt with exponential_backoff) while retries
+   remain, else failed.
+3. After a terminal state, callbacks are queued and the task's group (batch or
+   chain) advances (appliance.queue.groups).
+Every final UPDATE is conditional on (status running, attempt), so a task that
+the reaper or a forced cancel took away meanwhile keeps their verdict.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import os
+import socket
+import threading
+import traceback
+from typing import Any
+
+from appliance import queue as queue_mod
+from appliance.db.models import Task
+from appliance.logs import fields
+from appliance.queue import callbacks, groups, records
+from appliance.queue.context import TaskCancelled, TaskContext
+from appliance.queue.registry import registry_for
+from appliance.times import iso, utcnow
+
+log = logging.getLogger(__name__)
+
+_node_id = ""
+_cfg: Any = None
+# task id -> thread ident of the thread running it in this process (forced cancel in thread mode)
+running: dict[str, int] = {}
+_running_lock = threading.Lock()
+
+
+def set_runtime(cfg: Any, node_id: str) -> None:
+    """Called by the worker role before consuming: who we are, which config."""
+    global _node_id, _cfg
+    _node_id, _cfg = node_id, cfg
+
+
+def node_id() -> str:
+    return _node_id or f"{socket.gethostname()}:worker:x"
+
+
+def worker_id() -> str:
+    """What Task.worker_id holds: "<node id>#<pid of the process running the task>" (the reaper's key)."""
+    return f"{node_id()}#{os.getpid()}"
+
+
+def retry_delay(task: Any, attempt: int) -> float:
+    """Seconds before the next attempt after `attempt` (1-based) failed."""
+    base = float(task.retry_delay or 0.0)
+    return base * (2 ** (attempt - 1)) if task.exponential_backoff else base
+
+
+def _config() -> Any:
+    return _cfg or queue_mod.current_config()
+
+
+def execute(task_id: str, attempt: int) -> None:
+    """Run attempt `attempt` of task `task_id` (called by the Huey consumer)."""
+    cfg = _config()
+    wid = worker_id()
+    task = records.claim(task_id, attempt, wid)
+    if task is None:
+        log.debug("message dropped", extra=fields(task_id=task_id, attempt=attempt))
+        return
+    with _running_lock:
+        running[task_id] = threading.get_ident()
+    try:
+        _run(cfg, task, attempt)
+    finally:
+        with _running_lock:
+            running.pop(task_id, None)
+
+
+def _progress_hook(cfg: Any, task: Any) -> Any:
+    url = (task.callbacks or {}).get("progress_url")
+    if not url:
+        return None
+
+    def hook(pct: float, message: str) -> None:
+        callbacks.send(cfg, url, "progress", {"task_id": task.id, "status": "running", "progress": {"percentage": pct, "message": message}})
+
+    return hook
+
+
+def _run(cfg: Any, task: Any, attempt: int) -> None:
+    previous = groups.previous_result(task)
+    ctx = TaskContext(
+        task.id,
+        attempt,
+        task_type=task.task_type,
+        owner_id=task.owner_id,
+        previous_result=previous,
+        cfg=cfg,
+        on_progress=_progress_hook(cfg, task),
+    )
+    log.info("task started", extra=fields(task_id=task.id, task_type=task.task_type, attempt=attempt, worker_id=task.worker_id))
+    try:
+        ttype = registry_for(cfg).get(task.task_type)
+        data = ttype.parse(task.input)
+        value = ttype(ctx, data)
+        result = _jsonable(value)
+    except TaskCancelled:
+        reason = task.cancel_reason or "cancelled on request"
+        done = records.finish(task.id, attempt, "cancelled", started_at=task.started_at, message=reason)
+        log.info("task cancelled", extra=fields(task_id=task.id, attempt=attempt))
+        if done:
+            after_terminal(cfg, task.id)
+        return
+    except Exception as exc:
+        _failed(cfg, task, attempt, exc)
+        return
+    done = records.finish(task.id, attempt, "succeeded", started_at=task.started_at, result=result)
+    log.info("task succeeded", extra=fields(task_id=task.id, task_type=task.task_type, attempt=attempt))
+    if done:
+        after_terminal(cfg, task.id)
+
+
+def _jsonable(value: Any) -> Any:
+    import msgspec
+
+    return msgspec.to_builtins(value, str_keys=True, enc_hook=str)
+
+
+def _failed(cfg: Any, task: Any, attempt: int, exc: BaseException) -> None:
+    error = f"{type(exc).__name__}: {exc}"[:2000]
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    records.add_log(task.id, f"attempt {attempt} failed: {error}\n{tb}", "error")
+    code = getattr(exc, "code", None) if isinstance(getattr(exc, "code", None), str) else "task_error"
+    if attempt <= task.max_retries:
+        delay = retry_delay(task, attempt)
+        eta = utcnow() + _dt.timedelta(seconds=delay)
+        msg = f"attempt {attempt} failed: {error[:300]}; attempt {attempt + 1} at {iso(eta)}"
+        if records.to_retry(task.id, attempt, eta, error, code, msg):
+            log.warning("task failed, will retry", extra=fields(task_id=task.id, attempt=attempt, delay=delay, error=error[:200]))
+            queue_mod.enqueue(cfg, task.id, attempt + 1, task.priority, eta if delay > 0 else None)
+        return
+    log.warning("task failed", extra=fields(task_id=task.id, attempt=attempt, error=error[:200]))
+    if records.finish(task.id, attempt, "failed", started_at=task.started_at, error=error, error_code=code, message=error[:500]):
+        after_terminal(cfg, task.id)
+
+
+def after_terminal(cfg: Any, task_id: str) -> None:
+    """Callbacks and group advancement once a task reached succeeded, failed or cancelled."""
+    task = Task.get_or_none(Task.id == task_id)
+    if task is None:
+        return
+    urls = task.callbacks or {}
+    payload = {"task_id": task.id, "task_type": task.task_type, "status": task.status, "attempt": task.attempt}
+    if task.status == "succeeded" and urls.get("completion_url"):
+        callbacks.send(cfg, urls["completion_url"], "completion", {**payload, "result": task.result})
+    elif task.status in ("failed", "cancelled") and urls.get("error_url"):
+        callbacks.send(
+            cfg, urls["error_url"], "error", {**payload, "error": {"code": task.error_code, "message": task.error or task.cancel_reason}}
+        )
+    if task.group_id:
+        try:
+            groups.advance(cfg, task)
+        except Exception:
+            log.exception("advancing the group of task %s failed", task.id)

@@ -1,0 +1,248 @@
+"""Cron schedules: CRUD for the API, slot arithmetic, and the scheduler's tick.
+
+A schedule has a 5-field cron expression evaluated in its IANA time zone
+(zoneinfo; croniter handles DST), an active flag, an optional max_iterations
+and `next_run_at` (naive UTC), shown in the API.
+
+`tick(cfg, now)` fires every due schedule once: it inserts a ScheduleRun row
+keyed by the unique (schedule, slot) pair in the same transaction that creates
+the task and moves next_run_at forward. Several schedulers (on one host or
+many) may tick at once; exactly one insert succeeds per slot, the others hit
+the unique index and move on. After downtime only the latest missed slot
+fires (once), and next_run_at becomes the first slot after `now`.
+Time is a parameter: tests pass `now` instead of waiting for the clock.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import zoneinfo
+from typing import Annotated, Any, Literal
+
+import msgspec
+import peewee as pw
+from croniter import croniter
+from msgspec import Meta
+
+from appliance.db.models import Schedule, ScheduleRun, Task, database
+from appliance.errors import NotFound, ValidationFailed
+from appliance.logs import fields
+from appliance.queue import records
+from appliance.queue.registry import registry_for
+from appliance.times import UTC, iso, utcnow
+
+log = logging.getLogger(__name__)
+
+
+class CronSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    type: Literal["cron"] = "cron"
+    expression: Annotated[str, Meta(min_length=9, max_length=100)]
+    timezone: Annotated[str, Meta(min_length=1, max_length=64)] = "UTC"
+
+
+class ScheduleRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    task_type: Annotated[str, Meta(min_length=1, max_length=100)]
+    schedule: CronSpec
+    data: dict[str, Any] = {}
+    active: bool = True
+    max_iterations: Annotated[int, Meta(ge=1)] | None = None
+    priority: Annotated[int, Meta(ge=1, le=10)] = 5
+    name: Annotated[str, Meta(max_length=200)] = ""
+
+
+class SchedulePatch(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    schedule: CronSpec | None = None
+    data: dict[str, Any] | None = None
+    active: bool | None = None
+    max_iterations: Annotated[int, Meta(ge=1)] | None = None
+    priority: Annotated[int, Meta(ge=1, le=10)] | None = None
+    name: Annotated[str, Meta(max_length=200)] | None = None
+
+
+def check_cron(expression: str, timezone: str, where: str = "schedule") -> None:
+    if len(expression.split()) != 5 or not croniter.is_valid(expression):
+        raise ValidationFailed(f"{where}.expression must be a 5-field cron expression, e.g. '*/5 * * * *'", field=f"{where}.expression")
+    try:
+        zoneinfo.ZoneInfo(timezone)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise ValidationFailed(f"{where}.timezone {timezone!r} is not a known IANA time zone", field=f"{where}.timezone") from None
+
+
+def next_slot(expression: str, timezone: str, after: _dt.datetime) -> _dt.datetime:
+    """The first slot strictly after `after` (naive UTC in, naive UTC out)."""
+    tz = zoneinfo.ZoneInfo(timezone)
+    local = after.replace(tzinfo=UTC).astimezone(tz)
+    nxt = croniter(expression, local).get_next(_dt.datetime)
+    return nxt.astimezone(UTC).replace(tzinfo=None)
+
+
+def latest_slot(expression: str, timezone: str, at_or_before: _dt.datetime) -> _dt.datetime:
+    """The last slot at or before the given time (naive UTC)."""
+    tz = zoneinfo.ZoneInfo(timezone)
+    probe = (at_or_before + _dt.timedelta(seconds=1)).replace(tzinfo=UTC).astimezone(tz)
+    prev = croniter(expression, probe).get_prev(_dt.datetime)
+    return prev.astimezone(UTC).replace(tzinfo=None)
+
+
+def view(s: Schedule) -> dict[str, Any]:
+    return {
+        "schedule_id": s.id,
+        "name": s.name,
+        "task_type": s.task_type,
+        "schedule": {"type": "cron", "expression": s.expression, "timezone": s.timezone},
+        "data": s.data,
+        "priority": s.priority,
+        "active": s.active,
+        "max_iterations": s.max_iterations,
+        "iterations": s.iterations,
+        "last_run_at": iso(s.last_run_at),
+        "next_run_at": iso(s.next_run_at) if s.active else None,
+        "owner_id": s.owner_id,
+        "created_at": iso(s.created_at),
+        "updated_at": iso(s.updated_at),
+    }
+
+
+def _parse(kind: type, raw: Any) -> Any:
+    from appliance.queue.service import parse
+
+    return parse(kind, raw)
+
+
+def create(cfg: Any, caller: Any, req: ScheduleRequest | dict[str, Any], now: _dt.datetime | None = None) -> dict[str, Any]:
+    if isinstance(req, dict):
+        req = _parse(ScheduleRequest, req)
+    ttype = registry_for(cfg).get(req.task_type)
+    ttype.parse(req.data)
+    check_cron(req.schedule.expression, req.schedule.timezone)
+    now = now or utcnow()
+    s = Schedule.create(
+        owner=caller.user_id,
+        name=req.name,
+        task_type=ttype.name,
+        expression=req.schedule.expression,
+        timezone=req.schedule.timezone,
+        data=req.data,
+        priority=req.priority,
+        active=req.active,
+        max_iterations=req.max_iterations,
+        next_run_at=next_slot(req.schedule.expression, req.schedule.timezone, now),
+        created_at=now,
+        updated_at=now,
+    )
+    return view(s)
+
+
+def _visible(caller: Any, schedule_id: Any) -> Schedule:
+    try:
+        sid = int(schedule_id)
+    except (TypeError, ValueError):
+        raise NotFound(f"no schedule {schedule_id!r}") from None
+    s = Schedule.get_or_none(Schedule.id == sid)
+    if s is None or not (caller.admin or s.owner_id == caller.user_id):
+        raise NotFound(f"no schedule {schedule_id!r}")
+    return s
+
+
+def get(cfg: Any, caller: Any, schedule_id: Any) -> dict[str, Any]:
+    return view(_visible(caller, schedule_id))
+
+
+def list_schedules(cfg: Any, caller: Any, page: int = 1, per_page: int = 20) -> tuple[list[dict[str, Any]], int]:
+    query = Schedule.select()
+    if not caller.admin:
+        query = query.where(Schedule.owner == caller.user_id)
+    return [view(s) for s in query.order_by(Schedule.id).paginate(page, per_page)], query.count()
+
+
+def update(
+    cfg: Any, caller: Any, schedule_id: Any, patch: SchedulePatch | dict[str, Any], now: _dt.datetime | None = None
+) -> dict[str, Any]:
+    if isinstance(patch, dict):
+        patch = _parse(SchedulePatch, patch)
+    s = _visible(caller, schedule_id)
+    now = now or utcnow()
+    if patch.data is not None:
+        registry_for(cfg).get(s.task_type).parse(patch.data)
+        s.data = patch.data
+    if patch.schedule is not None:
+        check_cron(patch.schedule.expression, patch.schedule.timezone)
+        s.expression, s.timezone = patch.schedule.expression, patch.schedule.timezone
+    for name in ("active", "max_iterations", "priority", "name"):
+        value = getattr(patch, name)
+        if value is not None:
+            setattr(s, name, value)
+    if patch.schedule is not None or patch.active:
+        s.next_run_at = next_slot(s.expression, s.timezone, now)
+    s.updated_at = now
+    s.save()
+    return view(s)
+
+
+def delete(cfg: Any, caller: Any, schedule_id: Any) -> dict[str, Any]:
+    s = _visible(caller, schedule_id)
+    s.delete_instance()
+    return {"schedule_id": s.id, "deleted": True}
+
+
+# --- the scheduler's work -------------------------------------------------------------------------
+
+
+def tick(cfg: Any, now: _dt.datetime | None = None) -> list[str]:
+    """Fire every due schedule once; return the ids of the tasks created by this caller."""
+    now = now or utcnow()
+    fired: list[str] = []
+    due = list(Schedule.select().where((Schedule.active == True) & (Schedule.next_run_at <= now)).order_by(Schedule.next_run_at))  # noqa: E712
+    for s in due:
+        try:
+            task_id = _fire(cfg, s, now)
+        except Exception:
+            log.exception("schedule %s could not fire", s.id)
+            continue
+        if task_id:
+            fired.append(task_id)
+    return fired
+
+
+def _fire(cfg: Any, s: Schedule, now: _dt.datetime) -> str | None:
+    from appliance.queue import service
+
+    slot = latest_slot(s.expression, s.timezone, now)
+    if slot < s.next_run_at:
+        slot = s.next_run_at  # next_run_at itself is due (clock rounding); fire that slot
+    nxt = next_slot(s.expression, s.timezone, max(now, slot))
+    row: dict[str, Any] | None = None
+    try:
+        with database.atomic():
+            ScheduleRun.insert(schedule=s.id, slot=slot, fired_at=now).execute()
+            reg = registry_for(cfg)
+            ttype = reg.get(s.task_type)
+            ttype.parse(s.data)
+            row = {
+                "id": records.new_id(),
+                "task_type": ttype.name,
+                "owner": s.owner_id,
+                "status": "queued",
+                "priority": s.priority,
+                "input": s.data,
+                "max_retries": cfg.queue.default_max_retries,
+                "created_at": now,
+                "queued_at": now,
+                "schedule": s.id,
+            }
+            Task.insert(row).execute()
+            ScheduleRun.update(task_id=row["id"]).where((ScheduleRun.schedule == s.id) & (ScheduleRun.slot == slot)).execute()
+            iterations = s.iterations + 1
+            active = not (s.max_iterations and iterations >= s.max_iterations)
+            Schedule.update(iterations=Schedule.iterations + 1, last_run_at=now, next_run_at=nxt, active=active, updated_at=now).where(
+                Schedule.id == s.id
+            ).execute()
+    except pw.IntegrityError:
+        # Another scheduler fired this slot: its transaction also moved next_run_at.
+        log.debug("slot already fired elsewhere", extra=fields(schedule_id=s.id, slot=iso(slot)))
+        return None
+    records.add_history(row["id"], "queued", f"schedule {s.id} slot {iso(slot)}", at=now)
+    log.info("schedule fired", extra=fields(schedule_id=s.id, slot=iso(slot), task_id=row["id"]))
+    service._hand_to_queue(cfg, [{"id": row["id"], "priority": s.priority, "eta": None}])
+    return row["id"]
