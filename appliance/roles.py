@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import logging
 import os
 import sys
 from typing import Any
@@ -59,9 +60,16 @@ def available(role: str) -> bool:
 
 
 def run_child(args: argparse.Namespace) -> int:
+    from appliance import heartbeat
     from appliance.logs import setup_logging
 
     cfg = child_config(args)
-    setup_logging(args.role, args.log_format or cfg.logging.format, cfg.logging.level)
-    serve = resolve(args.role)
+    setup_logging(args.role, getattr(args, "log_format", None) or cfg.logging.format, cfg.logging.level)
+    try:
+        serve = resolve(args.role)
+    except ImportError as exc:  # a role that cannot even load will not boot by retrying
+        logging.getLogger(__name__).error("role %s cannot be loaded: %s", args.role, exc)
+        return EXIT_BOOT_FAILURE
+    # After the import: a role whose module cannot load never looks alive to the supervisor.
+    heartbeat.start(cfg, args.role, args.index)
     return int(serve(cfg, args.index) or 0)

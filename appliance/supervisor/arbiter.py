@@ -1,0 +1,603 @@
+"""The arbiter: one loop that starts, watches, restarts, reloads and stops every child.
+
+How it works (gunicorn's arbiter, for many kinds of child):
+- Signal handlers only queue the signal and wake the loop (signal.set_wakeup_fd
+  on a pipe); the loop dispatches them: SIGTERM/SIGINT -> drain and stop (a
+  second one kills what is left), SIGHUP -> reload and rolling restart.
+- Each tick: reap dead children without blocking (Popen.poll), schedule their
+  restart with backoff or give up on a crash loop (policy.py), start children
+  whose backoff is over, probe starting children for readiness, kill children
+  whose heartbeat went silent, publish upstreams.json to the balancer when the
+  set of ready api workers changed, step the current phase, ping the systemd
+  watchdog, and publish a snapshot for `appliance status`.
+- Long procedures (startup, rolling restart, drain) are generators stepped
+  once per tick ("phases"), so the loop keeps reaping and answering signals
+  while they wait; a SIGTERM during a reload simply abandons the reload.
+The table of child kinds (kinds.py) is all the arbiter knows about roles.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import select
+import signal
+import socket
+import subprocess
+import time
+from collections import deque
+from collections.abc import Callable, Generator, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from appliance import roles
+from appliance.heartbeat import FILE_ENV, PARENT_ENV
+from appliance.logs import fields
+from appliance.supervisor import readiness
+from appliance.supervisor.channel import Channel
+from appliance.supervisor.kinds import Kind
+from appliance.supervisor.notify import Notifier
+from appliance.supervisor.policy import RestartPolicy, RestartTracker
+from appliance.supervisor.relay import Relay
+
+log = logging.getLogger(__name__)
+
+LISTEN_FDS_ENV = "APPLIANCE_LISTEN_FDS"
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
+# systemd's variables are for the supervisor alone; children must not notify or think they were socket-activated.
+PRIVATE_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", LISTEN_FDS_ENV)
+Phase = Generator[None, None, None]
+
+
+@dataclass(eq=False)
+class Child:
+    """One slot of a kind and the process currently filling it."""
+
+    kind: Kind
+    slot: int
+    index: int
+    cfg: Any
+    tracker: RestartTracker
+    proc: subprocess.Popen[bytes] | None = None
+    relay: Relay | None = None
+    state: str = "new"  # starting, up, draining, stopping, backoff, failed, stopped
+    pid: int | None = None
+    started_at: float = 0.0
+    started_wall: float = 0.0
+    next_start: float = 0.0
+    last_probe: float = 0.0
+    restarts: int = 0
+    retiring: bool = False
+    boot_failure: bool = False
+    exit_status: int | None = None
+    heartbeat: Path | None = None  # this process's own file: an old and a new process may share an index
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind.role}[{self.index}]"
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None
+
+    def last_lines(self, n: int = 10) -> list[str]:
+        if self.relay is None:
+            return []
+        self.relay.join(0.5)  # the last lines of a dead child may still be in the pipe
+        return self.relay.last_lines(n)
+
+
+@dataclass
+class Settings:
+    """What the arbiter needs besides the kinds; built from the config by main.py (or by tests)."""
+
+    run_dir: Path
+    log_format: str = "json"
+    startup_timeout: float = 60.0
+    grace_period: float = 30.0
+    heartbeat_timeout: float = 30.0
+    policy: RestartPolicy = field(default_factory=RestartPolicy)
+    url: str = ""
+    tick: float = 0.1
+
+    @classmethod
+    def from_config(cls, cfg: Any, run_dir: Path, log_format: str, url: str) -> Settings:
+        sup = cfg.supervisor
+        return cls(
+            run_dir=run_dir,
+            log_format=log_format,
+            startup_timeout=sup.startup_timeout,
+            grace_period=sup.grace_period,
+            heartbeat_timeout=sup.heartbeat_timeout,
+            policy=RestartPolicy.from_config(cfg),
+            url=url,
+        )
+
+
+def describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with status {code}"
+
+
+class Arbiter:
+    def __init__(
+        self,
+        cfg: Any,
+        kinds_for: Callable[[Any], list[Kind]],
+        settings: Settings,
+        *,
+        listeners: Iterable[socket.socket] = (),
+        notifier: Notifier | None = None,
+        reload_config: Callable[[], Any] | None = None,
+        settings_for: Callable[[Any], Settings] | None = None,
+        on_dead: Callable[[int], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.cfg = cfg
+        self.kinds_for = kinds_for
+        self.kinds = kinds_for(cfg)
+        self.settings = settings
+        self.settings_for = settings_for
+        self.listeners = list(listeners)
+        self.notifier = notifier or Notifier({})
+        self.reload_config = reload_config
+        self.on_dead = on_dead
+        self.clock = clock
+        self.channel = Channel(settings.run_dir)
+        self.heartbeat_dir = settings.run_dir / "heartbeat"
+        self.children: list[Child] = []
+        self.signals: deque[int] = deque()
+        self.phase: Phase | None = None
+        self.phase_name = "starting"
+        self.stopping = False
+        self.reload_pending = False
+        self.exit_code: int | None = None
+        self.started_wall = time.time()
+        self.snapshot: dict[str, Any] = {}
+        self.base_env = {k: v for k, v in os.environ.items() if k not in PRIVATE_ENV}
+        self.base_env["PYTHONUNBUFFERED"] = "1"
+        self.base_env[PARENT_ENV] = str(os.getpid())
+        self._wake_r = self._wake_w = -1
+        self._spawned = 0
+
+    # --- the loop ---------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Run until stopped; the exit status of `appliance run`."""
+        self.heartbeat_dir.mkdir(parents=True, exist_ok=True)
+        for stale in self.heartbeat_dir.iterdir():
+            stale.unlink(missing_ok=True)
+        self.channel.reset()
+        self._install_signals()
+        self.phase = self._startup()
+        try:
+            while self.exit_code is None:
+                self._dispatch_signals()
+                now = self.clock()
+                self._reap(now)
+                self._respawn(now)
+                self._probe(now)
+                self._check_hung()
+                self._sync_upstreams()
+                self._step_phase()
+                self._watchdog(now)
+                self._publish()
+                if self.exit_code is None:
+                    self._sleep(self.settings.tick)
+        finally:
+            self._kill_everything()
+            self._restore_signals()
+            self._close_listeners()
+            self._publish()
+        return self.exit_code
+
+    def _install_signals(self) -> None:
+        self._wake_r, self._wake_w = os.pipe()
+        for fd in (self._wake_r, self._wake_w):
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
+        self._old_wakeup = signal.set_wakeup_fd(self._wake_w)
+        self._old_handlers = {sig: signal.signal(sig, self._queue_signal) for sig in SIGNALS}
+
+    def _restore_signals(self) -> None:
+        for sig, handler in getattr(self, "_old_handlers", {}).items():
+            signal.signal(sig, handler)
+        signal.set_wakeup_fd(getattr(self, "_old_wakeup", -1))
+        for fd in (self._wake_r, self._wake_w):
+            if fd >= 0:
+                os.close(fd)
+        self._wake_r = self._wake_w = -1
+
+    def _queue_signal(self, sig: int, frame: Any) -> None:
+        # Only queue: everything else happens in the loop (the wakeup fd ends its sleep).
+        if sig != signal.SIGCHLD:
+            self.signals.append(sig)
+
+    def _sleep(self, timeout: float) -> None:
+        with contextlib.suppress(InterruptedError, OSError):
+            ready, _, _ = select.select([self._wake_r], [], [], timeout)
+            if ready:
+                while os.read(self._wake_r, 4096):
+                    pass
+
+    def _dispatch_signals(self) -> None:
+        while self.signals:
+            sig = self.signals.popleft()
+            if sig in (signal.SIGTERM, signal.SIGINT):
+                self.handle_stop(sig)
+            elif sig == signal.SIGHUP:
+                self.handle_reload()
+
+    def handle_stop(self, sig: int) -> None:
+        name = signal.Signals(sig).name
+        if self.stopping:
+            log.warning("%s again: killing every process now", name)
+            self._close_phase()
+            self.phase = self._kill_phase()
+            return
+        log.info("%s received: draining, then stopping (grace period %.0fs)", name, self.settings.grace_period)
+        self._close_phase()
+        self.phase = self._shutdown(exit_code=0)
+
+    def handle_reload(self) -> None:
+        if self.phase_name == "reloading":
+            log.info("SIGHUP during a reload: another reload follows this one")
+            self.reload_pending = True
+        elif self.phase_name != "running":
+            log.warning("SIGHUP ignored while %s", self.phase_name)
+        else:
+            from appliance.supervisor.rollout import rollout
+
+            self.phase = rollout(self)
+
+    def _close_phase(self) -> None:
+        if self.phase is not None:
+            self.phase.close()
+            self.phase = None
+
+    def _step_phase(self) -> None:
+        if self.phase is None:
+            return
+        try:
+            next(self.phase)
+        except StopIteration:
+            self.phase = None
+        except Exception:
+            if self.phase_name != "reloading":
+                raise  # startup and shutdown have no fallback: the loop's `finally` kills every child
+            log.exception("the reload failed; the processes that run keep serving")
+            self.phase, self.phase_name = None, "running"
+            self.notifier.ready(f"serving on {self.settings.url}")
+
+    # --- children ------------------------------------------------------------------------------
+
+    def add_child(self, kind: Kind, slot: int, index: int) -> Child:
+        child = Child(kind=kind, slot=slot, index=index, cfg=self.cfg, tracker=RestartTracker(self.settings.policy))
+        self.children.append(child)
+        return child
+
+    def heartbeat_path(self, child: Child) -> Path:
+        return child.heartbeat or self.heartbeat_dir / "none"
+
+    def spawn(self, child: Child) -> None:
+        now = self.clock()
+        self._spawned += 1
+        if child.heartbeat:
+            child.heartbeat.unlink(missing_ok=True)
+        hb = child.heartbeat = self.heartbeat_dir / f"{child.kind.role}-{child.index}-{self._spawned}"
+        env = dict(self.base_env)
+        env[roles.CONFIG_ENV] = child.cfg.to_json().decode()
+        env[FILE_ENV] = str(hb)
+        fds: tuple[int, ...] = ()
+        if child.kind.listeners and self.listeners:
+            fds = tuple(s.fileno() for s in self.listeners)
+            env[LISTEN_FDS_ENV] = ",".join(str(fd) for fd in fds)
+        try:
+            proc = subprocess.Popen(
+                child.kind.command(child.index),
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                pass_fds=fds,
+                process_group=0,  # our own group: a terminal's Ctrl-C reaches the supervisor only, which drains in order
+            )
+        except OSError as exc:
+            log.error("cannot start %s: %s", child.name, exc)
+            child.started_at = now
+            self._after_crash(child, now, None)
+            return
+        child.proc, child.pid, child.exit_status = proc, proc.pid, None
+        child.state = "starting"
+        child.started_at, child.started_wall, child.last_probe = now, time.time(), 0.0
+        assert proc.stdout is not None
+        child.relay = Relay(proc.stdout, child.kind.role, proc.pid, self.settings.log_format)
+        log.info("started %s (pid %d)", child.name, proc.pid, extra=fields(child_role=child.kind.role, child_pid=proc.pid))
+
+    def terminate(self, child: Child, sig: int = signal.SIGTERM) -> None:
+        if child.proc is None:
+            if child.state in ("backoff", "new"):
+                child.state = "stopped"
+            return
+        if sig == signal.SIGTERM and child.state != "stopping":
+            child.state = "stopping"
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child.proc.pid, sig)
+
+    def _reap(self, now: float) -> None:
+        for child in list(self.children):
+            if child.proc is None:
+                continue
+            code = child.proc.poll()
+            if code is not None:
+                self._on_exit(child, code, now)
+
+    def _on_exit(self, child: Child, code: int, now: float) -> None:
+        pid = child.proc.pid if child.proc else 0
+        child.proc, child.exit_status = None, code
+        if self.on_dead:
+            with contextlib.suppress(Exception):
+                self.on_dead(pid)
+        if child.retiring or self.stopping or child.state == "stopping":
+            log.info("%s (pid %d) stopped: %s", child.name, pid, describe_exit(code))
+            child.state = "stopped"
+            if child.retiring and child in self.children:
+                self.children.remove(child)
+                if child.heartbeat:
+                    child.heartbeat.unlink(missing_ok=True)
+            return
+        child.boot_failure = code == roles.EXIT_BOOT_FAILURE
+        self._after_crash(child, now, code)
+
+    def _after_crash(self, child: Child, now: float, code: int | None) -> None:
+        what = describe_exit(code) if code is not None else "could not be started"
+        tail = child.last_lines(5)
+        if not child.kind.restart:
+            child.state = "stopped"
+            log.warning("%s (pid %s) %s; it is not restarted", child.name, child.pid, what)
+            return
+        decision = child.tracker.on_exit(now, child.started_at)
+        if decision.give_up:
+            child.state = "failed"
+            log.error(
+                "%s %s and crashed %d times within %.0fs: giving up on it; the rest keep serving. Its last lines:\n%s",
+                child.name,
+                what,
+                decision.deaths_in_window,
+                self.settings.policy.window,
+                _indent(tail),
+                extra=fields(child_role=child.kind.role, child_state="failed"),
+            )
+            return
+        child.state = "backoff"
+        child.next_start = now + decision.delay
+        child.restarts += 1
+        log.warning(
+            "%s (pid %s) %s; restarting it in %.0fs. Its last lines:\n%s",
+            child.name,
+            child.pid,
+            what,
+            decision.delay,
+            _indent(tail),
+            extra=fields(child_role=child.kind.role, restart_delay=decision.delay),
+        )
+
+    def _respawn(self, now: float) -> None:
+        if self.stopping:
+            return
+        for child in list(self.children):
+            if child.state == "backoff" and now >= child.next_start:
+                self.spawn(child)
+
+    def _probe(self, now: float) -> None:
+        for child in self.children:
+            if child.state != "starting" or child.proc is None or now - child.last_probe < 0.2:
+                continue
+            child.last_probe = now
+            if self.is_ready(child, now):
+                child.state = "up"
+                log.info("%s (pid %d) is ready after %.1fs", child.name, child.proc.pid, now - child.started_at)
+
+    def is_ready(self, child: Child, now: float) -> bool:
+        kind = child.kind
+        if kind.readiness == "http" and kind.port:
+            return readiness.http_ok(kind.port(child.index), kind.ready_path)
+        if kind.readiness == "tcp" and kind.port:
+            return readiness.tcp_ok(kind.port(child.index))
+        if kind.readiness == "balancer":
+            return readiness.balancer_ready(self.channel.state_path, child.started_wall, child.pid or 0)
+        return readiness.heartbeat_ready(self.heartbeat_path(child), child.started_wall, now - child.started_at)
+
+    def _check_hung(self) -> None:
+        if self.stopping:
+            return
+        wall = time.time()
+        for child in self.children:
+            if child.proc is None or child.state not in ("starting", "up", "draining"):
+                continue
+            try:
+                last = max(child.started_wall, self.heartbeat_path(child).stat().st_mtime)
+            except OSError:
+                last = child.started_wall
+            silent = wall - last
+            if silent > self.settings.heartbeat_timeout:
+                log.error("%s (pid %d) sent no heartbeat for %.0fs: killing it", child.name, child.proc.pid, silent)
+                self.terminate(child, signal.SIGKILL)
+                child.started_wall = wall  # one kill per silence; the reaper restarts it
+
+    # --- the balancer's view ------------------------------------------------------------------------
+
+    def upstream_groups(self) -> dict[str, list[tuple[str, str]]]:
+        groups: dict[str, list[tuple[str, str]]] = {k.group: [] for k in self.kinds if k.group}
+        for child in self.children:
+            group, address = child.kind.group, child.kind.address(child.index)
+            if group and address and child.proc is not None and child.state in ("up", "draining"):
+                groups.setdefault(group, []).append((address, "draining" if child.state == "draining" else "up"))
+        return groups
+
+    def _sync_upstreams(self) -> None:
+        try:
+            changed = self.channel.publish(self.upstream_groups())
+        except OSError as exc:
+            log.error("cannot write %s: %s", self.channel.upstreams_path, exc)
+            return
+        if changed:
+            for child in self.children:
+                if child.kind.listeners and child.proc is not None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(child.proc.pid, signal.SIGUSR1)
+
+    def balancer_serving(self) -> bool:
+        return any(c.kind.listeners and c.proc is not None and c.state == "up" for c in self.children)
+
+    # --- phases --------------------------------------------------------------------------------------
+
+    def _startup(self) -> Phase:
+        self.phase_name = "starting"
+        self.notifier.status("starting")
+        deadline = self.clock() + self.settings.startup_timeout
+        for kind in self.kinds:
+            for slot in range(kind.count):
+                self.spawn(self.add_child(kind, slot, slot))
+        while True:
+            broken = next((c for c in self.children if c.boot_failure or c.state == "failed"), None)
+            if broken is not None:
+                why = "could not boot" if broken.boot_failure else "crashed repeatedly"
+                yield from self._fail_startup(broken, f"{broken.name} {why} ({describe_exit(broken.exit_status or 0)})")
+                return
+            pending = [c for c in self.children if c.state != "up"]
+            if not pending:
+                break
+            if self.clock() > deadline:
+                yield from self._fail_startup(pending[0], f"{pending[0].name} was not ready within {self.settings.startup_timeout:.0f}s")
+                return
+            yield
+        self.phase_name = "running"
+        counts = ", ".join(f"{k.count} {k.role}" for k in self.kinds)
+        log.info("appliance is up on %s (%s)", self.settings.url, counts, extra=fields(url=self.settings.url))
+        self.notifier.ready(f"serving on {self.settings.url}")
+
+    def _fail_startup(self, child: Child, why: str) -> Phase:
+        log.error("startup failed: %s; stopping everything. Its last lines:\n%s", why, _indent(child.last_lines(10)))
+        self.notifier.status(f"startup failed: {why}")
+        yield from self._shutdown(exit_code=1, grace=min(5.0, self.settings.grace_period), notify=False)
+
+    def _shutdown(self, exit_code: int, grace: float | None = None, notify: bool = True) -> Phase:
+        """Drain: the balancer and task processes first, then what sits behind the balancer; kill at the deadline."""
+        self.stopping = True
+        self.phase_name = "stopping"
+        if notify:
+            self.notifier.stopping("draining")
+        deadline = self.clock() + (self.settings.grace_period if grace is None else grace)
+        front = [c for c in self.children if not c.kind.group]
+        behind = [c for c in self.children if c.kind.group]
+        for child in front:
+            self.terminate(child)
+        self._close_listeners()  # the balancer holds its own copy until it stops accepting
+        while any(c.alive for c in front) and self.clock() < deadline:
+            yield
+        for child in behind:
+            self.terminate(child)
+        while any(c.alive for c in self.children) and self.clock() < deadline:
+            yield
+        left = [c for c in self.children if c.alive]
+        if left:
+            log.warning("grace period over: killing %s", ", ".join(f"{c.name} (pid {c.pid})" for c in left))
+            yield from self._kill_phase(exit_code)
+            return
+        for child in self.children:
+            if child.state in ("backoff", "new"):
+                child.state = "stopped"
+        log.info("every process stopped; goodbye")
+        self.exit_code = exit_code
+
+    def _kill_phase(self, exit_code: int = 0) -> Phase:
+        self.stopping = True
+        self.phase_name = "stopping"
+        for child in self.children:
+            self.terminate(child, signal.SIGKILL)
+        deadline = self.clock() + 5.0
+        while any(c.alive for c in self.children) and self.clock() < deadline:
+            yield
+        self.exit_code = exit_code
+
+    def wait_exit(self, child: Child, timeout: float) -> Phase:
+        """Wait (bounded) for a child we asked to stop; SIGKILL it at the deadline."""
+        deadline = self.clock() + timeout
+        while child.alive and self.clock() < deadline:
+            yield
+        if child.alive:
+            log.warning("%s (pid %s) did not stop within %.0fs: killing it", child.name, child.pid, timeout)
+            self.terminate(child, signal.SIGKILL)
+            deadline = self.clock() + 5.0
+            while child.alive and self.clock() < deadline:
+                yield
+
+    def _kill_everything(self) -> None:
+        """Last resort on the way out (an exception in the loop): no child outlives the supervisor."""
+        for child in self.children:
+            if child.proc is not None and child.proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    child.proc.kill()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    child.proc.wait(5)
+
+    def _close_listeners(self) -> None:
+        for sock in self.listeners:
+            with contextlib.suppress(OSError):
+                sock.close()
+        self.listeners = []
+
+    # --- health, watchdog, status ----------------------------------------------------------------------
+
+    def healthy(self) -> bool:
+        """All is well enough for the systemd watchdog: the loop runs and the public side can serve."""
+        if self.phase_name == "stopping":
+            return False
+        for kind in self.kinds:
+            if (kind.listeners or kind.group == "api") and kind.count:
+                mine = [c for c in self.children if c.kind.role == kind.role]
+                if mine and all(c.state == "failed" for c in mine):
+                    return False
+        return True
+
+    def _watchdog(self, now: float) -> None:
+        if self.notifier.ping_due(now) and self.healthy():
+            self.notifier.ping(now)
+
+    def _publish(self) -> None:
+        rows = [
+            {
+                "role": c.kind.role,
+                "index": c.index,
+                "slot": c.slot,
+                "pid": c.pid if c.proc is not None else None,
+                "state": c.state,
+                "restarts": c.restarts,
+                "started": c.started_wall if c.proc is not None else None,
+                "address": c.kind.address(c.index),
+                "exit_status": c.exit_status,
+            }
+            for c in self.children
+        ]
+        degraded = any(r["state"] not in ("up", "draining") for r in rows)
+        self.snapshot = {
+            "pid": os.getpid(),
+            "phase": self.phase_name,
+            "url": self.settings.url,
+            "started": self.started_wall,
+            "config": getattr(self.cfg, "source", ""),
+            "processes": rows,
+            "healthy": self.phase_name in ("running", "reloading") and not degraded,
+            "upstreams_version": self.channel.version,
+        }
+
+
+def _indent(lines: list[str]) -> str:
+    return "\n".join("  | " + line for line in lines) if lines else "  (no output)"

@@ -1,0 +1,101 @@
+"""The control channel to the balancer: run/upstreams.json out, run/balancer-state.json in.
+
+The supervisor writes the list of local upstreams (api workers, monitor) with
+a version number, atomically (temporary file + os.replace), and sends SIGUSR1
+to the balancer, which re-reads it. The balancer writes what it applied and
+how busy each upstream is to balancer-state.json; the supervisor reads that to
+know when a draining api worker has no request in flight any more.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+UPSTREAMS = "upstreams.json"
+STATE = "balancer-state.json"
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+    os.replace(tmp, path)
+
+
+def upstreams_document(version: int, groups: dict[str, list[tuple[str, str]]]) -> dict[str, Any]:
+    """{"version", "groups": {group: [{"address", "weight", "state"}]}} from (address, state) pairs."""
+    return {
+        "version": version,
+        "groups": {name: [{"address": a, "weight": 1, "state": s} for a, s in members] for name, members in groups.items()},
+    }
+
+
+@dataclass(frozen=True)
+class BalancerState:
+    version: int
+    upstreams: dict[str, list[dict[str, Any]]]
+    mtime: float
+
+    def entry(self, group: str, address: str) -> dict[str, Any] | None:
+        for item in self.upstreams.get(group, []):
+            if isinstance(item, dict) and item.get("address") == address:
+                return item
+        return None
+
+    def idle(self, group: str, address: str, version: int) -> bool:
+        """True once the balancer applied `version` and has no request in flight to `address`."""
+        if self.version < version:
+            return False
+        item = self.entry(group, address)
+        return item is None or int(item.get("active") or 0) == 0
+
+
+class Channel:
+    """Reads and writes the two files in <data_dir>/run."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self.version = 0
+        self._last: dict[str, list[tuple[str, str]]] | None = None
+
+    @property
+    def upstreams_path(self) -> Path:
+        return self.run_dir / UPSTREAMS
+
+    @property
+    def state_path(self) -> Path:
+        return self.run_dir / STATE
+
+    def reset(self) -> None:
+        """Forget the files of an earlier run so that nothing stale is read."""
+        for path in (self.upstreams_path, self.state_path):
+            path.unlink(missing_ok=True)
+
+    def publish(self, groups: dict[str, list[tuple[str, str]]]) -> bool:
+        """Write the upstreams when they changed; True when a new version was written."""
+        if groups == self._last:
+            return False
+        self.version += 1
+        self._last = {k: list(v) for k, v in groups.items()}
+        write_atomic(self.upstreams_path, json.dumps(upstreams_document(self.version, groups), indent=1).encode())
+        return True
+
+    def read_state(self) -> BalancerState | None:
+        """The balancer's last state file, or None when absent or unreadable (it is replaced atomically)."""
+        try:
+            st = self.state_path.stat()
+            raw = json.loads(self.state_path.read_bytes())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(raw, dict):
+            return None
+        ups = raw.get("upstreams")
+        try:
+            version = int(raw.get("version") or 0)
+        except (TypeError, ValueError):
+            version = 0
+        return BalancerState(version=version, upstreams=ups if isinstance(ups, dict) else {}, mtime=st.st_mtime)

@@ -1,0 +1,91 @@
+"""The declarative table of child kinds: what the supervisor runs, how many, and how each is handled.
+
+Each Kind says: the role, how many processes, how readiness is checked, whether
+a dead one is restarted, whether it sits behind the balancer (taken out of
+upstreams.json and drained before it stops), how it is replaced on SIGHUP
+(started next to the old one, or stopped first because only one may run), and
+its port for an index. The arbiter knows nothing about roles beyond this table,
+so tests can run it with stand-in children.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from appliance import roles
+
+log = logging.getLogger(__name__)
+
+Readiness = Literal["http", "balancer", "heartbeat", "tcp"]
+
+
+@dataclass(frozen=True)
+class Kind:
+    role: str
+    count: int
+    readiness: Readiness
+    command: Callable[[int], list[str]]
+    port: Callable[[int], int] | None = None
+    group: str | None = None  # upstream group in upstreams.json (api, monitor)
+    drained: bool = False  # taken out of the balancer and drained before it stops
+    replace: Literal["overlap", "stop_first", "never"] = "overlap"
+    restart: bool = True
+    listeners: bool = False  # gets the public listening sockets (APPLIANCE_LISTEN_FDS + pass_fds)
+    ready_path: str = "/health/ping"  # for readiness "http"
+
+    def address(self, index: int) -> str | None:
+        return f"127.0.0.1:{self.port(index)}" if self.port else None
+
+
+def child_command(role: str, index: int, log_format: str) -> list[str]:
+    """The same executable re-run with a role: works from source and from a frozen binary."""
+    if getattr(sys, "frozen", False):
+        base = [sys.executable]
+    else:
+        base = [sys.executable, "-m", "appliance"]
+    return [*base, "_child", role, "--index", str(index), "--log-format", log_format]
+
+
+def appliance_kinds(cfg: Any, log_format: str, available: Callable[[str], bool] = roles.available) -> list[Kind]:
+    """The table for a real appliance from its config; roles not in this build are left out with a log line."""
+
+    def cmd(role: str) -> Callable[[int], list[str]]:
+        return lambda index: child_command(role, index, log_format)
+
+    table = [
+        Kind(
+            role="api",
+            count=cfg.api_workers,
+            readiness="http",
+            command=cmd("api"),
+            port=lambda i: cfg.api.base_port + i,
+            group="api",
+            drained=True,
+        ),
+        Kind(role="worker", count=cfg.queue.workers, readiness="heartbeat", command=cmd("worker")),
+        Kind(role="scheduler", count=1, readiness="heartbeat", command=cmd("scheduler"), replace="stop_first"),
+        Kind(
+            role="monitor",
+            count=1 if cfg.monitor.enabled else 0,
+            readiness="tcp",
+            command=cmd("monitor"),
+            port=lambda i: cfg.monitor.port,
+            group="monitor",
+            replace="stop_first",
+        ),
+        # Last: it starts when the api workers are coming up, and on SIGHUP it is only replaced when its config changed.
+        Kind(role="balancer", count=1, readiness="balancer", command=cmd("balancer"), listeners=True),
+    ]
+    kinds = []
+    for kind in table:
+        if kind.count <= 0:
+            continue
+        if not available(kind.role):
+            log.warning("role %s is not part of this build; it is left out", kind.role, extra={"fields": {"role_left_out": kind.role}})
+            continue
+        kinds.append(kind)
+    return kinds

@@ -1,0 +1,176 @@
+"""`appliance run`: everything that happens before the arbiter's loop, in order, and its teardown.
+
+1. Read and validate the config (a bad one exits 2 naming every bad key; nothing has started).
+2. Take the data dir's lock (one appliance per data dir; a second one exits naming the pid).
+3. Apply pending migrations (so children never race to create tables).
+4. Empty and prepare the shared metrics directory, before any child starts.
+5. Open the public listening socket(s): the supervisor holds them for its
+   whole life and hands them to each balancer it starts, so a balancer that
+   dies leaves new connections waiting in the backlog, never refused.
+6. Start the control socket and run the arbiter until it stops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+from appliance import metrics
+from appliance.logs import setup_logging
+from appliance.supervisor.arbiter import Arbiter, Settings
+from appliance.supervisor.channel import Channel
+from appliance.supervisor.control import ControlServer, socket_path
+from appliance.supervisor.kinds import appliance_kinds
+from appliance.supervisor.lock import AlreadyRunning, DataDirLock
+from appliance.supervisor.notify import Notifier
+
+log = logging.getLogger("appliance.supervisor")
+
+EXIT_OK, EXIT_FAIL, EXIT_CONFIG = 0, 1, 2
+
+
+def run_dir(cfg: Any) -> Path:
+    return cfg.path("run")
+
+
+def public_url(cfg: Any) -> str:
+    if cfg.server.public_url:
+        return cfg.server.public_url
+    host, _, port = cfg.balancer.listen.rpartition(":")
+    scheme = "https" if cfg.balancer.tls_cert else "http"
+    shown = {"0.0.0.0": "127.0.0.1", "::": "[::1]", "[::]": "[::1]"}.get(host, host)
+    return f"{scheme}://{shown}:{port}"
+
+
+def open_listener(address: str, backlog: int) -> socket.socket:
+    """A listening TCP socket on host:port ([v6]:port too), inheritable by the balancer."""
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, int(port)))
+        sock.listen(backlog)
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+def open_listeners(cfg: Any) -> list[socket.socket]:
+    socks: list[socket.socket] = []
+    for key in ("listen", "redirect_listen"):
+        address = getattr(cfg.balancer, key)
+        if not address:
+            continue
+        try:
+            socks.append(open_listener(address, cfg.balancer.backlog))
+        except OSError as exc:
+            for s in socks:
+                s.close()
+            raise OSError(f"cannot listen on [balancer] {key} = {address!r}: {exc.strerror or exc}; is another server using it?") from None
+    return socks
+
+
+def migrate(cfg: Any) -> None:
+    from appliance import db
+
+    handle = db.open_database(cfg)
+    try:
+        with db.translated():
+            handle.connect(reuse_if_open=True)
+            for number, name in db.migrate(handle):
+                log.info("applied migration %d: %s", number, name)
+    finally:
+        with contextlib.suppress(Exception):
+            handle.close()
+
+
+def status_extras(cfg: Any, channel: Channel) -> dict[str, Any]:
+    """Upstream health (from the balancer) and queue depth (from the database) for `appliance status`."""
+    out: dict[str, Any] = {}
+    state = channel.read_state()
+    out["upstreams"] = state.upstreams if state else None
+    try:
+        from appliance import db
+        from appliance.db.connection import make_database
+        from appliance.db.models import Task
+
+        handle = make_database(cfg)
+        with db.translated(), handle.connection_context():
+            out["queue"] = {s: Task.select().where(Task.status == s).count(handle) for s in ("queued", "running")}
+    except Exception as exc:  # status must answer even with the database down
+        out["queue"] = {"error": str(exc)[:200]}
+    return out
+
+
+def load(path: str | None) -> Any:
+    from appliance.config import load_config
+
+    return load_config(path)
+
+
+def run(args: argparse.Namespace) -> int:
+    """`appliance run`; returns the process exit status."""
+    from appliance.config import ConfigError
+
+    config_path = getattr(args, "config", None)
+    try:
+        cfg = load(config_path)
+    except ConfigError as exc:
+        print(f"appliance: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    fmt = getattr(args, "log_format", None) or cfg.logging.format
+    setup_logging("supervisor", fmt, cfg.logging.level)
+    lock = DataDirLock(run_dir(cfg) / "appliance.lock")
+    try:
+        lock.acquire()
+    except AlreadyRunning as exc:
+        print(f"appliance: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    try:
+        return _run_locked(cfg, cfg.source, fmt)
+    finally:
+        lock.release()
+
+
+def _run_locked(cfg: Any, source: str, fmt: str) -> int:
+    from appliance import db
+
+    try:
+        migrate(cfg)
+    except db.DatabaseError as exc:
+        log.error("database %s cannot be used: %s; check [database] url and that the server runs", db.describe(cfg), exc)
+        return EXIT_FAIL
+    metrics.prepare(cfg, reset=True)
+    try:
+        listeners = open_listeners(cfg)
+    except OSError as exc:
+        log.error("%s", exc)
+        return EXIT_FAIL
+    url = public_url(cfg)
+    rdir = run_dir(cfg)
+    arbiter = Arbiter(
+        cfg,
+        lambda c: appliance_kinds(c, fmt),
+        Settings.from_config(cfg, rdir, fmt, url),
+        listeners=listeners,
+        notifier=Notifier(),
+        reload_config=lambda: load(source),
+        settings_for=lambda c: Settings.from_config(c, rdir, fmt, url),
+        on_dead=metrics.mark_dead,
+    )
+    control = ControlServer(socket_path(rdir), lambda: arbiter.snapshot, lambda: status_extras(arbiter.cfg, arbiter.channel))
+    control.start()
+    try:
+        return arbiter.run()
+    finally:
+        control.stop()
+        arbiter.notifier.close()
