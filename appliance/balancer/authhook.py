@@ -6,8 +6,8 @@ How it works
 
   jwt         the Bearer token is verified in-process with appliance.tokens (pinned
               algorithm, signature, exp, iss, aud, typ=access). Verified tokens are
-              cached by token string (bounded LRU, each entry valid until the token's
-              exp), so pyjwt runs once per token; expiry and the RevocationMirror are
+              cached by Authorization value (bounded LRU, each entry valid until the
+              token's exp), so pyjwt runs once per token; expiry and the RevocationMirror are
               checked on EVERY request, so a logout is refused within the mirror's
               poll interval (~0.5 s). The balancer starts the mirror's thread.
   subrequest  like nginx auth_request: GET [balancer] auth_subrequest_url with the
@@ -25,8 +25,9 @@ How it works
 Public prefixes ([balancer] public_prefixes) are served without any check; a prefix
 ending in "/" matches its subtree, any other prefix the exact path or a path below it
 ("/auth/login" matches "/auth/login/x" but never "/auth/loginx"). A path with dot
-segments, percent-escapes, backslashes or empty segments is never public, so it
-cannot smuggle a protected route past the check behind a public prefix.
+segments (or any segment starting with a dot), percent-escapes, backslashes or
+empty segments is never public, so it cannot smuggle a protected route past the
+check behind a public prefix.
 
 The hook only *returns* the identity (AuthResult.identity_value, an
 X-Appliance-Identity value made with appliance.identity.sign). It never trusts an
@@ -61,7 +62,6 @@ CACHE_SIZE = 10000  # tokens (jwt) or token hashes (subrequest) remembered at on
 IDENTITY_REFRESH = 15.0  # seconds a signed identity is reused; workers accept up to identity.MAX_AGE
 SUBREQUEST_TIMEOUT = 5.0  # seconds for one whole subrequest answer
 SUBREQUEST_MAX_BODY = 65536
-_UNSAFE_PUBLIC = ("/./", "/../", "//", "%", "\\")
 _WWW_AUTHENTICATE = b"www-authenticate"
 
 
@@ -167,8 +167,9 @@ class AuthHook:
             return True
         if not path.startswith(self._subtrees):
             return False
-        # Only reached for paths under a public prefix: refuse anything a worker might normalise elsewhere.
-        return not (path.endswith(("/.", "/..")) or any(bad in path for bad in _UNSAFE_PUBLIC))
+        # Only reached for paths under a public prefix: refuse anything a worker might normalise
+        # elsewhere ("/." covers "/./", "/../" and a trailing "/." or "/.."; dot-files lose too).
+        return not ("/." in path or "%" in path or "//" in path or "\\" in path)
 
     async def check(self, method: str, path: str, headers: list[tuple[bytes, bytes]]) -> AuthResult:
         """The verdict for one request; headers are (lowercase name, value) bytes pairs."""
@@ -228,12 +229,13 @@ class JwtAuthHook(AuthHook):
             return MISSING
         if value.__class__ is AuthResult:
             return value  # type: ignore[return-value]
-        token = _bearer(value)  # type: ignore[arg-type]
-        if token is None:
-            return MISSING
         now = self.clock()
-        entry = self._cache.get(token)
+        # Keyed by the whole header value: a hit needs no parsing at all.
+        entry = self._cache.get(value)  # type: ignore[arg-type]
         if entry is None:
+            token = _bearer(value)  # type: ignore[arg-type]
+            if token is None:
+                return MISSING
             try:
                 claims = tokens.verify(self.settings, token.decode("ascii"), now=now)
             except UnicodeDecodeError:
@@ -241,12 +243,14 @@ class JwtAuthHook(AuthHook):
             except tokens.TokenError as exc:
                 return EXPIRED if exc.code == "token_expired" else _refused(exc.code, exc.message)
             entry = _Verified(claims, float(claims["exp"]) + self._leeway, self._allow(claims, now), now)
-            self._remember(token, entry)
+            # Only the canonical "Bearer <token>" is remembered, so padding cannot bloat the cache.
+            if len(value) == len(token) + 7:  # type: ignore[arg-type]
+                self._remember(value, entry)  # type: ignore[arg-type]
         else:
             if now > entry.exp:
-                del self._cache[token]
+                del self._cache[value]  # type: ignore[arg-type]
                 return EXPIRED
-            self._cache.move_to_end(token)
+            self._cache.move_to_end(value)  # type: ignore[arg-type]
             if now - entry.signed_at > IDENTITY_REFRESH:
                 entry.result = self._allow(entry.claims, now)
                 entry.signed_at = now

@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 # this tolerance (a millionth of a request) keeps "one more request after 1/r s" exact.
 _EPS = 1e-6
 _ONE = 1000.0  # one request, in milli-requests
+_ceil = math.ceil
 
 
 def parse_rate(text: str) -> float:
@@ -84,18 +85,48 @@ class Decision:
     remaining    further requests that would pass right now
     reset        whole seconds until the key's bucket is fully drained
     zone         name of the zone these numbers come from (the refusing one, or the tightest)
+
+    Only allowed and delay are computed up front; the header numbers are derived
+    from the zone and the bucket's excess when read, so a request that sends no
+    RateLimit headers pays nothing for them.
     """
 
-    __slots__ = ("allowed", "delay", "limit", "remaining", "reset", "retry_after", "zone")
+    __slots__ = ("_cand", "_z", "allowed", "delay")
 
-    def __init__(self, allowed: bool, delay: float, retry_after: int, limit: int, remaining: int, reset: int, zone: str):
+    def __init__(self, allowed: bool, delay: float, zone: _Zone, cand: float):
         self.allowed = allowed
         self.delay = delay
-        self.retry_after = retry_after
-        self.limit = limit
-        self.remaining = remaining
-        self.reset = reset
-        self.zone = zone
+        self._z = zone
+        self._cand = cand  # the bucket's excess with this request, in milli-requests
+
+    @property
+    def zone(self) -> str:
+        return self._z.name
+
+    @property
+    def limit(self) -> int:
+        return self._z.limit
+
+    @property
+    def remaining(self) -> int:
+        if not self.allowed:
+            return 0
+        return int((self._z.burst_milli - self._cand) // _ONE)
+
+    @property
+    def retry_after(self) -> int:
+        if self.allowed:
+            return 0
+        # A retry passes once the excess has drained down to the burst.
+        retry = _ceil((self._cand - self._z.burst_milli) * self._z.seconds)
+        return retry if retry > 1 else 1
+
+    @property
+    def reset(self) -> int:
+        if self.allowed:
+            return _ceil(self._cand * self._z.seconds - _EPS) if self._cand > 0.0 else 0
+        # refused: the stored excess (without this request) drains fully
+        return max(self.retry_after, _ceil((self._cand - _ONE) * self._z.seconds - _EPS))
 
     def headers(self) -> list[tuple[bytes, bytes]]:
         """RateLimit-Limit, -Remaining, -Reset, and Retry-After when refused."""
@@ -118,11 +149,13 @@ class Decision:
 class _Zone:
     """A compiled zone: numbers in the units the bucket arithmetic uses."""
 
-    __slots__ = ("burst", "burst_milli", "exact", "key", "limit", "methods", "name", "nodelay", "rate", "subtrees")
+    __slots__ = ("burst", "burst_milli", "exact", "index", "key", "limit", "methods", "name", "nodelay", "rate", "seconds", "subtrees")
 
-    def __init__(self, z: RateLimitZone):
+    def __init__(self, z: RateLimitZone, index: int = 0):
+        self.index = index
         self.name = z.name
         self.rate = parse_rate(z.rate)  # requests per second == milli-requests per millisecond
+        self.seconds = 1.0 / (self.rate * 1000.0)  # milli-requests -> seconds to drain them
         self.burst = z.burst
         self.burst_milli = z.burst * _ONE + _EPS
         self.limit = z.burst + 1
@@ -146,26 +179,14 @@ class _Zone:
         return "a:" + address + "|u:" + user
 
     def accepted(self, cand: float) -> Decision:
-        rate = self.rate
-        return Decision(
-            True,
-            0.0 if self.nodelay else cand / rate / 1000.0,
-            0,
-            self.limit,
-            max(0, int((self.burst_milli - cand) // _ONE)),
-            math.ceil(cand / rate / 1000.0 - _EPS) if cand > 0 else 0,
-            self.name,
-        )
+        return Decision(True, 0.0 if self.nodelay else cand * self.seconds, self, cand)
 
     def refused(self, cand: float) -> Decision:
-        # cand drains at rate milli-requests per ms; a retry passes once cand - drained <= burst.
-        wait = (cand - self.burst_milli) / self.rate / 1000.0
-        retry = max(1, math.ceil(wait))
-        return Decision(False, 0.0, retry, self.limit, 0, max(retry, math.ceil((cand - _ONE) / self.rate / 1000.0 - _EPS)), self.name)
+        return Decision(False, 0.0, self, cand)
 
 
 def _compile(zones: Sequence[RateLimitZone]) -> list[_Zone]:
-    compiled = [_Zone(z) for z in zones]
+    compiled = [_Zone(z, i) for i, z in enumerate(zones)]
     names = [z.name for z in compiled]
     if len(set(names)) != len(names):
         raise ValueError(f"rate limit zone names must be unique, got {names}")
@@ -173,17 +194,27 @@ def _compile(zones: Sequence[RateLimitZone]) -> list[_Zone]:
 
 
 def _combine(zones: list[_Zone], cands: list[float]) -> Decision:
-    """One Decision for a request checked against `zones` whose candidate excesses are `cands`."""
-    if len(zones) == 1:
-        z, c = zones[0], cands[0]
-        return z.accepted(c) if c <= z.burst_milli else z.refused(c)
-    refused = [z.refused(c) for z, c in zip(zones, cands, strict=True) if c > z.burst_milli]
-    if refused:
-        return max(refused, key=lambda d: d.retry_after)
-    decisions = [z.accepted(c) for z, c in zip(zones, cands, strict=True)]
-    tightest = min(decisions, key=lambda d: d.remaining)
-    tightest.delay = max(d.delay for d in decisions)
-    return tightest
+    """One Decision for a request checked against `zones` whose candidate excesses are `cands`:
+    the refusing zone with the longest Retry-After, else the zone with the fewest remaining
+    requests, carrying the longest delay of all."""
+    best: Decision | None = None
+    for z, c in zip(zones, cands, strict=True):
+        if c > z.burst_milli:
+            d = z.refused(c)
+            if best is None or d.retry_after > best.retry_after:
+                best = d
+    if best is not None:
+        return best
+    delay = 0.0
+    for z, c in zip(zones, cands, strict=True):
+        d = z.accepted(c)
+        if d.delay > delay:
+            delay = d.delay
+        if best is None or d.remaining < best.remaining:
+            best = d
+    assert best is not None
+    best.delay = delay
+    return best
 
 
 class RateLimiter:
@@ -191,34 +222,71 @@ class RateLimiter:
 
     State per zone is an OrderedDict key -> [excess, last] in least-recently-used
     order, bounded to `max_keys` (the least recently used key is dropped first);
-    each decision also drops up to two of the oldest keys whose bucket has fully
-    drained, since such a key behaves exactly like a new one.
+    each new key also drops up to two of the oldest keys whose bucket has fully
+    drained (as nginx does when it allocates a node), since such a key behaves
+    exactly like a new one; so the table shrinks back as idle keys age out.
     """
 
     def __init__(self, zones: Sequence[RateLimitZone], max_keys: int = 100000, clock: Callable[[], float] = time.monotonic):
         self.zones = _compile(zones)
         self.max_keys = max(1, max_keys)
         self.clock = clock
-        self._state: dict[str, OrderedDict[str, list[float]]] = {z.name: OrderedDict() for z in self.zones}
+        self._tables: list[OrderedDict[str, list[float]]] = [OrderedDict() for _ in self.zones]
 
     def decide(self, method: str, path: str, address: str, user: str | None) -> Decision | None:
         """The verdict for one request, or None when no zone applies. `path` is without the query."""
-        zones = [z for z in self.zones if z.matches(method, path)]
-        if not zones:
+        first: _Zone | None = None
+        more: list[_Zone] | None = None
+        for z in self.zones:
+            if (z.methods is None or method in z.methods) and (path in z.exact or path.startswith(z.subtrees)):
+                if first is None:
+                    first = z
+                elif more is None:
+                    more = [first, z]
+                else:
+                    more.append(z)
+        if first is None:
             return None
         now_ms = self.clock() * 1000.0
+        if more is None:
+            return self._decide_one(first, first.bucket_key(address, user), now_ms)
+        return self._decide_many(more, address, user, now_ms)
+
+    def _decide_one(self, z: _Zone, key: str, now_ms: float) -> Decision:
+        # The common case, one zone: read, decide, charge, with nothing allocated but the Decision.
+        table = self._tables[z.index]
+        entry = table.get(key)
+        if entry is None:
+            table[key] = [0.0, now_ms]
+            if len(table) > self.max_keys:
+                table.popitem(last=False)
+            self._expire(table, z, now_ms)
+            return z.accepted(0.0)
+        elapsed = now_ms - entry[1]
+        cand = entry[0] - z.rate * (elapsed if elapsed > 0.0 else 0.0) + _ONE
+        if cand < 0.0:
+            cand = 0.0
+        if cand > z.burst_milli:
+            return z.refused(cand)
+        entry[0] = cand
+        entry[1] = now_ms
+        table.move_to_end(key)
+        return z.accepted(cand)
+
+    def _decide_many(self, zones: list[_Zone], address: str, user: str | None, now_ms: float) -> Decision:
+        # Check every zone first, charge them only when all accept (a refusal costs no zone anything).
         cands: list[float] = []
         entries: list[tuple[OrderedDict[str, list[float]], str, list[float] | None]] = []
         refused = False
         for z in zones:
-            table = self._state[z.name]
+            table = self._tables[z.index]
             key = z.bucket_key(address, user)
             entry = table.get(key)
             if entry is None:
                 cand = 0.0
             else:
                 elapsed = now_ms - entry[1]
-                cand = entry[0] - z.rate * (elapsed if elapsed > 0 else 0.0) + _ONE
+                cand = entry[0] - z.rate * (elapsed if elapsed > 0.0 else 0.0) + _ONE
                 if cand < 0.0:
                     cand = 0.0
             cands.append(cand)
@@ -231,17 +299,18 @@ class RateLimiter:
                     table[key] = [cand, now_ms]
                     if len(table) > self.max_keys:
                         table.popitem(last=False)
+                    self._expire(table, z, now_ms)
                 else:
                     entry[0] = cand
                     entry[1] = now_ms
                     table.move_to_end(key)
-                self._expire(table, z, now_ms)
         return _combine(zones, cands)
 
     @staticmethod
     def _expire(table: OrderedDict[str, list[float]], z: _Zone, now_ms: float) -> None:
         # Like nginx: look at the two least recently used keys and drop those that have fully drained.
-        for _ in range(2):
+        # (The key just added is last, and a fresh key never counts as drained, so it survives.)
+        for _ in (0, 1):
             if not table:
                 return
             key = next(iter(table))
@@ -253,7 +322,7 @@ class RateLimiter:
 
     def size(self, zone: str) -> int:
         """Keys currently tracked by `zone`."""
-        return len(self._state[zone])
+        return next(len(self._tables[z.index]) for z in self.zones if z.name == zone)
 
 
 # KEYS[i]: bucket of zone i. ARGV[1]: now in ms, or "" for the Redis server's clock.

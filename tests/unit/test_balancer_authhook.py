@@ -120,6 +120,15 @@ def test_cached_token_expires_on_time(cfg, settings):
     assert check(hook, token).code == "token_expired"  # and not from a stale cache entry either
 
 
+def test_padded_authorization_works_but_is_not_cached(cfg, settings):
+    hook = hook_for(cfg)
+    token, _ = access(settings)
+    padded = [(b"authorization", b"Bearer " + b" " * 5000 + token.encode())]
+    assert check(hook, headers=padded).ok
+    assert not hook._cache
+    assert check(hook, token).ok and len(hook._cache) == 1
+
+
 def test_cache_is_bounded(cfg, settings):
     hook = hook_for(cfg)
     hook.cache_size = 5
