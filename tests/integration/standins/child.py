@@ -7,6 +7,8 @@ usage: child.py MODE [PORT]
   bootfail    print a line and exit 3 (cannot boot)
   idle        heartbeat only; SIGTERM exits 0
   hang        heartbeat once, then stop heart-beating (a hung process)
+  stubborn    heartbeat; ignores SIGTERM (only SIGKILL stops it)
+  crashif F   like idle, but crash at start when the file F exists
 Heartbeats touch $APPLIANCE_HEARTBEAT_FILE every 0.2 s.
 """
 
@@ -39,6 +41,9 @@ print(f"standin {mode} pid {os.getpid()} starting", flush=True)
 if mode == "crash":
     print("standin: crashing on purpose", flush=True)
     sys.exit(1)
+if mode == "crashif" and os.path.exists(sys.argv[2]):
+    print("standin: crashing on purpose (the marker exists)", flush=True)
+    sys.exit(1)
 if mode == "bootfail":
     print("standin: cannot boot", flush=True)
     sys.exit(3)
@@ -65,7 +70,7 @@ def on_term(sig: int, frame: object) -> None:
     stop.set()
 
 
-signal.signal(signal.SIGTERM, on_term)
+signal.signal(signal.SIGTERM, signal.SIG_IGN if mode == "stubborn" else on_term)
 
 if mode == "http":
     server = ThreadingHTTPServer(("127.0.0.1", int(sys.argv[2])), Handler)

@@ -26,6 +26,8 @@ def make_kind(spec: dict) -> Kind:
         argv = [sys.executable, str(HERE / "child.py"), mode]
         if base:
             argv.append(str(base + index))
+        if spec.get("arg"):
+            argv.append(spec["arg"])
         return argv
 
     return Kind(

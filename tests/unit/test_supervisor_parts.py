@@ -1,0 +1,160 @@
+"""Pure parts of the supervisor: notify addresses and watchdog, the upstreams document, the
+balancer state, the exit descriptions, the status rendering, the kinds table and the unit."""
+
+import json
+import signal
+import sys
+
+import pytest
+
+from appliance.supervisor import channel, kinds, notify, relay, rollout
+from appliance.supervisor.arbiter import describe_exit
+from appliance.supervisor.commands import render_status
+from appliance.supervisor.main import public_url
+from appliance.supervisor.unit import render
+
+
+def test_notify_socket_address_abstract_and_path():
+    assert notify.socket_address("@sd-notify") == b"\0sd-notify"
+    assert notify.socket_address("/run/systemd/notify") == "/run/systemd/notify"
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({}, None),
+        ({"WATCHDOG_USEC": "0"}, None),
+        ({"WATCHDOG_USEC": "30000000"}, 15.0),
+        ({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "42"}, 15.0),
+        ({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "43"}, None),
+        ({"WATCHDOG_USEC": "junk"}, None),
+    ],
+)
+def test_watchdog_interval_is_half_and_only_for_our_pid(env, expected):
+    assert notify.watchdog_interval(env, pid=42) == expected
+
+
+def test_notifier_without_socket_is_a_no_op():
+    n = notify.Notifier({})
+    assert not n.enabled and not n.send("READY=1") and not n.ping_due(1e9)
+
+
+def test_upstreams_document_shape():
+    doc = channel.upstreams_document(7, {"api": [("127.0.0.1:8101", "up"), ("127.0.0.1:8102", "draining")], "monitor": []})
+    assert doc == {
+        "version": 7,
+        "groups": {
+            "api": [
+                {"address": "127.0.0.1:8101", "weight": 1, "state": "up"},
+                {"address": "127.0.0.1:8102", "weight": 1, "state": "draining"},
+            ],
+            "monitor": [],
+        },
+    }
+
+
+def test_channel_publishes_only_changes_and_reads_state(tmp_path):
+    ch = channel.Channel(tmp_path)
+    groups = {"api": [("127.0.0.1:1", "up")]}
+    assert ch.publish(groups) and ch.version == 1
+    assert not ch.publish({"api": [("127.0.0.1:1", "up")]})
+    assert ch.publish({"api": [("127.0.0.1:1", "draining")]}) and ch.version == 2
+    assert json.loads(ch.upstreams_path.read_text())["version"] == 2
+    assert ch.read_state() is None
+    ch.state_path.write_text("{not json")
+    assert ch.read_state() is None
+    ch.state_path.write_text(json.dumps({"version": 2, "upstreams": {"api": [{"address": "127.0.0.1:1", "active": 3}]}}))
+    state = ch.read_state()
+    assert state is not None
+    assert not state.idle("api", "127.0.0.1:1", 2)  # still 3 in flight
+    assert not state.idle("api", "127.0.0.1:1", 3)  # not applied yet
+    ch.state_path.write_text(json.dumps({"version": 2, "upstreams": {"api": [{"address": "127.0.0.1:1", "active": 0}]}}))
+    assert ch.read_state().idle("api", "127.0.0.1:1", 2)
+    assert ch.read_state().idle("api", "127.0.0.1:9", 2)  # gone from the balancer: nothing in flight
+
+
+def test_describe_exit():
+    assert describe_exit(1) == "exited with status 1"
+    assert describe_exit(-signal.SIGKILL) == "was killed by SIGKILL"
+
+
+def test_relay_wraps_non_json_lines_in_json_mode():
+    line = relay.wrap("Traceback (most recent call last):", "api", 12, "json")
+    entry = json.loads(line)
+    assert entry["role"] == "api" and entry["pid"] == 12 and entry["message"].startswith("Traceback")
+    assert relay.wrap('{"a": 1}', "api", 12, "json") == '{"a": 1}'
+    assert relay.wrap("plain", "api", 12, "text") == "plain"
+
+
+def test_child_command_reruns_this_executable_with_a_role():
+    cmd = kinds.child_command("api", 2, "text")
+    assert cmd[0] == sys.executable and cmd[-6:] == ["_child", "api", "--index", "2", "--log-format", "text"]
+
+
+def test_kinds_table_from_config_leaves_out_missing_roles(make_config):
+    cfg = make_config(api={"workers": 3, "base_port": 9000}, queue={"workers": 0}, monitor={"enabled": False})
+    table = kinds.appliance_kinds(cfg, "json", available=lambda role: role != "scheduler")
+    assert [(k.role, k.count) for k in table] == [("api", 3), ("balancer", 1)]
+    api = table[0]
+    assert api.address(2) == "127.0.0.1:9002" and api.drained and api.group == "api"
+    assert table[1].listeners and not table[1].group
+
+
+def test_restart_only_keys_and_balancer_changes(make_config):
+    a = make_config()
+    b = make_config(balancer={"listen": "127.0.0.1:9999"}, api={"workers": 4})
+    b.server.data_dir = a.server.data_dir
+    assert rollout.restart_only_changes(a, b) == ["[balancer] listen"]
+    assert rollout.balancer_changed(a, b)
+    c = make_config(queue={"workers": 5})
+    c.server.data_dir = a.server.data_dir
+    c.secrets = a.secrets
+    c.source = a.source
+    assert not rollout.balancer_changed(a, c)
+
+
+def test_public_url(make_config):
+    assert public_url(make_config(balancer={"listen": "0.0.0.0:8443"})) == "http://127.0.0.1:8443"
+    assert public_url(make_config(server={"public_url": "https://api.example.com"})) == "https://api.example.com"
+
+
+def test_status_rendering_marks_unhealthy():
+    doc = {
+        "phase": "running",
+        "url": "http://127.0.0.1:8080",
+        "pid": 1,
+        "config": "x",
+        "healthy": False,
+        "processes": [
+            {"role": "api", "index": 0, "slot": 0, "pid": 10, "state": "up", "restarts": 0, "uptime": 5, "cpu": 1.5, "rss": 50e6},
+            {"role": "api", "index": 1, "slot": 1, "pid": None, "state": "failed", "restarts": 5, "uptime": None, "cpu": None},
+        ],
+        "upstreams": {"api": [{"address": "127.0.0.1:8101", "state": "healthy", "active": 0, "requests": 9, "failures": 0}]},
+        "queue": {"queued": 2, "running": 1},
+    }
+    text = render_status(doc)
+    assert "failed" in text and "47.7M" in text and "queued 2" in text and "UNHEALTHY" in text
+
+
+def test_unit_is_hardened(make_config):
+    cfg = make_config(supervisor={"grace_period": 20})
+    unit = render(cfg, user="svc", executable="/usr/bin/appliance")
+    for line in (
+        "Type=notify",
+        "ExecReload=/bin/kill -HUP $MAINPID",
+        "Restart=on-failure",
+        "User=svc",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        f"ReadWritePaths={cfg.data_dir}",
+        "PrivateTmp=yes",
+        "ProtectHome=yes",
+        "LimitNOFILE=65536",
+        "TimeoutStopSec=35",
+        "CapabilityBoundingSet=",
+    ):
+        assert line in unit.splitlines(), line
+    assert any(line.startswith("WatchdogSec=") for line in unit.splitlines())
+    assert f"ExecStart=/usr/bin/appliance run --config {cfg.source}" in unit
+    low = render(make_config(balancer={"listen": "0.0.0.0:443"}), executable="/usr/bin/appliance")
+    assert "AmbientCapabilities=CAP_NET_BIND_SERVICE" in low
