@@ -1,0 +1,130 @@
+"""Keep-alive connections to upstreams: a thin asyncio Protocol and a LIFO idle list per upstream.
+
+An UpstreamConnection carries one exchange at a time. While it does, its
+ResponseFramer's handler is the client connection being served (proxy.py), so
+answer bytes go from the upstream socket through llhttp straight into the
+client's callbacks with no hop in between. Between exchanges the connection
+sits in its Upstream's `idle` list; the most recently used one is reused first
+(warm), and ones idle longer than the idle timeout are closed by the server's
+sweeper. An idle connection that the upstream closes removes itself.
+
+Back-pressure: when the upstream cannot take request body bytes as fast as the
+client sends them, `pause_writing` pauses reading from the client, and the
+client's own `pause_writing` pauses reading from the upstream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from appliance.balancer.framing import ProtocolError, ResponseFramer
+from appliance.balancer.picker import Upstream
+
+WRITE_HIGH_WATER = 256 * 1024
+
+
+class UpstreamConnection(asyncio.Protocol):
+    __slots__ = ("upstream", "transport", "framer", "exchange", "idle_since", "closed")
+
+    def __init__(self, upstream: Upstream, max_header_bytes: int):
+        self.upstream = upstream
+        self.transport: Any = None
+        self.framer = ResponseFramer(self, max_header_bytes=max_header_bytes)  # handler replaced per exchange
+        self.exchange: Any = None  # the client connection being served
+        self.idle_since = 0.0
+        self.closed = False
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        transport.set_write_buffer_limits(WRITE_HIGH_WATER)
+
+    def data_received(self, data: bytes) -> None:
+        ex = self.exchange
+        if ex is None:
+            self.transport.close()  # bytes nobody asked for: this connection cannot be trusted again
+            return
+        try:
+            self.framer.feed(data)
+        except ProtocolError as exc:
+            if self.exchange is ex:
+                ex.upstream_broken(self, exc)
+
+    def eof_received(self) -> bool:
+        ex = self.exchange
+        if ex is not None:
+            self.framer.feed_eof()  # ends a close-delimited answer, if that is what this was
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        idle = self.upstream.idle
+        if self in idle:
+            idle.remove(self)
+        ex = self.exchange
+        if ex is not None:
+            self.exchange = None
+            ex.upstream_lost(self, exc)
+
+    def pause_writing(self) -> None:
+        ex = self.exchange
+        if ex is not None:
+            ex.pause_client_reading()
+
+    def resume_writing(self) -> None:
+        ex = self.exchange
+        if ex is not None:
+            ex.resume_client_reading()
+
+    def abort(self) -> None:
+        self.exchange = None
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
+
+def acquire(upstream: Upstream) -> UpstreamConnection | None:
+    """An idle keep-alive connection to `upstream`, or None."""
+    idle = upstream.idle
+    while idle:
+        conn = idle.pop()
+        if not conn.closed and not conn.transport.is_closing():
+            return conn
+    return None
+
+
+def release(conn: UpstreamConnection, reusable: bool, max_idle: int) -> None:
+    """Hand a connection back after an exchange; it is kept only when whole and wanted."""
+    conn.exchange = None
+    upstream = conn.upstream
+    if reusable and not conn.closed and not upstream.removed and len(upstream.idle) < max_idle:
+        conn.idle_since = time.monotonic()
+        upstream.idle.append(conn)
+    else:
+        conn.closed = True
+        if conn.transport is not None:
+            conn.transport.close()
+
+
+async def connect(upstream: Upstream, timeout: float, max_header_bytes: int) -> UpstreamConnection:
+    """A new connection to `upstream`; raises OSError or asyncio.TimeoutError."""
+    loop = asyncio.get_running_loop()
+    _, conn = await asyncio.wait_for(
+        loop.create_connection(lambda: UpstreamConnection(upstream, max_header_bytes), upstream.host, upstream.port), timeout
+    )
+    return conn
+
+
+def close_idle(upstream: Upstream, older_than: float | None = None) -> int:
+    """Close idle connections (all, or those idle since before `older_than`); return how many."""
+    keep, closed = [], 0
+    for conn in upstream.idle:
+        if older_than is None or conn.idle_since < older_than:
+            conn.closed = True
+            conn.transport.close()
+            closed += 1
+        else:
+            keep.append(conn)
+    upstream.idle[:] = keep
+    return closed

@@ -1,0 +1,221 @@
+"""What the balancer counts, and the access log, at a few integer additions per request.
+
+The request path only adds to plain ints and dicts here (and to the counters
+on each Upstream); `flush()`, run once a second off the request path, moves the
+deltas into prometheus_client's multiprocess files (appliance.metrics), where
+the monitor and /metrics read them. Latency is kept per upstream group as
+counts per histogram bucket and pushed into the Histogram's buckets directly.
+
+The access log is one JSON object a line (the same shape as appliance.logs'
+lines, logger "appliance.balancer.access") or a text line, buffered and
+written to stdout a few times a second; `access_log = false` turns it off.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import os
+import time
+from typing import Any
+
+import orjson
+
+log = logging.getLogger(__name__)
+
+BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_LOGGER = "appliance.balancer.access"
+
+
+class GroupLatency:
+    """Counts per latency bucket (the last slot is +Inf) and their sum, since the last flush."""
+
+    __slots__ = ("counts", "total")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(BUCKETS) + 1)
+        self.total = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(BUCKETS, seconds)] += 1
+        self.total += seconds
+
+
+class Stats:
+    """Counters of one balancer process since its last flush."""
+
+    def __init__(self) -> None:
+        self.status: dict[int, int] = {}
+        self.latency: dict[str, GroupLatency] = {}
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.rate_limited: dict[str, int] = {}
+        self.auth_failures: dict[str, int] = {}
+        self.connections = 0  # open client connections (a gauge, not a delta)
+        self._metrics: Any = None
+        self._flushed: dict[tuple[str, str], tuple[int, int]] = {}
+
+    def latency_of(self, group: str) -> GroupLatency:
+        lat = self.latency.get(group)
+        if lat is None:
+            lat = self.latency[group] = GroupLatency()
+        return lat
+
+    # -- flushing into prometheus (off the request path) --------------------------------
+    def _prometheus(self) -> Any:
+        if self._metrics is None:
+            from prometheus_client import Counter, Gauge, Histogram
+
+            self._metrics = {
+                "requests": Counter("appliance_balancer_requests", "answers sent by the balancer", ["status"]),
+                "bytes": Counter("appliance_balancer_bytes", "body bytes through the balancer", ["direction"]),
+                "rate_limited": Counter("appliance_balancer_rate_limited", "requests refused by a rate-limit zone", ["zone"]),
+                "auth_failures": Counter("appliance_balancer_auth_failures", "requests refused by the token hook", ["code"]),
+                "up_requests": Counter("appliance_balancer_upstream_requests", "requests answered per upstream", ["group", "upstream"]),
+                "up_failures": Counter("appliance_balancer_upstream_failures", "failed requests per upstream", ["group", "upstream"]),
+                "up_active": Gauge(
+                    "appliance_balancer_upstream_active",
+                    "requests in flight per upstream",
+                    ["group", "upstream"],
+                    multiprocess_mode="livesum",
+                ),
+                "up_healthy": Gauge(
+                    "appliance_balancer_upstream_healthy",
+                    "1 when the upstream gets traffic (healthy), else 0",
+                    ["group", "upstream", "state"],
+                    multiprocess_mode="livemax",
+                ),
+                "connections": Gauge("appliance_balancer_connections", "open client connections", multiprocess_mode="livesum"),
+                "latency": Histogram(
+                    "appliance_balancer_upstream_latency_seconds", "time to a whole answer per group", ["group"], buckets=BUCKETS
+                ),
+            }
+        return self._metrics
+
+    def flush(self, groups: dict[str, Any]) -> None:
+        """Move the counts since the last flush into the shared metrics files."""
+        try:
+            m = self._prometheus()
+        except Exception as exc:  # metrics must never take the proxy down
+            log.warning("metrics are not recorded: %s", exc)
+            self._metrics = False
+            return
+        if m is False:
+            return
+        status, self.status = self.status, {}
+        for code, n in status.items():
+            m["requests"].labels(str(code)).inc(n)
+        if self.bytes_in or self.bytes_out:
+            m["bytes"].labels("in").inc(self.bytes_in)
+            m["bytes"].labels("out").inc(self.bytes_out)
+            self.bytes_in = self.bytes_out = 0
+        for name, src in (("rate_limited", "rate_limited"), ("auth_failures", "auth_failures")):
+            values = getattr(self, src)
+            if values:
+                setattr(self, src, {})
+                for label, n in values.items():
+                    m[name].labels(label).inc(n)
+        latency, self.latency = self.latency, {}
+        for group, lat in latency.items():
+            child = m["latency"].labels(group)
+            # prometheus_client keeps non-cumulative bucket values; add our counts to each.
+            for i, n in enumerate(lat.counts):
+                if n:
+                    child._buckets[i].inc(n)
+            child._sum.inc(lat.total)
+        m["connections"].set(self.connections)
+        for gname, group in groups.items():
+            for u in group.upstreams:
+                key = (gname, u.address)
+                last_req, last_fail = self._flushed.get(key, (0, 0))
+                if u.requests != last_req:
+                    m["up_requests"].labels(gname, u.address).inc(u.requests - last_req)
+                if u.failures != last_fail:
+                    m["up_failures"].labels(gname, u.address).inc(u.failures - last_fail)
+                self._flushed[key] = (u.requests, u.failures)
+                m["up_active"].labels(gname, u.address).set(u.active)
+                for state in ("healthy", "unhealthy", "ejected", "draining"):
+                    m["up_healthy"].labels(gname, u.address, state).set(1 if u.state == state else 0)
+
+
+class AccessLog:
+    """Buffered access-log lines; `line()` per answer, `flush()` a few times a second."""
+
+    def __init__(self, enabled: bool, fmt: str = "json", fd: int = 1):
+        self.enabled = enabled
+        self.text = fmt == "text"
+        self.fd = fd
+        self.pid = os.getpid()
+        self._lines: list[bytes] = []
+        self._sec = -1
+        self._prefix = ""
+
+    def _stamp(self, now: float) -> str:
+        sec = int(now)
+        if sec != self._sec:
+            self._sec = sec
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+        return f"{self._prefix}.{int((now - sec) * 1000):03d}Z"
+
+    def line(
+        self,
+        request_id: str,
+        client: str,
+        method: str,
+        path: str,
+        status: int,
+        upstream: str | None,
+        bytes_in: int,
+        bytes_out: int,
+        duration: float,
+        user_id: str | None,
+    ) -> None:
+        now = time.time()
+        if self.text:
+            stamp = time.strftime("%H:%M:%S", time.localtime(now))
+            self._lines.append(
+                (
+                    f"{stamp} INFO    balancer[{self.pid}] {client} {method} {path} {status} {duration * 1000:.1f}ms "
+                    f"upstream={upstream or '-'} in={bytes_in} out={bytes_out} user={user_id or '-'} (request {request_id})\n"
+                ).encode("utf-8", "replace")
+            )
+        else:
+            self._lines.append(
+                orjson.dumps(
+                    {
+                        "time": self._stamp(now),
+                        "level": "info",
+                        "role": "balancer",
+                        "pid": self.pid,
+                        "logger": _LOGGER,
+                        "message": "request",
+                        "request_id": request_id,
+                        "client": client,
+                        "method": method,
+                        "path": path,
+                        "status": status,
+                        "upstream": upstream,
+                        "bytes_in": bytes_in,
+                        "bytes_out": bytes_out,
+                        "duration_ms": round(duration * 1000, 3),
+                        "user_id": user_id,
+                    },
+                    option=orjson.OPT_APPEND_NEWLINE,
+                )
+            )
+        if len(self._lines) >= 512:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._lines:
+            return
+        data, self._lines = b"".join(self._lines), []
+        try:
+            while data:
+                n = os.write(self.fd, data)
+                data = data[n:]
+        except BlockingIOError:
+            pass  # the reader is behind; dropping log lines beats stalling the proxy
+        except OSError as exc:
+            self.enabled = False
+            log.warning("access log turned off: stdout cannot be written (%s)", exc)
