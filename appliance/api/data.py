@@ -1,0 +1,234 @@
+"""The data resources: file upload with processing, bulk import, reading a dataset.
+
+POST /api/data-processing takes multipart/form-data with `file`,
+`processing_type` (a task type, e.g. csv_profile) and `parameters` (JSON
+object). The file part is streamed to <data_dir>/uploads/<id>/<name> in 64 KiB
+chunks, never held in memory; beyond [api] upload_max_bytes the partial file is
+removed and the answer is 413. Then a task of the processing type runs with
+{**parameters, "upload_id": id} as its input (validated like any submit).
+
+POST /api/data/bulk-import submits a bulk_import task (records inline or an
+uploaded file by id; callback_url receives the completion or error callback).
+GET /api/data/{dataset} lists stored records, paginated: a user sees the
+records their own imports stored, an admin every record.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from typing import Annotated, Any, Literal
+
+import falcon
+import msgspec
+import orjson
+from msgspec import Meta
+
+from appliance.api.context import ApiContext
+from appliance.api.helpers import Page, ok, operation, paginate, read_json, read_query, require_user
+from appliance.api.tasks import SubmitOut, caller_of, task_links
+from appliance.db.models import DataRecord, Task, Upload
+from appliance.errors import BadRequest, NotFound, PayloadTooLarge, UnsupportedMediaType, ValidationFailed
+from appliance.queue import records, service
+from appliance.queue.dataprocs import DATASET_RE, Rule
+from appliance.times import iso
+
+CHUNK = 65536
+TAGS = ("data",)
+
+
+class UploadOut(msgspec.Struct, kw_only=True):
+    upload_id: str
+    filename: str
+    size: int
+
+
+class ProcessingOut(SubmitOut, kw_only=True):
+    upload: UploadOut
+
+
+class ProcessingForm(msgspec.Struct, kw_only=True):
+    """The multipart form (documented; parsed by hand so the file streams)."""
+
+    file: bytes
+    processing_type: str
+    parameters: str = "{}"
+
+
+class BulkImportRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    dataset: Annotated[str, Meta(pattern=DATASET_RE)]
+    records: list[dict[str, Any]] | None = None
+    source_file_id: Annotated[str, Meta(min_length=1, max_length=32)] | None = None
+    batch_size: Annotated[int, Meta(ge=1, le=10000)] = 500
+    validation_rules: list[Rule] = []
+    error_handling: Literal["skip_invalid", "stop"] = "skip_invalid"
+    callback_url: str | None = None
+    priority: Annotated[int, Meta(ge=1, le=10)] = 5
+
+
+class RecordOut(msgspec.Struct, kw_only=True):
+    id: int
+    dataset: str
+    data: Any
+    task_id: str | None
+    created_at: str
+
+
+def _safe_name(name: str | None) -> str:
+    base = os.path.basename((name or "upload").replace("\\", "/"))
+    base = re.sub(r"[^A-Za-z0-9._-]", "_", base).lstrip(".")[:200]
+    return base or "upload"
+
+
+class DataProcessing:
+    def __init__(self, ctx: ApiContext):
+        self.ctx = ctx
+
+    @operation(
+        "Upload a file and run a processing task on it (multipart: file, processing_type, parameters)",
+        request=ProcessingForm,
+        request_media="multipart/form-data",
+        response=ProcessingOut,
+        auth="user",
+        errors=(400, 413, 415, 503),
+        tags=TAGS,
+    )
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        caller = caller_of(req)
+        cfg = self.ctx.cfg
+        limit = cfg.api.upload_max_bytes
+        media = (req.content_type or "").split(";", 1)[0].strip().lower()
+        if media != "multipart/form-data":
+            raise UnsupportedMediaType("the body must be multipart/form-data", details={"content_type": (req.content_type or "")[:100]})
+        if req.content_length is not None and req.content_length > limit + 65536:
+            raise PayloadTooLarge(f"upload is larger than {limit} bytes", details={"limit": limit})
+        upload_id = records.new_id()
+        folder = cfg.path("uploads") / upload_id
+        fields: dict[str, str] = {}
+        saved: tuple[str, str, int, str] | None = None
+        try:
+            try:
+                form = req.get_media()
+                for part in form:
+                    if part.name == "file" and part.filename is not None:
+                        if saved is not None:
+                            raise BadRequest("only one file per upload", details={"field": "file"})
+                        saved = self._stream(part, folder, limit)
+                    elif part.name in ("processing_type", "parameters"):
+                        fields[part.name] = part.get_text() or ""
+            except falcon.MediaMalformedError as exc:
+                raise BadRequest(f"the multipart body is malformed: {exc.description or exc.title}", code="invalid_multipart") from None
+            if saved is None:
+                raise ValidationFailed("a file part named 'file' is required", field="file")
+            ptype = fields.get("processing_type", "").strip()
+            if not ptype:
+                raise ValidationFailed("processing_type is required", field="processing_type")
+            try:
+                params = orjson.loads(fields.get("parameters") or "{}")
+            except orjson.JSONDecodeError:
+                raise ValidationFailed("parameters must be a JSON object", field="parameters") from None
+            if not isinstance(params, dict):
+                raise ValidationFailed("parameters must be a JSON object", field="parameters")
+            name, path, size, ctype = saved
+            Upload.create(id=upload_id, owner=caller.user_id, filename=name, path=path, size=size, content_type=ctype[:200])
+            try:
+                out = service.submit(cfg, caller, service.SubmitRequest(task_type=ptype, data={**params, "upload_id": upload_id}))
+            except Exception:
+                Upload.delete().where(Upload.id == upload_id).execute()
+                raise
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        out["upload"] = {"upload_id": upload_id, "filename": name, "size": size}
+        ok(resp, out, links=task_links(out["task_id"]))
+
+    @staticmethod
+    def _stream(part: Any, folder: Any, limit: int) -> tuple[str, str, int, str]:
+        folder.mkdir(parents=True, exist_ok=True)
+        name = _safe_name(part.filename)
+        path = folder / name
+        size = 0
+        with open(path, "wb") as fh:
+            while True:
+                chunk = part.stream.read(CHUNK)
+                if not chunk:
+                    break
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(f"upload is larger than {limit} bytes", details={"limit": limit})
+                fh.write(chunk)
+        return name, str(path), size, part.content_type or "application/octet-stream"
+
+
+class BulkImport:
+    def __init__(self, ctx: ApiContext):
+        self.ctx = ctx
+
+    @operation(
+        "Validate and store records in a dataset (a task)",
+        request=BulkImportRequest,
+        response=SubmitOut,
+        auth="user",
+        errors=(400, 404, 503),
+        tags=TAGS,
+    )
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        caller = caller_of(req)
+        body: BulkImportRequest = read_json(req, BulkImportRequest)
+        if body.source_file_id is not None:
+            up = Upload.get_or_none(Upload.id == body.source_file_id)
+            if up is None or not (caller.admin or up.owner_id == caller.user_id):
+                raise NotFound(f"no uploaded file {body.source_file_id!r}", details={"field": "source_file_id"})
+        data = msgspec.to_builtins(body)
+        callback = data.pop("callback_url", None)
+        priority = data.pop("priority", 5)
+        data = {k: v for k, v in data.items() if v is not None}
+        callbacks = service.Callbacks(completion_url=callback, error_url=callback) if callback else None
+        try:
+            req_obj = service.SubmitRequest(task_type="bulk_import", data=data, priority=priority, callbacks=callbacks)
+            out = service.submit(self.ctx.cfg, caller, req_obj)
+        except ValidationFailed as exc:
+            where = exc.details.get("field", "")
+            if where.startswith("callbacks."):
+                exc.details["field"] = "callback_url"
+            elif where.startswith("data."):
+                exc.details["field"] = where[5:]
+            raise
+        ok(resp, out, links=task_links(out["task_id"]))
+
+
+class DatasetQuery(Page, kw_only=True):
+    per_page: Annotated[int, Meta(ge=1, le=1000, description="records per page")] = 50
+
+
+class Dataset:
+    def __init__(self, ctx: ApiContext):
+        self.ctx = ctx
+
+    @operation(
+        "The stored records of a dataset, paginated",
+        query=DatasetQuery,
+        response=list[RecordOut],
+        auth="user",
+        errors=(400,),
+        paginated=True,
+        tags=TAGS,
+    )
+    def on_get(self, req: falcon.Request, resp: falcon.Response, dataset: str) -> None:
+        who = require_user(req)
+        if not re.match(DATASET_RE, dataset):
+            raise ValidationFailed("dataset names are 1-100 letters, digits, _ . -", field="dataset")
+        q: DatasetQuery = read_query(req, DatasetQuery)
+        query = DataRecord.select().where(DataRecord.dataset == dataset)
+        if not who.is_admin:
+            query = query.join(Task, on=(DataRecord.task_id == Task.id)).where(Task.owner == who.user_id)
+        rows, meta = paginate(query.order_by(DataRecord.id), q)
+        items = [{"id": r.id, "dataset": r.dataset, "data": r.data, "task_id": r.task_id, "created_at": iso(r.created_at)} for r in rows]
+        ok(resp, items, metadata=meta, links={"dataset": f"/api/data/{dataset}"})
+
+
+def register(app: falcon.App, ctx: ApiContext) -> None:
+    app.add_route("/api/data-processing", DataProcessing(ctx))
+    app.add_route("/api/data/bulk-import", BulkImport(ctx))
+    app.add_route("/api/data/{dataset}", Dataset(ctx))

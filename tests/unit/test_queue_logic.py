@@ -1,0 +1,140 @@
+"""Pure logic of the task queue: schemas, priorities, backoff, cron slots, signatures, validation rules, profiling."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+
+from appliance.errors import BadRequest, ValidationFailed
+from appliance.queue import callbacks, huey_priority, schedules
+from appliance.queue.dataprocs import Rule, _Column, check_record
+from appliance.queue.reaper import parse_worker_id
+from appliance.queue.registry import build_registry, field_of
+from appliance.queue.runner import retry_delay
+
+
+def test_unknown_task_type_lists_known_ones():
+    reg = build_registry("")
+    with pytest.raises(BadRequest) as err:
+        reg.get("nope")
+    assert err.value.details["known"] == sorted(["sample", "sleep", "database_cleanup", "report", "csv_profile", "bulk_import"])
+    assert "sample" in err.value.message
+
+
+@pytest.mark.parametrize(
+    ("data", "field"),
+    [({"duration": "long"}, "data.duration"), ({"duration": -1}, "data.duration"), ({"steps": 0}, "data.steps")],
+)
+def test_submit_validation_names_the_field(data, field):
+    with pytest.raises(ValidationFailed) as err:
+        build_registry("").get("sample").parse(data)
+    assert err.value.details["field"] == field
+
+
+def test_missing_and_nested_fields_are_named():
+    assert field_of("Object missing required field `dataset`") == "dataset"
+    assert field_of("Object missing required field `field` - at `$.validation_rules[0]`") == "validation_rules[0].field"
+    assert field_of("Expected `int`, got `str` - at `$.a.b`") == "a.b"
+    with pytest.raises(ValidationFailed) as err:
+        build_registry("").get("bulk_import").parse({"dataset": "d", "records": [], "validation_rules": [{"required": True}]})
+    assert err.value.details["field"] == "data.validation_rules[0].field"
+
+
+def test_operator_task_types_load_from_a_directory(tmp_path):
+    (tmp_path / "mine.py").write_text(
+        "import msgspec\nfrom appliance.queue.registry import task_type\n"
+        "class In(msgspec.Struct, forbid_unknown_fields=True):\n    n: int\n"
+        "@task_type('double', schema=In)\ndef double(ctx, data):\n    return {'n': data.n * 2}\n"
+    )
+    (tmp_path / "broken.py").write_text("raise RuntimeError('boom')\n")
+    reg = build_registry(str(tmp_path))
+    t = reg.get("double")
+    assert t(None, t.parse({"n": 4})) == {"n": 8}
+    with pytest.raises(ValidationFailed) as err:
+        t.parse({"n": 1, "x": 2})
+    assert err.value.details["field"] == "data.x"
+
+
+def test_priority_one_is_most_urgent_in_huey():
+    assert huey_priority(1) > huey_priority(5) > huey_priority(10) >= 1
+
+
+def test_backoff_doubles_per_attempt():
+    class T:
+        retry_delay = 1.5
+        exponential_backoff = True
+
+    assert [retry_delay(T, a) for a in (1, 2, 3)] == [1.5, 3.0, 6.0]
+    T.exponential_backoff = False
+    assert retry_delay(T, 3) == 1.5
+
+
+def test_cron_slots_in_a_time_zone_across_dst():
+    # 02:30 local does not exist on 2024-03-31 in Berlin: that day fires once, at 03:00 local (01:00 UTC).
+    slot = schedules.next_slot("30 2 * * *", "Europe/Berlin", dt.datetime(2024, 3, 30, 12, 0))
+    assert slot == dt.datetime(2024, 3, 31, 1, 0)
+    assert schedules.next_slot("30 2 * * *", "Europe/Berlin", slot) == dt.datetime(2024, 4, 1, 0, 30)
+    # 09:00 New York in winter is 14:00 UTC
+    assert schedules.next_slot("0 9 * * *", "America/New_York", dt.datetime(2024, 1, 10, 15, 0)) == dt.datetime(2024, 1, 11, 14, 0)
+
+
+def test_latest_slot_after_downtime_is_one_slot():
+    now = dt.datetime(2024, 1, 1, 12, 7, 30)
+    assert schedules.latest_slot("*/5 * * * *", "UTC", now) == dt.datetime(2024, 1, 1, 12, 5)
+    assert schedules.latest_slot("*/5 * * * *", "UTC", dt.datetime(2024, 1, 1, 12, 5)) == dt.datetime(2024, 1, 1, 12, 5)
+
+
+@pytest.mark.parametrize(("expr", "tz", "field"), [("* * *", "UTC", "schedule.expression"), ("* * * * * *", "UTC", "schedule.expression"),
+                                                    ("* * * * *", "Mars/Base", "schedule.timezone")])  # fmt: skip
+def test_bad_cron_is_a_400_naming_the_field(expr, tz, field):
+    with pytest.raises(ValidationFailed) as err:
+        schedules.check_cron(expr, tz)
+    assert err.value.details["field"] == field
+
+
+def test_callback_signature_and_urls():
+    body = b'{"a":1}'
+    sig = callbacks.sign("s" * 32, body)
+    assert sig.startswith("sha256=") and callbacks.verify("s" * 32, body, sig)
+    assert not callbacks.verify("t" * 32, body, sig)
+    assert callbacks.check_callbacks({"completion_url": "https://x.example/cb"}) == {"completion_url": "https://x.example/cb"}
+    for bad in ("file:///etc/passwd", "ftp://x/", "http://", "javascript:alert(1)"):
+        with pytest.raises(ValidationFailed) as err:
+            callbacks.check_callbacks({"error_url": bad})
+        assert err.value.details["field"] == "callbacks.error_url"
+
+
+def test_validation_rules():
+    rules = [
+        Rule(field="name", required=True, type="string", max_length=5),
+        Rule(field="age", type="integer", min=0, max=150),
+        Rule(field="code", pattern=r"[A-Z]{2}"),
+        Rule(field="kind", choices=["a", "b"]),
+    ]
+    assert check_record({"name": "bob", "age": 3, "code": "AB", "kind": "a"}, rules) is None
+    assert check_record({"age": 3}, rules) == "name: required"
+    assert check_record({"name": "bob", "age": True}, rules) == "age: expected integer"
+    assert check_record({"name": "bob", "age": 200}, rules) == "age: above 150"
+    assert check_record({"name": "toolong"}, rules) == "name: longer than 5"
+    assert check_record({"name": "x", "code": "abc"}, rules).startswith("code: does not match")
+    assert check_record({"name": "x", "kind": "z"}, rules) == "kind: not one of the allowed values"
+    assert check_record([1], rules) == "record is not an object"
+
+
+def test_column_profile_types_and_stats():
+    col = _Column("v")
+    for v in ["1", "2", "", "3.5", "NA", "2"]:
+        col.add(v, max_distinct=10)
+    s = col.summary()
+    assert s["type"] == "float" and s["nulls"] == 2 and s["count"] == 6
+    assert s["min"] == 1 and s["max"] == 3.5 and s["mean"] == pytest.approx(2.125) and s["distinct"] == 3
+    text = _Column("t")
+    for v in ["a", "b", "c"]:
+        text.add(v, max_distinct=2)
+    assert text.summary()["type"] == "string" and text.summary()["distinct_is_lower_bound"] is True
+
+
+def test_worker_id_parsing():
+    assert parse_worker_id("host-1:worker:0#123") == ("host-1:worker:0", "host-1", 123)
+    assert parse_worker_id("") == ("", "", None)
