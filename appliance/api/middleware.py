@@ -10,8 +10,7 @@
    (require_user): so a bad token on a public route is ignored, and a worker reached
    directly still authenticates correctly.
 4. Headers: nosniff, X-Frame-Options DENY, Referrer-Policy, no-store on /auth/*;
-   gzip of bodies over [api] gzip_min_bytes when the client accepts it;
-   Connection: close while draining.
+   gzip of bodies over [api] gzip_min_bytes when the client accepts it.
 5. Database: pooled PostgreSQL connections go back to the pool after each request.
 """
 
@@ -62,8 +61,6 @@ class MetricsMiddleware:
         status = resp.status_code if hasattr(resp, "status_code") else int(str(resp.status).split()[0])
         self.inst["requests"].labels(method=req.method, route=route, status=str(status)).inc()
         self.inst["latency"].labels(method=req.method, route=route).observe(time.perf_counter() - started)
-        if self.ctx.draining:
-            resp.set_header("Connection", "close")
 
 
 class RequestIdMiddleware:

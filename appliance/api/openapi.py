@@ -121,6 +121,53 @@ def _operation_id(method: str, template: str, seen: set[str]) -> str:
     return name
 
 
+def _describe(
+    entry: dict[str, Any],
+    op: Operation,
+    params: list[dict[str, Any]],
+    schemas: list[dict[str, Any]],
+    components: dict[str, Any],
+    req_i: int | None,
+    resp_i: int | None,
+    errors: dict[str, Any],
+) -> None:
+    """Fill one operation object from its @operation declaration."""
+    error_ref = schemas[0]
+    entry["summary"] = op.summary
+    if op.description:
+        entry["description"] = op.description
+    if op.tags:
+        entry["tags"] = list(op.tags)
+    if op.query is not None:
+        params += _query_params(op.query)
+    if params:
+        entry["parameters"] = params
+    statuses = set(op.errors)
+    if req_i is not None:
+        statuses |= {400, 413, 415}
+        body_schema = schemas[req_i]
+        required = bool(components.get(_ref_name(body_schema), {}).get("required"))
+        entry["requestBody"] = {"required": required, "content": {op.request_media: {"schema": body_schema}}}
+    if op.query is not None:
+        statuses.add(400)
+    if op.auth:
+        statuses.add(401)
+        entry["security"] = [{"bearer": []}]
+    if op.auth == "admin":
+        statuses.add(403)
+    success = _success_schema(op, schemas[resp_i] if resp_i is not None else None)
+    content = _json(success)
+    for media in op.response_media:
+        content[media] = {"schema": {"type": "string"}}
+    responses: dict[str, Any] = {str(op.status): {"description": "success", "content": content}}
+    for status in op.also:
+        responses[str(status)] = {"description": _REASONS.get(status, "see description"), "content": content}
+    for status in sorted(statuses):
+        responses.setdefault(str(status), {"description": _REASONS.get(status, "error"), "content": _json(error_ref)})
+    responses.update(errors)
+    entry["responses"] = responses
+
+
 def build(app: falcon.App, title: str = "Appliance API") -> dict[str, Any]:
     """The OpenAPI 3.1 document of every route of `app`."""
     builder = _Builder()
@@ -145,39 +192,7 @@ def build(app: falcon.App, title: str = "Appliance API") -> dict[str, Any]:
                 entry["parameters"] = params
             paths.setdefault(openapi_path(template), {})[method.lower()] = entry
             continue
-        entry["summary"] = op.summary
-        if op.description:
-            entry["description"] = op.description
-        if op.tags:
-            entry["tags"] = list(op.tags)
-        if op.query is not None:
-            params += _query_params(op.query)
-        if params:
-            entry["parameters"] = params
-        statuses = set(op.errors)
-        if req_i is not None:
-            statuses |= {400, 413, 415}
-            body_schema = schemas[req_i]
-            required = bool(components.get(_ref_name(body_schema), {}).get("required"))
-            entry["requestBody"] = {"required": required, "content": {op.request_media: {"schema": body_schema}}}
-        if op.query is not None:
-            statuses.add(400)
-        if op.auth:
-            statuses.add(401)
-            entry["security"] = [{"bearer": []}]
-        if op.auth == "admin":
-            statuses.add(403)
-        success = _success_schema(op, schemas[resp_i] if resp_i is not None else None)
-        content = _json(success)
-        for media in op.response_media:
-            content[media] = {"schema": {"type": "string"}}
-        responses: dict[str, Any] = {str(op.status): {"description": "success", "content": content}}
-        for status in op.also:
-            responses[str(status)] = {"description": _REASONS.get(status, "see description"), "content": content}
-        for status in sorted(statuses):
-            responses.setdefault(str(status), {"description": _REASONS.get(status, "error"), "content": _json(error_ref)})
-        responses.update(errors)
-        entry["responses"] = responses
+        _describe(entry, op, params, schemas, components, req_i, resp_i, errors)
         paths.setdefault(openapi_path(template), {})[method.lower()] = entry
     return {
         "openapi": "3.1.0",

@@ -6,8 +6,7 @@ schema itself), build the app (an operator module that fails stops the boot with
 exit 3 naming the file), start the revocation mirror, listen.
 
 SIGTERM/SIGINT drain gracefully: the handler only starts a drain thread, which
-stops accepting (the listening socket is closed in the loop thread), answers
-with Connection: close, waits until no request is queued, running or being
+stops accepting (the listening socket is closed in the loop thread), waits until no request is queued, running or being
 written (up to [supervisor] grace_period), then closes every channel so that
 waitress's loop ends and serve returns 0.
 
