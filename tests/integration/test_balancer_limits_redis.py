@@ -8,6 +8,7 @@ import logging
 import pytest
 import redis
 
+from appliance.balancer import limiter as limiter_module
 from appliance.balancer.limiter import RateLimiter, RedisRateLimiter
 from appliance.config import RateLimitZone
 
@@ -147,3 +148,42 @@ def test_unreachable_redis_fails_open_with_one_warning(caplog):
         assert run(main()) == [None] * 5
     warnings = [r for r in caplog.records if "failing open" in r.getMessage()]
     assert len(warnings) == 1
+
+
+def test_one_pipeline_answers_each_decision_for_its_own_key(redis_server, prefix):
+    zones = [zone(rate="1/m", burst=3, key="user")]
+
+    async def main():
+        clock = Clock()
+        rl = RedisRateLimiter(zones, redis_server["url"], prefix, clock=clock)
+        try:
+            for user, used in (("a", 0), ("b", 1), ("c", 3), ("d", 4)):
+                for _ in range(used):
+                    await rl.decide("GET", "/x", "1.1.1.1", user)
+            results = await asyncio.gather(*(rl.decide("GET", "/x", "1.1.1.1", u) for u in "abcd"))
+            assert [(d.allowed, d.remaining) for d in results] == [(True, 3), (True, 2), (True, 0), (False, 0)]
+        finally:
+            await rl.close()
+
+    run(main())
+
+
+@pytest.mark.parametrize("concurrent", [1, 5])
+def test_script_missing_from_redis_is_loaded_once(redis_server, prefix, monkeypatch, concurrent):
+    import secrets
+
+    # a script text Redis has never seen, as after a restart or SCRIPT FLUSH
+    monkeypatch.setattr(limiter_module, "_LUA", limiter_module._LUA + f"\n-- {secrets.token_hex(8)}\n")
+
+    async def main():
+        rl = RedisRateLimiter([zone(rate="1/m", burst=0)], redis_server["url"], prefix)
+        try:
+            assert await rl._client.script_exists(rl._sha) == [False]
+            results = await asyncio.gather(*(rl.decide("GET", "/x", f"k{i}", None) for i in range(concurrent)))
+            assert all(d is not None and d.allowed for d in results)
+            assert await rl._client.script_exists(rl._sha) == [True]
+            assert not (await rl.decide("GET", "/x", "k0", None)).allowed
+        finally:
+            await rl.close()
+
+    run(main())
