@@ -20,7 +20,9 @@ import pytest
 from appliance.db.models import Schedule, ScheduleRun, Task
 from appliance.queue import callbacks, schedules, service
 from appliance.times import parse_iso, utcnow
-from tests.integration.test_tasks_support import tenv  # noqa: F401 - fixture
+from tests.integration import test_tasks_support as support
+
+tenv = support.tenv  # the fixture
 
 pytestmark = pytest.mark.slow
 

@@ -1,0 +1,192 @@
+"""Contract tests of the task layer on both backends (SQLite+SqliteHuey, PostgreSQL+Redis), without worker processes.
+
+The API runs in-process; queue messages are taken off the real queue and executed
+in this process where a test needs a task to run (`run_next`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+
+from appliance import queue as queue_mod
+from appliance.db.models import NodeHeartbeat, Schedule, ScheduleRun, Task
+from appliance.queue import reaper, records, runner, schedules, service
+from appliance.times import utcnow
+from tests.integration import test_tasks_support as support
+
+tenv = support.tenv  # the fixture
+
+
+def run_next(env) -> str | None:
+    """Take one message off the queue and run it here; the task id, or None when empty."""
+    huey = queue_mod.get_queue(env.cfg)
+    msg = huey.dequeue()
+    if msg is None:
+        return None
+    runner.set_runtime(env.cfg, f"{reaper.host_name(env.cfg)}:worker:9")
+    huey.execute(msg)
+    records.flush()
+    return msg.args[0]
+
+
+def test_submit_validation_names_fields(tenv):
+    r = tenv.post("/tasks/submit", {"task_type": "nope"})
+    assert r.status_code == 400 and r.json["error"]["code"] == "unknown_task_type"
+    assert "sample" in r.json["error"]["details"]["known"]
+    r = tenv.post("/tasks/submit", {"task_type": "sample", "data": {"duration": "x"}})
+    assert r.status_code == 400 and r.json["error"]["details"]["field"] == "data.duration"
+    r = tenv.post("/tasks/submit", {"task_type": "sample", "priority": 11})
+    assert r.status_code == 400 and r.json["error"]["details"]["field"] == "priority"
+    r = tenv.post("/tasks/submit", {"task_type": "sample", "callbacks": {"completion_url": "file:///etc/passwd"}})
+    assert r.status_code == 400 and r.json["error"]["details"]["field"] == "callbacks.completion_url"
+    r = tenv.post("/tasks/submit", {"task_type": "sample", "eta": "tomorrow"})
+    assert r.status_code == 400 and r.json["error"]["details"]["field"] == "eta"
+    r = tenv.post("/tasks/batch", {"tasks": [{"task_type": "sample"}, {"task_type": "sample", "data": {"steps": 0}}]})
+    assert r.status_code == 400 and r.json["error"]["details"]["field"] == "tasks[1].data.steps"
+    assert Task.select().count() == 0
+    assert tenv.client.simulate_post("/tasks/submit", json={"task_type": "sample"}).status_code == 401
+
+
+def test_submit_answers_like_the_reference_and_owners_see_their_own(tenv):
+    r = tenv.post("/tasks/submit", {"task_type": "sample", "data": {"message": "x"}, "priority": 2})
+    assert r.status_code == 200
+    d = r.json["data"]
+    assert d["status"] == "queued" and d["priority"] == 2 and d["created_at"].endswith("Z")
+    assert r.json["links"] == {
+        "status": f"/tasks/status/{d['task_id']}",
+        "cancel": f"/tasks/cancel/{d['task_id']}",
+        "logs": f"/tasks/logs/{d['task_id']}",
+    }
+    bobs = tenv.submit("sample", who="bob")
+    assert tenv.get(f"/tasks/status/{bobs}").status_code == 404
+    assert tenv.post(f"/tasks/cancel/{bobs}", {}).status_code == 404
+    assert tenv.get(f"/tasks/logs/{bobs}").status_code == 404
+    assert [t["task_id"] for t in tenv.get("/tasks").json["data"]] == [d["task_id"]]
+    assert len(tenv.get("/tasks", who="admin").json["data"]) == 2
+    assert tenv.get("/tasks", params={"status": "bogus"}).status_code == 400
+    assert tenv.get("/tasks/stats").json["data"]["overview"]["queued"] == 1
+    assert tenv.get("/tasks/stats", who="admin").json["data"]["queue"]["waiting_by_priority"] == {"2": 1, "5": 1}
+    assert {t["name"] for t in tenv.get("/tasks/types").json["data"]} >= {"sample", "sleep", "csv_profile"}
+
+
+def test_queue_priority_order(tenv):
+    ids = [tenv.submit("sample", priority=p) for p in (10, 5, 1, 10)]
+    order = [run_next(tenv) for _ in ids]
+    assert order == [ids[2], ids[1], ids[0], ids[3]]
+    assert run_next(tenv) is None
+    assert all(tenv.task(t).status == "succeeded" for t in ids)
+
+
+def test_duplicate_and_cancelled_messages_never_run(tenv):
+    tid = tenv.submit("sample")
+    queue_mod.enqueue(tenv.cfg, tid, 1, 5)  # a duplicate of attempt 1 (e.g. the reaper resent it)
+    assert run_next(tenv) == tid and run_next(tenv) == tid
+    assert tenv.task(tid).attempt == 1 and tenv.task(tid).status == "succeeded"
+    c = tenv.submit("sample")
+    assert tenv.post(f"/tasks/cancel/{c}", {"reason": "no"}).json["data"]["status"] == "cancelled"
+    assert run_next(tenv) == c
+    t = tenv.task(c)
+    assert t.status == "cancelled" and t.attempt == 0 and t.started_at is None
+    assert tenv.post(f"/tasks/cancel/{c}", {}).status_code == 409
+
+
+def test_chain_and_sequential_batch_hand_over_in_order(tenv):
+    r = tenv.post(
+        "/tasks/chain", {"tasks": [{"task_type": "sample", "data": {"message": "a"}}, {"task_type": "sample", "data": {"message": "b"}}]}
+    )
+    a, b = r.json["data"]["task_ids"]
+    assert queue_mod.depth(tenv.cfg)["pending"] == 1
+    assert run_next(tenv) == a and run_next(tenv) == b
+    assert tenv.status(b)["result"]["previous_result"]["echo"]["message"] == "a"
+    r = tenv.post(
+        "/tasks/batch", {"execution_mode": "sequential", "failure_strategy": "stop_on_error", "tasks": [{"task_type": "sample"}] * 3}
+    )
+    first, second, third = r.json["data"]["task_ids"]
+    assert tenv.post(f"/tasks/cancel/{first}", {}).status_code == 200  # cancelling the head stops the batch
+    assert tenv.task(second).status == "cancelled" and tenv.task(third).status == "cancelled"
+    assert tenv.get(f"/tasks/batch/{r.json['data']['batch_id']}").json["data"]["status"] == "cancelled"
+
+
+def test_schedule_crud_and_ticks_fire_once_per_slot(tenv):
+    body = {
+        "task_type": "sample",
+        "schedule": {"type": "cron", "expression": "*/5 * * * *", "timezone": "Europe/Berlin"},
+        "max_iterations": 2,
+    }
+    r = tenv.post("/tasks/schedule", body)
+    assert r.status_code == 200, r.text
+    sid = r.json["data"]["schedule_id"]
+    assert r.json["data"]["next_run_at"].endswith("Z")
+    bad = tenv.post("/tasks/schedule", {**body, "schedule": {"type": "cron", "expression": "61 * * * *"}})
+    assert bad.status_code == 400 and bad.json["error"]["details"]["field"] == "schedule.expression"
+    assert tenv.get(f"/tasks/schedules/{sid}", who="bob").status_code == 404
+    assert [s["schedule_id"] for s in tenv.get("/tasks/schedules").json["data"]] == [sid]
+    now = utcnow().replace(second=0, microsecond=0)
+    Schedule.update(next_run_at=now - dt.timedelta(minutes=42)).where(Schedule.id == sid).execute()
+    # two schedulers tick at the same instant, after a long downtime: one task
+    fired = schedules.tick(tenv.cfg, now) + schedules.tick(tenv.cfg, now)
+    assert len(fired) == 1 and ScheduleRun.select().count() == 1
+    s = Schedule.get_by_id(sid)
+    assert s.next_run_at > now and s.iterations == 1 and s.active
+    assert schedules.tick(tenv.cfg, s.next_run_at + dt.timedelta(seconds=1)) != []
+    assert not Schedule.get_by_id(sid).active  # max_iterations reached
+    assert tenv.get(f"/tasks/schedules/{sid}").json["data"]["next_run_at"] is None
+    r = tenv.client.simulate_patch(f"/tasks/schedules/{sid}", json={"active": True, "max_iterations": 10}, headers=tenv.headers["alice"])
+    assert r.status_code == 200 and r.json["data"]["active"] and r.json["data"]["next_run_at"]
+    assert tenv.client.simulate_delete(f"/tasks/schedules/{sid}", headers=tenv.headers["alice"]).json["data"]["deleted"]
+    assert Task.select().where(Task.task_type == "sample").count() == 2
+
+
+def test_reaper_requeues_or_fails_tasks_of_dead_workers(tenv):
+    here = reaper.host_name(tenv.cfg)
+    retry = tenv.submit("sample", retry_config={"max_retries": 1})
+    final = tenv.submit("sample")
+    remote = tenv.submit("sample")
+    huey = queue_mod.get_queue(tenv.cfg)
+    while huey.dequeue() is not None:  # the messages were "held by" workers that then died
+        pass
+    records.claim(retry, 1, f"{here}:worker:0#4000001")
+    records.claim(final, 1, f"{here}:worker:0#4000002")
+    records.claim(remote, 1, "elsewhere:worker:3#77")
+    now = utcnow()
+    NodeHeartbeat.create(node_id="elsewhere:worker:3", role="worker", host="elsewhere", pid=77, started_at=now, last_heartbeat=now)
+    done = reaper.reap(tenv.cfg, now=now, alive=lambda pid, since: pid == 4000002)
+    assert done == {"requeued": 1, "failed": 0, "resent": 0}
+    assert tenv.task(retry).status == "retrying" and tenv.task(final).status == "running" and tenv.task(remote).status == "running"
+    later = now + dt.timedelta(seconds=tenv.cfg.supervisor.heartbeat_timeout + 1)
+    done = reaper.reap(tenv.cfg, now=later, alive=lambda pid, since: False)
+    assert done["requeued"] == 0 and done["failed"] == 2
+    for t in (final, remote):
+        assert tenv.task(t).status == "failed" and tenv.task(t).error_code == "worker_lost"
+    assert run_next(tenv) == retry
+    assert tenv.task(retry).status == "succeeded" and tenv.task(retry).attempt == 2
+
+
+def test_reaper_resends_lost_messages(tenv):
+    tid = tenv.submit("sample")
+    huey = queue_mod.get_queue(tenv.cfg)
+    assert huey.dequeue() is not None  # lost with a worker that died before claiming it
+    assert reaper.reap(tenv.cfg, now=utcnow())["resent"] == 0  # not yet: it may still be starting
+    assert reaper.reap(tenv.cfg, now=utcnow() + dt.timedelta(seconds=reaper.LOST_AFTER + 1))["resent"] == 1
+    assert run_next(tenv) == tid and tenv.task(tid).status == "succeeded"
+
+
+def test_cleanup_and_report_do_real_work(tenv):
+    old = utcnow() - dt.timedelta(days=40)
+    tid = tenv.submit("sample")
+    run_next(tenv)
+    records.history_now(tid, "running", "ancient")
+    from appliance.db.models import TaskHistory
+
+    TaskHistory.update(at=old).where(TaskHistory.message == "ancient").execute()
+    c = tenv.submit("database_cleanup", {"days": 30, "batch_size": 1}, who="admin")
+    run_next(tenv)
+    res = tenv.status(c)["result"]
+    assert res["deleted"]["task_history"] == 1
+    rep = tenv.submit("report", {"hours": 1}, who="admin")
+    run_next(tenv)
+    out = tenv.status(rep)["result"]
+    assert out["tasks"]["by_status"]["succeeded"] == 2 and out["tasks"]["success_rate"] == 1.0
+    assert service.stats(tenv.cfg, service.SYSTEM)["overview"]["completed"] == 3
