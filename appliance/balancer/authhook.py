@@ -62,6 +62,7 @@ CACHE_SIZE = 10000  # tokens (jwt) or token hashes (subrequest) remembered at on
 IDENTITY_REFRESH = 15.0  # seconds a signed identity is reused; workers accept up to identity.MAX_AGE
 SUBREQUEST_TIMEOUT = 5.0  # seconds for one whole subrequest answer
 SUBREQUEST_MAX_BODY = 65536
+WARN_EVERY = 10.0  # seconds between warnings about a failing auth endpoint
 _WWW_AUTHENTICATE = b"www-authenticate"
 
 
@@ -211,7 +212,11 @@ class AuthHook:
 
 
 class JwtAuthHook(AuthHook):
-    """Mode "jwt": in-process verification, cached per token; exp and revocation checked every time."""
+    """Mode "jwt": in-process verification, cached per token; exp and revocation checked every time.
+
+    Its `check` (like the "off" mode's) never awaits anything, so the proxy may drive
+    it without a task: `coro.send(None)` raises StopIteration carrying the result.
+    """
 
     mode = "jwt"
 
@@ -281,6 +286,7 @@ class SubrequestAuthHook(AuthHook):
         self.timeout = SUBREQUEST_TIMEOUT
         self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
         self._inflight: dict[bytes, asyncio.Task[AuthResult]] = {}
+        self._last_warning = float("-inf")
 
     async def check(self, method: str, path: str, headers: list[tuple[bytes, bytes]]) -> AuthResult:
         if path in self._exact or (path.startswith(self._subtrees) and self.is_public(path)):
@@ -319,7 +325,7 @@ class SubrequestAuthHook(AuthHook):
         try:
             status, answer_headers, body = await asyncio.wait_for(self._exchange(request), self.timeout)
         except (OSError, TimeoutError, EOFError, httptools.HttpParserError) as exc:
-            log.warning("auth subrequest failed: %s: %s", type(exc).__name__, exc)
+            self._warn("auth subrequest failed (%s: %s); refusing with 500", type(exc).__name__, exc)
             return AUTH_UNAVAILABLE, None
         if 200 <= status < 300:
             claims = _identity_from(body)
@@ -329,8 +335,15 @@ class SubrequestAuthHook(AuthHook):
         if status in (401, 403):
             code, message = _error_from(body, status)
             return AuthResult(False, status, code, message, challenge=answer_headers.get(_WWW_AUTHENTICATE)), None
-        log.warning("auth subrequest answered %d; refusing with 500", status)
+        self._warn("auth subrequest answered %d; refusing with 500", status)
         return AUTH_UNAVAILABLE, None
+
+    def _warn(self, message: str, *args: Any) -> None:
+        # An outage of the auth endpoint must not write one line per request: one every 10 s.
+        mono = time.monotonic()
+        if mono - self._last_warning >= WARN_EVERY:
+            self._last_warning = mono
+            log.warning(message, *args)
 
     async def _exchange(self, request: bytes) -> tuple[int, dict[bytes, bytes], bytes]:
         # A reused keep-alive connection may have been closed by the server meanwhile: then retry once on a new one.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import http.server
 import json
+import logging
 import threading
 import time
 from collections import Counter
@@ -209,7 +210,7 @@ def test_concurrent_misses_share_one_subrequest(make_config, auth_server):
     assert auth_server.hits["Bearer shared"] == 1
 
 
-def test_unreachable_or_hung_endpoint_is_a_500(make_config, auth_server):
+def test_unreachable_or_hung_endpoint_is_a_500(make_config, auth_server, caplog):
     dead = make_hook(make_config, f"http://127.0.0.1:{free_port()}/auth/validate", Clock())
     slow = make_hook(make_config, url_of(auth_server), Clock())
     slow.timeout = 0.3
@@ -217,13 +218,20 @@ def test_unreachable_or_hung_endpoint_is_a_500(make_config, auth_server):
     async def main():
         try:
             started = time.monotonic()
-            result = await dead.check("GET", "/api/a", hdrs("good"))
+            with caplog.at_level(logging.WARNING, logger="appliance.balancer.authhook"):
+                result = await dead.check("GET", "/api/a", hdrs("good"))
             assert (result.ok, result.status, result.code) == (False, 500, "auth_unavailable")
+            assert [r.levelname for r in caplog.records if "auth subrequest failed" in r.getMessage()] == ["WARNING"]
             result = await slow.check("GET", "/api/a", hdrs("slow"))
             assert (result.ok, result.status) == (False, 500)
             assert time.monotonic() - started < 2.0
             # a timed-out answer is not cached: the next request asks again
             assert (await slow.check("GET", "/api/a", hdrs("good"))).ok
+            # an outage warns once per 10 s, not once per request
+            caplog.clear()
+            for _ in range(5):
+                assert (await dead.check("GET", "/api/a", hdrs("good"))).status == 500
+            assert len([r for r in caplog.records if "auth subrequest failed" in r.getMessage()]) == 0
         finally:
             await dead.close()
             await slow.close()

@@ -76,6 +76,18 @@ def test_valid_token_is_allowed_with_a_signed_identity(cfg, settings):
         identity.verify(result.identity_value, b"another key" * 4, now=T0)
 
 
+def test_jwt_and_off_checks_never_await(cfg, make_config, settings):
+    # the proxy drives these without a task: one send() must finish them
+    token, _ = access(settings)
+    hooks = [hook_for(cfg), authhook.build(make_config(balancer={"auth_mode": "off"}), None)]
+    for hook in hooks:
+        for headers in (bearer(token), bearer(token), bearer("junk"), []):
+            coro = hook.check("GET", "/api/protected", headers)
+            with pytest.raises(StopIteration) as done:
+                coro.send(None)
+            assert isinstance(done.value.value, AuthResult)
+
+
 def test_pyjwt_runs_once_per_token(cfg, settings, monkeypatch):
     calls = []
     real = tokens.verify
