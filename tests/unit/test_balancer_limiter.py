@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from appliance.balancer import limiter
 from appliance.balancer.limiter import Decision, RateLimiter, RedisRateLimiter, parse_rate
@@ -269,3 +271,28 @@ def test_decision_repr_is_readable():
     d = rl.decide("GET", "/x", "a", None)
     assert isinstance(d, Decision)
     assert repr(d) == "Decision(allowed=False, delay=0.000, retry_after=12, limit=1, remaining=0, reset=12, zone='login')"
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    rate=st.sampled_from(["1/s", "10/s", "3/m", "2.5/s"]),
+    burst=st.integers(min_value=0, max_value=8),
+    gaps=st.lists(st.floats(min_value=0, max_value=2.0, allow_nan=False), min_size=1, max_size=120),
+)
+def test_no_window_admits_more_than_burst_plus_rate(rate, burst, gaps):
+    rl, clock = make(zone(rate=rate, burst=burst))
+    r = parse_rate(rate)
+    times = []
+    for gap in gaps:
+        clock.t += gap
+        if rl.decide("GET", "/x", "a", None).allowed:
+            times.append(clock.t)
+    # the leaky bucket's promise: in any window of length T at most burst + 1 + r*T requests pass
+    for i, start in enumerate(times):
+        for j in range(i, len(times)):
+            assert j - i + 1 <= burst + 1 + r * (times[j] - start) + 1e-6
+    # and a client that waits 1/r between requests is never refused
+    rl2, clock2 = make(zone(rate=rate, burst=burst))
+    for _ in range(20):
+        assert rl2.decide("GET", "/x", "a", None).allowed
+        clock2.t += 1 / r
