@@ -194,7 +194,7 @@ class Balancer:
             "balancer listening",
             extra={
                 "fields": {
-                    "listen": "%s:%d" % main_sock.getsockname()[:2],
+                    "listen": "{}:{}".format(*main_sock.getsockname()[:2]),
                     "tls": self.ssl_ctx is not None,
                     "loop": type(loop).__module__.split(".")[0],
                     "upstreams": {g: [u.address for u in grp.upstreams] for g, grp in registry.groups.items()},

@@ -124,6 +124,9 @@ class Stats:
                     child._buckets[i].inc(n)
             child._sum.inc(lat.total)
         m["connections"].set(self.connections)
+        self._flush_upstreams(m, groups)
+
+    def _flush_upstreams(self, m: dict[str, Any], groups: dict[str, Any]) -> None:
         for gname, group in groups.items():
             for u in group.upstreams:
                 key = (gname, u.address)

@@ -101,9 +101,9 @@ class Handler(BaseHTTPRequestHandler):
 def main() -> None:
     port, name = int(sys.argv[1]), sys.argv[2]
     Handler.name = name
+    ThreadingHTTPServer.request_queue_size = 1024  # read by listen() in the constructor
     server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
     server.daemon_threads = True
-    server.request_queue_size = 1024
     server.serve_forever()
 
 
