@@ -246,9 +246,9 @@ def check_record(record: Any, rules: list[Rule]) -> str | None:
             if not ok:
                 return f"{r.field}: expected {r.type}"
         if r.min is not None and isinstance(v, int | float) and v < r.min:
-            return f"{r.field}: below {r.min}"
+            return f"{r.field}: below {_num(float(r.min))}"
         if r.max is not None and isinstance(v, int | float) and v > r.max:
-            return f"{r.field}: above {r.max}"
+            return f"{r.field}: above {_num(float(r.max))}"
         if isinstance(v, str | list):
             if r.min_length is not None and len(v) < r.min_length:
                 return f"{r.field}: shorter than {r.min_length}"

@@ -1,0 +1,131 @@
+"""The data endpoints on both backends: streamed upload + csv_profile, bulk import, reading a dataset."""
+
+from __future__ import annotations
+
+import io
+import uuid
+
+import orjson
+import pytest
+
+from appliance.db.models import DataRecord, Upload
+from tests.integration import test_tasks_support as support
+from tests.integration.test_tasks_contract import run_next
+
+tenv = support.tenv  # the fixture
+
+
+def multipart(fields: dict[str, str], filename: str, content: bytes) -> tuple[bytes, str]:
+    boundary = uuid.uuid4().hex
+    out = io.BytesIO()
+    for name, value in fields.items():
+        out.write(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode())
+    out.write(
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{filename}"\r\nContent-Type: text/csv\r\n\r\n'.encode()
+    )
+    out.write(content)
+    out.write(f"\r\n--{boundary}--\r\n".encode())
+    return out.getvalue(), f"multipart/form-data; boundary={boundary}"
+
+
+def upload(env, content: bytes, filename: str = "data.csv", ptype: str = "csv_profile", params: str = "{}", who: str = "alice"):
+    body, ctype = multipart({"processing_type": ptype, "parameters": params}, filename, content)
+    return env.client.simulate_post("/api/data-processing", body=body, headers={**env.headers[who], "Content-Type": ctype})
+
+
+def test_upload_streams_to_disk_and_profiles_the_csv(tenv):
+    rows = ["id,name,score,joined,flag"] + [
+        f"{i},user{i % 7},{i * 1.5 if i % 10 else ''},2024-01-{(i % 28) + 1:02d},{'true' if i % 2 else 'false'}" for i in range(1, 5001)
+    ]
+    content = ("\n".join(rows) + "\n").encode()
+    r = upload(tenv, content, filename="../../evil name.csv")
+    assert r.status_code == 200, r.text
+    d = r.json["data"]
+    assert d["status"] == "queued" and d["upload"]["size"] == len(content) and d["upload"]["filename"] == "evil_name.csv"
+    assert r.json["links"]["status"] == f"/tasks/status/{d['task_id']}"
+    up = Upload.get_by_id(d["upload"]["upload_id"])
+    assert up.path.startswith(str(tenv.cfg.path("uploads"))) and open(up.path, "rb").read() == content
+    assert run_next(tenv) == d["task_id"]
+    s = tenv.status(d["task_id"])
+    assert s["status"] == "succeeded", s
+    res = s["result"]
+    assert res["rows"] == 5000 and res["columns"] == 5
+    cols = {c["name"]: c for c in res["column_profiles"]}
+    assert cols["id"]["type"] == "integer" and cols["id"]["min"] == 1 and cols["id"]["max"] == 5000 and cols["id"]["distinct"] == 5000
+    assert cols["name"]["type"] == "string" and cols["name"]["distinct"] == 7
+    assert cols["score"]["nulls"] == 500 and cols["score"]["type"] == "float"
+    assert cols["joined"]["type"] == "date" and cols["flag"]["type"] == "boolean"
+
+
+def test_upload_errors(tenv, make_config):
+    assert upload(tenv, b"a\n1\n", ptype="nope").json["error"]["code"] == "unknown_task_type"
+    r = upload(tenv, b"a\n1\n", params="[1]")
+    assert r.status_code == 400 and r.json["error"]["details"]["field"] == "parameters"
+    r = upload(tenv, b"a\n1\n", params='{"delimiter": ";;"}')
+    assert r.status_code == 400 and r.json["error"]["details"]["field"] == "data.delimiter"
+    r = tenv.post("/api/data-processing", {"x": 1})
+    assert r.status_code == 415
+    tenv.cfg.api.upload_max_bytes = 2048
+    r = upload(tenv, b"x" * 5000)
+    assert r.status_code == 413 and r.json["error"]["code"] == "payload_too_large"
+    assert Upload.select().count() == 0
+    assert not any(p.is_file() for p in tenv.cfg.path("uploads").rglob("*")) if tenv.cfg.path("uploads").exists() else True
+
+
+def test_bulk_import_records_skip_and_stop(tenv):
+    rules = [
+        {"field": "email", "required": True, "type": "string", "pattern": r"[^@]+@[^@]+"},
+        {"field": "age", "type": "integer", "min": 0},
+    ]
+    records = [{"email": f"u{i}@x.io", "age": i} for i in range(25)] + [{"email": "bad"}, {"age": 3}, {"email": "a@b.c", "age": -1}]
+    r = tenv.post("/api/data/bulk-import", {"dataset": "people", "records": records, "batch_size": 10, "validation_rules": rules})
+    assert r.status_code == 200, r.text
+    tid = r.json["data"]["task_id"]
+    run_next(tenv)
+    res = tenv.status(tid)["result"]
+    assert (res["imported"], res["skipped"], res["failed"]) == (25, 3, 0)
+    assert [x["reason"] for x in res["skipped_reasons"]] == ["email: does not match [^@]+@[^@]+", "email: required", "age: below 0"]
+    page = tenv.get("/api/data/people", params={"per_page": 10, "page": 3}).json
+    assert page["metadata"]["total"] == 25 and len(page["data"]) == 5 and page["data"][0]["data"]["email"] == "u20@x.io"
+    assert tenv.get("/api/data/people", who="bob").json["metadata"]["total"] == 0
+    assert tenv.get("/api/data/people", who="admin").json["metadata"]["total"] == 25
+    r = tenv.post("/api/data/bulk-import", {"dataset": "p2", "records": records[24:], "error_handling": "stop", "validation_rules": rules})
+    run_next(tenv)
+    res = tenv.status(r.json["data"]["task_id"])["result"]
+    assert res["stopped"] and res["imported"] == 1 and res["failed"] == 1
+    assert DataRecord.select().where(DataRecord.dataset == "p2").count() == 1
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"dataset": "bad name!", "records": []}, "dataset"),
+        ({"dataset": "d", "records": [], "error_handling": "explode"}, "error_handling"),
+        ({"dataset": "d", "records": [], "callback_url": "ftp://x/"}, "callback_url"),
+        ({"dataset": "d"}, None),
+        ({"dataset": "d", "records": [], "validation_rules": [{"field": "a", "pattern": "("}]}, None),
+    ],
+)
+def test_bulk_import_validation(tenv, body, field):
+    r = tenv.post("/api/data/bulk-import", body)
+    assert r.status_code == 400, r.text
+    if field:
+        assert r.json["error"]["details"]["field"] == field
+
+
+def test_bulk_import_from_an_uploaded_file(tenv):
+    lines = b"\n".join(orjson.dumps({"n": i}) for i in range(7)) + b"\n"
+    r = upload(tenv, b"n\n1\n", filename="x.csv")
+    run_next(tenv)
+    up = tenv.status(r.json["data"]["task_id"])["input"]["upload_id"]
+    r = tenv.post("/api/data/bulk-import", {"dataset": "nums", "source_file_id": up})
+    run_next(tenv)
+    assert tenv.status(r.json["data"]["task_id"])["result"]["imported"] == 1
+    path = tenv.cfg.path("n.jsonl")
+    path.write_bytes(lines)
+    Upload.create(id="jsonl1", owner=tenv.user_ids["alice"], filename="n.jsonl", path=str(path), size=len(lines))
+    r = tenv.post("/api/data/bulk-import", {"dataset": "nums", "source_file_id": "jsonl1"})
+    run_next(tenv)
+    assert tenv.status(r.json["data"]["task_id"])["result"]["imported"] == 7
+    assert tenv.get("/api/data/nums").json["metadata"]["total"] == 8
+    assert tenv.post("/api/data/bulk-import", {"dataset": "nums", "source_file_id": up}, who="bob").status_code == 404
