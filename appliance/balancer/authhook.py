@@ -295,6 +295,8 @@ class SubrequestAuthHook(AuthHook):
         if value.__class__ is AuthResult:
             return value  # type: ignore[return-value]
         auth: bytes = value or b""  # type: ignore[assignment]
+        if b"\r" in auth or b"\n" in auth:  # the framing layer refuses these; never forward them anyway
+            return _refused("invalid_token", "the Authorization header is malformed")
         key = hashlib.sha256(auth).digest()
         cached = self._cached(key, self.clock())
         if cached is not None:

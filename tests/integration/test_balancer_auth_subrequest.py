@@ -141,6 +141,8 @@ def test_answers_are_passed_on(make_config, auth_server):
             assert bad.headers() == [(b"WWW-Authenticate", b'Bearer realm="upstream-auth"')]
             missing = await hook.check("GET", "/api/protected", hdrs(None))
             assert missing.status == 401
+            smuggled = await hook.check("GET", "/api/protected", [(b"authorization", b"Bearer good\r\nX-Evil: 1")])
+            assert (smuggled.ok, smuggled.status) == (False, 401)
             for token in ("boom", "teapot"):
                 failed = await hook.check("GET", "/api/protected", hdrs(token))
                 assert (failed.ok, failed.status) == (False, 500)
