@@ -390,3 +390,30 @@ def test_sigterm_finishes_in_flight_requests(tmp_path: Path) -> None:
         t.join(10)
         assert result["status"] == 200
         assert s.proc.wait(10) == 0
+
+
+def test_jwt_identity_replaces_forged_headers(tmp_path: Path) -> None:
+    from appliance import db, identity, tokens
+    from appliance.config import load_config
+
+    s = Stack(tmp_path, workers=1, auth_mode="jwt")
+    try:
+        cfg = load_config(s.config, env={})
+        db.migrate(db.open_database(cfg))
+        s.start()
+        token, _ = tokens.issue_access(
+            tokens.TokenSettings.from_config(cfg), user_id=7, username="ann", role="user", generation=0, family="f1"
+        )
+        conn = s.client()
+        status, body, resp = get(conn, "/api/protected", {"X-Appliance-Identity": "v1.forged.mac", "X-User-Id": "1"})
+        assert status == 401 and resp.getheader("WWW-Authenticate", "").startswith("Bearer")
+        headers = {"Authorization": f"Bearer {token}", "X-Appliance-Identity": "v1.forged.mac", "X-User-Role": "admin"}
+        status, body, _ = get(conn, "/api/protected", headers)
+        assert status == 200
+        seen = json.loads(body)["headers"]
+        values = [v for n, v in seen if n == "x-appliance-identity"]
+        assert len(values) == 1 and "x-user-role" not in dict(seen)
+        claims = identity.verify(values[0], identity.key_bytes(cfg.secrets.identity_key))
+        assert claims["sub"] == "7" and claims["usr"] == "ann"
+    finally:
+        s.close()
