@@ -344,6 +344,9 @@ def _check_relations(cfg: Config, where: str, problems: list[str]) -> None:
     for label, addr in (("listen", cfg.balancer.listen), ("redirect_listen", cfg.balancer.redirect_listen)):
         if addr and not _is_host_port(addr):
             problems.append(f"{where}: [balancer] {label} = {addr!r} is invalid; allowed: host:port, e.g. 127.0.0.1:8080")
+    names = [z.name for z in cfg.rate_limits.zones]
+    for dup in sorted({n for n in names if names.count(n) > 1}):
+        problems.append(f"{where}: [rate_limits] zone name {dup!r} is used more than once; zone names must be unique")
     if cfg.balancer.auth_mode == "subrequest" and not cfg.balancer.auth_subrequest_url:
         problems.append(f"{where}: [balancer] auth_subrequest_url is required when auth_mode = 'subrequest'")
     if cfg.balancer.auth_mode == "callable" and ":" not in cfg.balancer.auth_callable:

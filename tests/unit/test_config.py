@@ -110,3 +110,9 @@ def test_readme_table_matches_the_schema() -> None:
 def test_sample_is_a_valid_config(tmp_path: Path) -> None:
     cfg = _load(tmp_path, config.render_sample())
     assert cfg.rate_limits.zones[0].name == "login"
+
+
+def test_duplicate_zone_names_are_refused(tmp_path: Path) -> None:
+    zone = '[[rate_limits.zones]]\nname = "z"\nprefixes = ["/x"]\n'
+    with pytest.raises(ConfigError, match="zone name 'z' is used more than once"):
+        _load(tmp_path, zone + zone)
