@@ -1,0 +1,201 @@
+"""Balancer throughput and latency against nginx, in one run (run by `make bench`, never by the tests).
+
+    .venv/bin/python -m bench balancer   [--seconds 10] [--conns 64,256] [--workers 2] [--quick]
+
+Starts, in a temp data dir on loopback: the api workers (`appliance _child api`),
+our balancer (uvloop, and the stdlib loop for comparison) and nginx
+(least_conn, upstream keepalive, one worker process like our one balancer
+process) in front of the same workers. wrk runs for --seconds at each
+connection count on /health/ping and on the authenticated /api/protected,
+through the balancer, through nginx and straight to one worker. Prints req/s,
+p50, p99, errors and the balancer/nginx ratios. Rate limits are off (they
+would be the thing measured); the token hook is on (jwt).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.conftest import write_config  # noqa: E402
+from tests.procs import free_port, start_child, stop, wait_port  # noqa: E402
+
+WRK = shutil.which("wrk") or "/usr/bin/wrk"
+NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+
+NGINX_CONF = """
+worker_processes 1;
+pid {dir}/nginx.pid;
+error_log {dir}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    upstream api {{
+        least_conn;
+{servers}
+        keepalive 64;
+    }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://api;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $host;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+        }}
+    }}
+}}
+"""
+
+
+def wrk(url: str, conns: int, seconds: int, token: str | None) -> dict[str, float]:
+    cmd = [WRK, "-t2", f"-c{conns}", f"-d{seconds}s", "--latency", url]
+    if token:
+        cmd += ["-H", f"Authorization: Bearer {token}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)) if "Requests/sec" in out else 0.0
+
+    def pct(p: str) -> float:
+        m = re.search(rf"^\s+{p}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+        if not m:
+            return float("nan")
+        value, unit = float(m.group(1)), m.group(2)
+        return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+
+    errors = 0
+    m = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    if m:
+        errors += int(m.group(1))
+    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    if m:
+        errors += sum(int(x) for x in m.groups())
+    return {"rps": rps, "p50": pct("50"), "p99": pct("99"), "errors": errors}
+
+
+def prepare(data: Path, workers: int, base: int, port: int) -> tuple[Path, str]:
+    cfg_path = write_config(
+        data,
+        balancer={"listen": f"127.0.0.1:{port}", "access_log": False, "auth_mode": "jwt"},
+        api={"workers": workers, "base_port": base},
+        monitor={"enabled": False},
+        rate_limits={"enabled": False},
+        auth={"bcrypt_rounds": 10},
+        logging={"level": "warning"},
+    )
+    from appliance import accounts, db, tokens
+    from appliance.config import load_config
+
+    cfg = load_config(cfg_path, env={})
+    db.migrate(db.open_database(cfg))
+    user = accounts.create_user("bench", "bench@example.com", "bench-password-1", role="user", rounds=10, min_length=8)
+    token, _ = tokens.issue_access(
+        tokens.TokenSettings.from_config(cfg),
+        user_id=user.id,
+        username="bench",
+        role="user",
+        generation=getattr(user, "token_generation", 0) or 0,
+        family="bench",
+    )
+    return cfg_path, token
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="bench balancer", description=__doc__.split("\n")[0])
+    ap.add_argument("--seconds", type=int, default=10)
+    ap.add_argument("--conns", default="64,256")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="3 s runs at 64 connections")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.seconds, args.conns = 3, "64"
+    conns = [int(c) for c in args.conns.split(",")]
+    if not os.path.exists(WRK) or not os.path.exists(NGINX):
+        print(f"bench balancer: needs wrk ({WRK}) and nginx ({NGINX})", file=sys.stderr)
+        return 2
+    tmp = Path(tempfile.mkdtemp(prefix="appliance-bench-"))
+    base = free_port()
+    while any(not _free(base + i) for i in range(args.workers)):
+        base = free_port()
+    bal_port, std_port, nginx_port = free_port(), free_port(), free_port()
+    procs: list[subprocess.Popen] = []
+    nginx: subprocess.Popen | None = None
+    try:
+        cfg_path, token = prepare(tmp / "data", args.workers, base, bal_port)
+        env = {"PYTHONPATH": str(ROOT)}
+        for i in range(args.workers):
+            procs.append(start_child("api", cfg_path, i, env=env, log=tmp / f"api{i}.log"))
+        for i in range(args.workers):
+            wait_port(base + i, timeout=60, proc=procs[i])
+        procs.append(start_child("balancer", cfg_path, 0, env=env, log=tmp / "balancer.log"))
+        wait_port(bal_port, proc=procs[-1])
+        std_env = {**env, "APPLIANCE_BALANCER__USE_UVLOOP": "false", "APPLIANCE_BALANCER__LISTEN": f"127.0.0.1:{std_port}"}
+        procs.append(start_child("balancer", cfg_path, 1, env=std_env, log=tmp / "balancer-std.log"))
+        wait_port(std_port, proc=procs[-1])
+        ndir = tmp / "nginx"
+        ndir.mkdir()
+        servers = "\n".join(f"        server 127.0.0.1:{base + i};" for i in range(args.workers))
+        (ndir / "nginx.conf").write_text(NGINX_CONF.format(dir=ndir, servers=servers, port=nginx_port))
+        nginx = subprocess.Popen([NGINX, "-c", str(ndir / "nginx.conf"), "-p", str(ndir), "-g", "daemon off;"], start_new_session=True)
+        wait_port(nginx_port, proc=nginx)
+        targets = [
+            ("balancer", bal_port),
+            ("balancer-asyncio", std_port),
+            ("nginx", nginx_port),
+            ("direct-1-worker", base),
+        ]
+        results: dict[tuple[str, str, int], dict[str, float]] = {}
+        print(f"wrk {args.seconds}s per run; {args.workers} api workers (waitress); 2 cores shared; tmp {tmp}")
+        print(f"{'path':<16}{'conns':>6}  {'target':<18}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}")
+        for path, auth in (("/health/ping", None), ("/api/protected", token)):
+            for c in conns:
+                for name, port in targets:
+                    wrk(f"http://127.0.0.1:{port}{path}", c, 1, auth)  # warm up keep-alive pools
+                    r = results[(path, name, c)] = wrk(f"http://127.0.0.1:{port}{path}", c, args.seconds, auth)
+                    print(f"{path:<16}{c:>6}  {name:<18}{r['rps']:>9.0f}{r['p50']:>9.2f}{r['p99']:>9.2f}{r['errors']:>8.0f}")
+                ours, peer = results[(path, "balancer", c)], results[(path, "nginx", c)]
+                if peer["rps"]:
+                    print(f"{'':<24}ratio balancer/nginx: throughput {ours['rps'] / peer['rps']:.2f}, p99 {ours['p99'] / peer['p99']:.2f}x")
+        return 0
+    finally:
+        if nginx is not None:
+            stop(nginx, signal.SIGQUIT)
+        for p in reversed(procs):
+            stop(p)
+        with contextlib.suppress(OSError):
+            shutil.rmtree(tmp)
+
+
+def _free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+if __name__ == "__main__":
+    t0 = time.monotonic()
+    code = main()
+    print(f"took {time.monotonic() - t0:.0f}s")
+    raise SystemExit(code)
