@@ -41,17 +41,30 @@ def _key(cfg: Any) -> tuple[str, str, str]:
     return (cfg.redis.url, cfg.redis.key_prefix, str(cfg.path("queue.db")))
 
 
+class _MessagesOnly:
+    """Huey without its revocation keys: cancellation lives in the task row (checked at claim),
+    so the two extra queue round trips per task that revocation costs are skipped."""
+
+    def is_revoked(self, task: Any, timestamp: Any = None, peek: bool = True) -> bool:
+        return False
+
+    def delete(self, key: str) -> bool:
+        if key.startswith("r:"):
+            return False
+        return super().delete(key)  # type: ignore[misc]
+
+
 def _create(cfg: Any) -> Any:
     from huey import PriorityRedisHuey, SqliteHuey
 
     if cfg.redis.url:
-        huey = PriorityRedisHuey(
-            queue_name(cfg), url=cfg.redis.url, results=False, utc=True, clean_name=False, blocking=True, read_timeout=1
-        )
+        cls = type("ApplianceRedisHuey", (_MessagesOnly, PriorityRedisHuey), {})
+        huey = cls(queue_name(cfg), url=cfg.redis.url, results=False, utc=True, clean_name=False, blocking=True, read_timeout=1)
     else:
         path = cfg.path("queue.db")
         path.parent.mkdir(parents=True, exist_ok=True)
-        huey = SqliteHuey(queue_name(cfg), filename=str(path), results=False, utc=True, timeout=30)
+        cls = type("ApplianceSqliteHuey", (_MessagesOnly, SqliteHuey), {})
+        huey = cls(queue_name(cfg), filename=str(path), results=False, utc=True, timeout=30)
 
     def run(task_id: str, attempt: int) -> None:
         from appliance.queue import runner

@@ -109,7 +109,7 @@ def _run(cfg: Any, task: Any, attempt: int) -> None:
         cfg=cfg,
         on_progress=_progress_hook(cfg, task),
     )
-    log.info("task started", extra=fields(task_id=task.id, task_type=task.task_type, attempt=attempt, worker_id=task.worker_id))
+    log.debug("task started", extra=fields(task_id=task.id, task_type=task.task_type, attempt=attempt, worker_id=task.worker_id))
     try:
         ttype = registry_for(cfg).get(task.task_type)
         data = ttype.parse(task.input)
@@ -126,8 +126,8 @@ def _run(cfg: Any, task: Any, attempt: int) -> None:
         _failed(cfg, task, attempt, exc)
         return
     done = records.finish(task.id, attempt, "succeeded", started_at=task.started_at, result=result)
-    log.info("task succeeded", extra=fields(task_id=task.id, task_type=task.task_type, attempt=attempt))
-    if done:
+    log.debug("task succeeded", extra=fields(task_id=task.id, task_type=task.task_type, attempt=attempt))
+    if done and (task.callbacks or task.group_id):  # nothing else to do for a plain task: no extra query
         after_terminal(cfg, task.id)
 
 

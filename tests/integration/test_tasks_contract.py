@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import datetime as dt
 
-import pytest
-
 from appliance import queue as queue_mod
 from appliance.db.models import NodeHeartbeat, Schedule, ScheduleRun, Task
 from appliance.queue import reaper, records, runner, schedules, service
