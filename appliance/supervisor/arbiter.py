@@ -449,7 +449,9 @@ class Arbiter:
             return
         if changed:
             for child in self.children:
-                if child.kind.listeners and child.proc is not None:
+                # A balancer that does not catch SIGUSR1 yet would die of it; it reads the file when it starts
+                # and polls its mtime anyway.
+                if child.kind.listeners and child.proc is not None and catches(child.proc.pid, signal.SIGUSR1):
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(child.proc.pid, signal.SIGUSR1)
 
@@ -597,6 +599,18 @@ class Arbiter:
             "healthy": self.phase_name in ("running", "reloading") and not degraded,
             "upstreams_version": self.channel.version,
         }
+
+
+def catches(pid: int, sig: int) -> bool:
+    """True when process `pid` has a handler for `sig` (Linux: SigCgt in /proc/PID/status); False when unknown."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("SigCgt:"):
+                    return bool(int(line.split()[1], 16) & (1 << (sig - 1)))
+    except (OSError, ValueError):
+        pass
+    return False
 
 
 def _indent(lines: list[str]) -> str:

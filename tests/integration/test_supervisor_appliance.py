@@ -1,0 +1,248 @@
+"""The real `appliance run` on free loopback ports: kill -9 of every kind of child under a stream of GETs,
+SIGHUP rolling restart with zero failed requests (and a broken config refused), a crash loop given up
+while the rest serve, SIGTERM draining requests and a running task, and the systemd notify sequence."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+
+import pytest
+
+from appliance import roles
+from tests.integration.supervised import Appliance, Stream, http_json, wait_until
+
+pytestmark = pytest.mark.skipif(
+    not all(roles.available(r) for r in ("balancer", "api", "worker", "scheduler")), reason="the roles are not all part of this build"
+)
+
+
+@pytest.fixture(scope="module")
+def appliance(tmp_path_factory):
+    app = Appliance(tmp_path_factory.mktemp("supervised"), api_workers=2, task_workers=1, monitor=roles.available("monitor"))
+    app.start()
+    yield app
+    assert app.stop() == 0
+
+
+def test_started_with_one_line_and_the_url(appliance):
+    up = [m for m in appliance.messages() if m.startswith("appliance is up on")]
+    assert up == [f"appliance is up on http://127.0.0.1:{appliance.port} " + up[0].split(" ", 5)[-1]]
+    status, body = http_json(appliance.port, "GET", "/health/ping")
+    assert status == 200 and body["status"] == "ok"
+    # Every process logs JSON lines with its role and pid; the config (with its secrets) is never logged.
+    roles_seen = {e.get("role") for e in appliance.lines()}
+    assert {"supervisor", "api", "worker", "scheduler", "balancer"} <= roles_seen
+    secrets = (appliance.data / "secrets.toml").read_text()
+    jwt_secret = next(line.split('"')[1] for line in secrets.splitlines() if line.startswith("jwt_secret"))
+    assert jwt_secret not in appliance.log.read_text()
+
+
+def test_second_appliance_on_the_same_data_dir_is_refused(appliance):
+    result = appliance.cli("run", timeout=30)
+    assert result.returncode == 1
+    assert f"pid {appliance.proc.pid}" in result.stderr and "already running" in result.stderr
+
+
+def test_status_command_lists_every_process(appliance):
+    result = appliance.cli("status")
+    assert result.returncode == 0, result.stdout + result.stderr
+    for role in ("api", "worker", "scheduler", "balancer"):
+        assert f"\n{role} " in result.stdout
+    assert "healthy" in result.stdout and "queue: queued" in result.stdout
+    sock = appliance.data / "run" / "control.sock"
+    assert sock.stat().st_mode & 0o777 == 0o600
+
+
+def test_heartbeats_of_every_process_reach_the_node_table(appliance):
+    def nodes() -> set[str]:
+        status, body = http_json(appliance.port, "GET", "/health/nodes")
+        return {n["role"] for n in body["data"]["nodes"]} if status == 200 else set()
+
+    assert wait_until(lambda: {"api", "worker", "scheduler", "balancer"} <= nodes(), 10), nodes()
+
+
+@pytest.mark.slow
+def test_kill_9_each_child_during_a_stream_of_gets(appliance):
+    kinds = ["api", "worker", "scheduler", "balancer"] + (["monitor"] if roles.available("monitor") else [])
+    took: dict[str, float] = {}
+    with Stream(appliance.port) as stream:
+        time.sleep(0.5)
+        for role in kinds:
+            before = appliance.pids(role)
+            assert before, f"no live {role}"
+            slot, pid = next(iter(before.items()))
+            failures_before = len(stream.failures)
+            t0 = time.monotonic()
+            os.kill(pid, signal.SIGKILL)
+            back = wait_until(lambda: appliance.pids(role).get(slot) not in (None, pid), 10, step=0.02)  # noqa: B023
+            took[role] = time.monotonic() - t0
+            assert back, f"{role} did not come back"
+            time.sleep(0.5)
+            new_failures = stream.failures[failures_before:]
+            if role == "balancer":
+                # Only requests in flight inside the killed balancer may fail (one per client thread at most);
+                # new connections wait in the backlog of the socket the supervisor holds.
+                assert len(new_failures) <= len(stream.threads), new_failures
+            else:
+                assert new_failures == [], (role, new_failures)
+        time.sleep(0.5)
+    assert stream.ok > 50
+    assert stream.refused == 0
+    slow = {role: round(t, 2) for role, t in took.items() if t > (3.0 if role == "api" else 2.0)}
+    assert not slow, f"too slow to come back: {slow} (all: {took})"
+
+
+@pytest.mark.slow
+def test_sighup_rolls_every_worker_with_zero_failed_requests(appliance):
+    api_before = appliance.pids("api")
+    worker_before = appliance.pids("worker")
+    balancer_before = appliance.pids("balancer")
+    done_before = appliance.count("reload done")
+    with Stream(appliance.port, threads=3) as stream:
+        time.sleep(0.3)
+        appliance.signal(signal.SIGHUP)
+        appliance.wait_for("reload done", timeout=60, after=done_before)
+        time.sleep(0.5)
+    assert stream.failures == [], stream.failures
+    assert stream.ok > 50
+    api_after, worker_after = appliance.pids("api"), appliance.pids("worker")
+    assert len(api_after) == 2 and not set(api_after.values()) & set(api_before.values())
+    assert len(worker_after) == 1 and not set(worker_after.values()) & set(worker_before.values())
+    assert appliance.pids("balancer") == balancer_before  # its settings did not change: kept
+    # The new api workers listen on the spare ports and the balancer got them.
+    status = appliance.status()
+    ports = sorted(int(r["address"].rsplit(":", 1)[1]) for r in status["processes"] if r["role"] == "api")
+    assert ports != [appliance.api_base, appliance.api_base + 1]
+    assert all(m.endswith("is drained") for m in appliance.messages() if "is drained" in m)
+
+
+@pytest.mark.slow
+def test_sighup_with_a_broken_config_keeps_serving_the_old_one(appliance):
+    good = appliance.config.read_text()
+    pids = appliance.pids("api")
+    refused_before = appliance.count("reload refused")
+    try:
+        assert "threads = 4" in good
+        appliance.config.write_text(good.replace("threads = 4", "threads = 0"))
+        appliance.signal(signal.SIGHUP)
+        line = appliance.wait_for("reload refused", timeout=15, after=refused_before)
+        assert "[api] threads = 0 is invalid" in line  # names what is wrong
+    finally:
+        appliance.config.write_text(good)
+    time.sleep(0.5)
+    assert appliance.pids("api") == pids
+    assert http_json(appliance.port, "GET", "/health/ping")[0] == 200
+
+
+def squat(sock: socket.socket) -> None:
+    """Hold a port: accept and close at once (a connection that never gets an answer would hang its client)."""
+    while True:
+        try:
+            conn, _ = sock.accept()
+        except OSError:
+            return
+        conn.close()
+
+
+@pytest.mark.slow
+def test_a_child_that_crashes_at_start_is_given_up_while_the_rest_serve(tmp_path):
+    app = Appliance(tmp_path, api_workers=2, task_workers=1, supervisor={"max_restarts": 3, "restart_window": 60})
+    app.start()
+    try:
+        slot, pid = sorted(app.pids("api").items())[-1]
+        port = int(next(r["address"] for r in app.status()["processes"] if r["pid"] == pid).rsplit(":", 1)[1])
+        blocker = socket.socket()
+        with Stream(app.port) as stream:
+            os.kill(pid, signal.SIGKILL)
+            # Take the worker's port before its restart binds it: every restart now fails to listen.
+            assert wait_until(lambda: blocker.bind(("127.0.0.1", port)) or True, 5, step=0.005)
+            blocker.listen(16)
+            threading.Thread(target=squat, args=(blocker,), daemon=True).start()
+            app.wait_for(f"api[{slot}] exited", timeout=20)
+            line = app.wait_for("giving up on it", timeout=30)
+            assert f"api[{slot}]" in line and "crashed 4 times" in line
+            time.sleep(0.5)
+        assert stream.failures == [], stream.failures
+        assert stream.ok > 20
+        status = app.status()
+        assert not status["healthy"]
+        assert [r["state"] for r in status["processes"] if r["role"] == "api" and r["slot"] == slot] == ["failed"]
+        result = app.cli("status")
+        assert result.returncode == 1 and "failed" in result.stdout and "UNHEALTHY" in result.stdout
+        blocker.close()
+    finally:
+        assert app.stop() == 0
+
+
+def recv_until(sock: socket.socket, wanted: str, timeout: float) -> list[str]:
+    got: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            got.append(sock.recv(4096).decode())
+        except TimeoutError:
+            break
+        if got[-1].startswith(wanted):
+            break
+    return got
+
+
+def is_subsequence(wanted: list[str], got: list[str]) -> bool:
+    it = iter(got)
+    return all(any(g == w for g in it) for w in wanted)
+
+
+def login(app: Appliance) -> str:
+    result = app.cli("user", "create", "tasker", "--admin", "--password-stdin", stdin="a-long-password-1\n")
+    assert result.returncode == 0, result.stderr
+    status, body = http_json(app.port, "POST", "/auth/login", {"username": "tasker", "password": "a-long-password-1"})
+    assert status == 200, body
+    return body["data"]["access_token"]
+
+
+@pytest.mark.slow
+def test_notify_reload_and_sigterm_drain_with_a_running_task(tmp_path):
+    name = f"appliance-test-{os.getpid()}-{time.monotonic_ns()}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind("\0" + name)
+        app = Appliance(tmp_path, api_workers=2, task_workers=1, env={"NOTIFY_SOCKET": "@" + name, "WATCHDOG_USEC": "1000000"})
+        app.start(wait=False)
+        try:
+            got = recv_until(notify, "READY=1", 90)
+            got += recv_until(notify, "WATCHDOG=1", 3)
+            app.signal(signal.SIGHUP)
+            got += recv_until(notify, "READY=1", 60)
+            app.wait_for("reload done", timeout=30)
+            token = login(app)
+            status, body = http_json(app.port, "POST", "/tasks/submit", {"task_type": "sleep", "data": {"seconds": 2}}, token)
+            assert status in (200, 201, 202), body
+            task_id = body["data"]["task_id"]
+
+            def task_status() -> str:
+                return http_json(app.port, "GET", f"/tasks/status/{task_id}", token=token)[1]["data"]["status"]
+
+            assert wait_until(lambda: task_status() == "running", 20)
+            with Stream(app.port, threads=3) as stream:
+                time.sleep(0.3)
+                app.signal(signal.SIGTERM)
+                got += recv_until(notify, "STOPPING=1", 10)
+                assert app.proc.wait(30) == 0
+            assert stream.failures == [], stream.failures  # every request that got in was answered
+        finally:
+            app.stop()
+    assert is_subsequence(["READY=1", "WATCHDOG=1", "RELOADING=1", "READY=1", "STOPPING=1"], [m.splitlines()[0] for m in got]), got
+    # The task finished inside the grace period.
+    from appliance import db as dbmod
+    from appliance.config import load_config
+    from appliance.db.models import Task
+
+    handle = dbmod.open_database(load_config(app.config, env={}))
+    try:
+        assert Task.get_by_id(task_id).status == "succeeded"
+    finally:
+        handle.close()
