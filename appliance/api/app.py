@@ -35,6 +35,16 @@ ROUTE_MODULES: list[tuple[str, bool]] = [
 ]
 
 
+class BoundedIntConverter(falcon.routing.IntConverter):
+    """`{x:int}` path fields that fit a 64-bit database integer; larger ones match no route (404)."""
+
+    def convert(self, value: str) -> int | None:
+        number = super().convert(value)
+        if number is None or not -(2**63) <= number < 2**63:
+            return None
+        return number
+
+
 def _present(module: str) -> bool:
     try:
         return importlib.util.find_spec(module) is not None
@@ -53,6 +63,7 @@ def create_app(cfg: Any, *, index: int = 0, db: Any = None, check_responses: boo
     ctx = ApiContext(cfg=cfg, db=db, index=index, check_responses=check_responses)
     app = ApplianceApp(middleware=middleware.stack(ctx), cors_enable=False)
     app.ctx = ctx
+    app.router_options.converters["int"] = BoundedIntConverter
     app.req_options.strip_url_path_trailing_slash = True
     app.req_options.auto_parse_qs_csv = False
     handlers.install(app)

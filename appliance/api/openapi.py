@@ -64,7 +64,7 @@ def openapi_path(template: str) -> str:
 def _path_params(template: str) -> list[dict[str, Any]]:
     params = []
     for name, conv in _FIELD_RE.findall(template):
-        schema: dict[str, Any] = {"type": "integer"} if conv == "int" else {"type": "string"}
+        schema: dict[str, Any] = {"type": "integer", "format": "int64"} if conv == "int" else {"type": "string"}
         params.append({"name": name, "in": "path", "required": True, "schema": schema})
     return params
 

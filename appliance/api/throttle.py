@@ -16,6 +16,9 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import math
+from typing import Any
+
+import peewee as pw
 
 from appliance.db.models import LoginThrottle, database
 from appliance.times import utcnow
@@ -26,6 +29,15 @@ def _key(kind: str, value: str) -> str:
     if len(value) > 200:  # attackers send huge names; keep the key bounded but distinct
         value = "sha256:" + hashlib.sha256(value.encode("utf-8", "replace")).hexdigest()
     return f"{kind}:{value}"
+
+
+def _write_transaction() -> Any:
+    """A transaction that takes the write lock first: on SQLite a read that later writes could
+    fail with "database is locked" at once (WAL snapshot upgrade skips the busy timeout)."""
+    db = database.obj
+    if isinstance(db, pw.SqliteDatabase):
+        return db.atomic(lock_type="IMMEDIATE")
+    return database.atomic()
 
 
 class LoginGuard:
@@ -55,7 +67,7 @@ class LoginGuard:
         return locked
 
     def _count(self, key: str, limit: int, now: _dt.datetime) -> bool:
-        with database.atomic():
+        with _write_transaction():
             row = LoginThrottle.get_or_none(LoginThrottle.key == key)
             if row is None:
                 LoginThrottle.insert(key=key, failures=0, window_start=now).on_conflict_ignore().execute()
