@@ -70,9 +70,19 @@ def _config() -> Any:
     return _cfg or queue_mod.current_config()
 
 
-def execute(task_id: str, attempt: int) -> None:
+def stopping() -> bool:
+    """Replaced by the worker with its consumer's stop flag (shared with forked children)."""
+    return False
+
+
+def execute(task_id: str, attempt: int, priority: int = 5) -> None:
     """Run attempt `attempt` of task `task_id` (called by the Huey consumer)."""
     cfg = _config()
+    if stopping():
+        # A blocking read can hand a stopping worker one more message: give it back untouched.
+        row = Task.select(Task.priority).where(Task.id == task_id).first()
+        queue_mod.enqueue(cfg, task_id, attempt, row.priority if row else priority)
+        return
     wid = worker_id()
     task = records.claim(task_id, attempt, wid)
     if task is None:

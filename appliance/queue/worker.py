@@ -205,6 +205,7 @@ def serve(cfg: Any, index: int) -> int:
         "worker ready",
         extra=fields(node_id=node, concurrency=cfg.queue.concurrency, worker_type=cfg.queue.worker_type, task_types=reg.names()),
     )
+    runner.stopping = consumer.stop_flag.is_set  # type: ignore[method-assign]
     watcher = Watcher(cfg, node, consumer)
     consumer.start()
     watcher.start()

@@ -271,3 +271,34 @@ def test_callbacks_arrive_signed(tenv):
     assert bodies["/flaky"]["task_id"] == ok_id and bodies["/flaky"]["status"] == "succeeded" and bodies["/flaky"]["result"]["attempt"] == 1
     assert bodies["/error"]["task_id"] == bad_id and bodies["/error"]["status"] == "failed"
     assert bodies["/progress"]["progress"]["percentage"] in (50.0, 100.0)
+
+
+def test_sigterm_finishes_running_tasks_then_exits_0(tenv):
+    worker = tenv.start()
+    running = tenv.submit("sample", {"duration": 1.5, "steps": 3})
+    tenv.wait(running, ("running",))
+    os.kill(worker.pid, signal.SIGTERM)
+    time.sleep(0.3)
+    later = tenv.submit("sample")
+    assert worker.wait(15) == 0, tenv.logs()
+    assert tenv.status(running)["status"] == "succeeded"
+    time.sleep(0.5)
+    assert tenv.status(later)["status"] == "queued"  # not taken by a stopping worker
+
+
+def test_forced_cancel_in_thread_mode(tenv):
+    from tests.conftest import write_config
+
+    write_config(tenv.path.parent, queue={"concurrency": 2, "worker_type": "thread", "reaper_interval": 0.5}, **_rest(tenv))
+    worker = tenv.start()
+    stuck = tenv.submit("sleep", {"seconds": 60, "uninterruptible": True})
+    loop = tenv.submit("sample", {"duration": 60, "steps": 600})
+    tenv.wait(stuck, ("running",))
+    tenv.wait(loop, ("running",))
+    t0 = time.monotonic()
+    for t in (stuck, loop):
+        assert tenv.post(f"/tasks/cancel/{t}", {"force": True}).status_code == 200
+    assert tenv.wait(stuck, timeout=5)["status"] == "cancelled"
+    assert tenv.wait(loop, timeout=5)["status"] == "cancelled"
+    assert time.monotonic() - t0 < 5
+    assert worker.poll() is None
