@@ -88,7 +88,7 @@ def render(cfg: Any, *, user: str = "appliance", executable: str | None = None, 
         "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6",
         "SystemCallArchitectures=native",
         "SystemCallFilter=@system-service",
-        "SystemCallFilter=~@privileged @resources",
+        "SystemCallFilter=~@privileged",
         f"CapabilityBoundingSet={caps}",
         f"AmbientCapabilities={caps}",
         "",
@@ -96,3 +96,16 @@ def render(cfg: Any, *, user: str = "appliance", executable: str | None = None, 
         "WantedBy=multi-user.target",
     ]
     return "\n".join(lines) + "\n"
+
+
+PACKAGED_DATA_DIR = "/var/lib/appliance"
+PACKAGED_EXECUTABLE = "/usr/local/bin/appliance"
+
+
+def packaged() -> str:
+    """packaging/appliance.service: the unit for the default install paths (a test keeps the file in step)."""
+    from appliance.config import Config
+
+    cfg = Config()
+    cfg.server.data_dir = PACKAGED_DATA_DIR
+    return render(cfg, executable=PACKAGED_EXECUTABLE, config=Path(PACKAGED_DATA_DIR) / "appliance.toml")

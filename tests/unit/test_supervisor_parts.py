@@ -158,3 +158,12 @@ def test_unit_is_hardened(make_config):
     assert f"ExecStart=/usr/bin/appliance run --config {cfg.source}" in unit
     low = render(make_config(balancer={"listen": "0.0.0.0:443"}), executable="/usr/bin/appliance")
     assert "AmbientCapabilities=CAP_NET_BIND_SERVICE" in low
+
+
+def test_packaged_unit_matches_the_generator():
+    from pathlib import Path
+
+    from appliance.supervisor.unit import packaged
+
+    committed = Path(__file__).resolve().parents[2] / "packaging" / "appliance.service"
+    assert committed.read_text() == packaged(), "regenerate packaging/appliance.service with appliance.supervisor.unit.packaged()"
