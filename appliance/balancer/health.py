@@ -41,7 +41,18 @@ TRANSITIONS: dict[tuple[str, str], str] = {
 class Health:
     """The health state of one upstream and the evidence that moves it."""
 
-    __slots__ = ("state", "rise", "fall", "max_fails", "fail_timeout", "ok_streak", "fail_streak", "fail_times", "ejected_until", "on_change")
+    __slots__ = (
+        "state",
+        "rise",
+        "fall",
+        "max_fails",
+        "fail_timeout",
+        "ok_streak",
+        "fail_streak",
+        "fail_times",
+        "ejected_until",
+        "on_change",
+    )
 
     def __init__(self, rise: int = 2, fall: int = 2, max_fails: int = 3, fail_timeout: float = 10.0, state: str = HEALTHY):
         self.state = state
