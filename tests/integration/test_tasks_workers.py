@@ -34,18 +34,18 @@ def _running_times(history):
 def test_lifecycle_with_progress_and_logs(tenv):
     tenv.start()
     tid = tenv.submit("sample", {"duration": 1.0, "steps": 4, "message": "hello"})
-    seen_progress = 0.0
+    seen_progress: set[float] = set()
     deadline = time.monotonic() + 20
     while True:
         s = tenv.status(tid, who="alice")
         if s["status"] == "running":
-            seen_progress = max(seen_progress, s["progress"]["percentage"])
+            seen_progress.add(s["progress"]["percentage"])
             assert s["execution"]["worker_id"].startswith(f"{tenv.cfg.server.node_name or os.uname().nodename}:worker:0#")
         if s["status"] == "succeeded" or time.monotonic() > deadline:
             break
         time.sleep(0.05)
     assert s["status"] == "succeeded", tenv.logs()
-    assert 0 < seen_progress < 100
+    assert any(0 < p < 100 for p in seen_progress), seen_progress
     assert s["progress"]["percentage"] == 100
     assert s["result"]["echo"]["message"] == "hello"
     assert s["execution"]["running_time"] >= 0.9
