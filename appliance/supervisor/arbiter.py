@@ -397,7 +397,7 @@ class Arbiter:
 
     def _probe(self, now: float) -> None:
         for child in self.children:
-            if child.state != "starting" or child.proc is None or now - child.last_probe < 0.2:
+            if child.state != "starting" or child.proc is None or now - child.last_probe < 0.1:
                 continue
             child.last_probe = now
             if self.is_ready(child, now):
@@ -588,7 +588,9 @@ class Arbiter:
             }
             for c in self.children
         ]
-        degraded = any(r["state"] not in ("up", "draining") for r in rows)
+        # A process replaced by a reload is expected to be starting or stopping; anything else not up is a problem.
+        fine = ("up", "draining", "starting", "stopping") if self.phase_name == "reloading" else ("up", "draining")
+        degraded = any(r["state"] not in fine for r in rows)
         self.snapshot = {
             "pid": os.getpid(),
             "phase": self.phase_name,

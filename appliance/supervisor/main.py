@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from appliance import metrics
+from appliance import heartbeat, metrics
 from appliance.logs import setup_logging
 from appliance.supervisor.arbiter import Arbiter, Settings
 from appliance.supervisor.channel import Channel
@@ -167,10 +167,13 @@ def _run_locked(cfg: Any, source: str, fmt: str) -> int:
         settings_for=lambda c: Settings.from_config(c, rdir, fmt, url),
         on_dead=metrics.mark_dead,
     )
+    beat = heartbeat.Heartbeat(cfg, "supervisor", 0, env={})  # its own row in /health/nodes (no file, no parent check)
+    beat.start()
     control = ControlServer(socket_path(rdir), lambda: arbiter.snapshot, lambda: status_extras(arbiter.cfg, arbiter.channel))
     control.start()
     try:
         return arbiter.run()
     finally:
         control.stop()
+        beat.stop()
         arbiter.notifier.close()

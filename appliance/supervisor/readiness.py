@@ -16,7 +16,7 @@ import http.client
 import socket
 from pathlib import Path
 
-MIN_UP = 0.5  # seconds a heartbeat-ready child must stay up before it counts
+MIN_UP = 0.25  # seconds a heartbeat-ready child must stay up before it counts
 
 
 def http_ok(port: int, path: str = "/health/ping", timeout: float = 0.5) -> bool:
