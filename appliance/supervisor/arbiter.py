@@ -166,6 +166,7 @@ class Arbiter:
         self.base_env[PARENT_ENV] = str(os.getpid())
         self._wake_r = self._wake_w = -1
         self._spawned = 0
+        self._status_line = ""
 
     # --- the loop ---------------------------------------------------------------------------
 
@@ -483,7 +484,8 @@ class Arbiter:
         self.phase_name = "running"
         counts = ", ".join(f"{k.count} {k.role}" for k in self.kinds)
         log.info("appliance is up on %s (%s)", self.settings.url, counts, extra=fields(url=self.settings.url))
-        self.notifier.ready(f"serving on {self.settings.url}")
+        self._status_line = f"serving on {self.settings.url}"
+        self.notifier.ready(self._status_line)
 
     def _fail_startup(self, child: Child, why: str) -> Phase:
         log.error("startup failed: %s; stopping everything. Its last lines:\n%s", why, _indent(child.last_lines(10)))
@@ -591,6 +593,12 @@ class Arbiter:
         # A process replaced by a reload is expected to be starting or stopping; anything else not up is a problem.
         fine = ("up", "draining", "starting", "stopping") if self.phase_name == "reloading" else ("up", "draining")
         degraded = any(r["state"] not in fine for r in rows)
+        if self.phase_name == "running":
+            problems = [f"{r['role']}[{r['index']}] {r['state']}" for r in rows if r["state"] not in ("up", "draining")]
+            summary = f"serving on {self.settings.url}" + (f"; {', '.join(problems)}" if problems else "")
+            if summary != self._status_line:
+                self._status_line = summary
+                self.notifier.status(summary)
         self.snapshot = {
             "pid": os.getpid(),
             "phase": self.phase_name,

@@ -67,7 +67,11 @@ def _duration(seconds: float | None) -> str:
 def render_status(doc: dict[str, Any]) -> str:
     out = [f"appliance {doc.get('phase')} on {doc.get('url')} (supervisor pid {doc.get('pid')}, config {doc.get('config')})"]
     out.append(f"{'role':<10} {'index':>5} {'pid':>7} {'state':<9} {'restarts':>8} {'uptime':>8} {'cpu%':>6} {'memory':>8}  address")
-    rows = sorted(doc.get("processes", []), key=lambda r: (r["role"], r["slot"], r["index"]))
+    me = doc.get("supervisor") or {}
+    rows = [{"role": "supervisor", "index": 0, "slot": 0, "pid": doc.get("pid"), "state": doc.get("phase"), "restarts": 0, **me}]
+    if doc.get("started"):
+        rows[0]["uptime"] = doc.get("now", 0) - doc["started"] if doc.get("now") else None
+    rows += sorted(doc.get("processes", []), key=lambda r: (r["role"], r["slot"], r["index"]))
     for r in rows:
         cpu = "-" if r.get("cpu") is None else f"{r['cpu']:.1f}"
         out.append(

@@ -114,13 +114,15 @@ class ControlServer:
             return
         doc = dict(self.snapshot())
         rows = [dict(r) for r in doc.get("processes", [])]
-        usage = process_usage([r["pid"] for r in rows if r.get("pid")])
+        me = os.getpid()
+        usage = process_usage([r["pid"] for r in rows if r.get("pid")] + [me])
         now = time.time()
         for row in rows:
             row.update(usage.get(row.get("pid") or 0, {"cpu": None, "rss": None}))
             row["uptime"] = now - row["started"] if row.get("started") else None
         doc["processes"] = rows
-        doc["supervisor"] = process_usage([os.getpid()], 0.0).get(os.getpid(), {})
+        doc["supervisor"] = usage.get(me, {})
+        doc["now"] = now
         if self.extras:
             with contextlib.suppress(Exception):
                 doc.update(self.extras())

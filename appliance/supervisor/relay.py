@@ -21,6 +21,7 @@ import orjson
 
 WRITE_LOCK = threading.Lock()
 TAIL_LINES = 20
+MAX_LINE = 1 << 16
 
 
 def wrap(line: str, role: str, pid: int, fmt: str) -> str:
@@ -48,7 +49,8 @@ class Relay:
     def _run(self) -> None:
         out = self.out or sys.stdout
         try:
-            for raw in iter(self.stream.readline, b""):
+            # Bounded reads: a child printing megabytes without a newline must not grow our memory.
+            for raw in iter(lambda: self.stream.readline(MAX_LINE), b""):
                 line = raw.decode("utf-8", "replace").rstrip("\r\n")
                 if not line:
                     continue
