@@ -146,9 +146,16 @@ def _hand_to_queue(cfg: Any, rows: list[dict[str, Any]]) -> None:
 
 
 def _insert(rows: list[dict[str, Any]]) -> None:
-    with database.atomic():
-        for i in range(0, len(rows), 100):
-            Task.insert_many(rows[i : i + 100]).execute()
+    if len(rows) == 1:  # one statement, committed on its own: no BEGIN/COMMIT round trips
+        Task.insert(rows[0]).execute()
+    else:
+        with database.atomic():
+            for i in range(0, len(rows), 100):
+                Task.insert_many(rows[i : i + 100]).execute()
+
+
+def _history(rows: list[dict[str, Any]]) -> None:
+    """History rows of new tasks; only after their rows are committed (they are written by another connection)."""
     for row in rows:
         records.add_history(row["id"], "queued", "submitted" if row.get("queued_at") else "waiting for its turn", at=row["created_at"])
 
@@ -162,6 +169,7 @@ def submit(cfg: Any, caller: Caller, req: SubmitRequest | dict[str, Any], *, sch
     if schedule_id is not None:
         row["schedule"] = schedule_id
     _insert([row])
+    _history([row])
     _hand_to_queue(cfg, [row])
     return {
         "task_id": row["id"],
@@ -184,6 +192,7 @@ def _group(cfg: Any, caller: Caller, kind: str, items: list[SubmitRequest], name
     with database.atomic():
         TaskGroup.create(id=gid, kind=kind, name=name, owner=caller.user_id, execution_mode=mode, failure_strategy=strategy, created_at=now)
         _insert(rows)
+    _history(rows)
     _hand_to_queue(cfg, [r for r in rows if r.get("queued_at")])
     return {
         f"{kind}_id": gid,
@@ -337,7 +346,7 @@ def cancel(cfg: Any, caller: Caller, task_id: str, req: CancelRequest | dict[str
     if req.force:
         values["cancel_force"] = True
     Task.update(**values).where((Task.id == task.id) & (Task.status == "running")).execute()
-    records.add_history(task.id, "running", f"cancel requested{' (force)' if req.force else ''}: {reason}")
+    log.info("cancel requested", extra=fields(task_id=task.id, force=req.force))
     return {"task_id": task.id, "status": task.status, "cancel_requested": True, "force": req.force}
 
 
