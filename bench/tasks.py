@@ -120,6 +120,7 @@ def run_appliance(n: int, concurrency: int, db_kind: str, work: Path) -> dict[st
         enqueue_s = time.time() - t0
         _wait_done(Task, n)
         records.flush()
+        time.sleep(0.5)  # the worker's history buffer flushes every 0.1 s
         rows = list(Task.select(Task.created_at, Task.started_at, Task.finished_at))
         elapsed = (max(r.finished_at for r in rows) - min(r.created_at for r in rows)).total_seconds()
         lat = [(r.started_at - r.created_at).total_seconds() * 1000 for r in rows]
