@@ -36,8 +36,9 @@ from typing import Any
 from appliance import roles
 from appliance.heartbeat import FILE_ENV, PARENT_ENV
 from appliance.logs import fields
-from appliance.supervisor import readiness
+from appliance.supervisor import phases, readiness
 from appliance.supervisor.channel import Channel
+from appliance.supervisor.child import Child, catches, describe_exit, indent
 from appliance.supervisor.kinds import Kind
 from appliance.supervisor.notify import Notifier
 from appliance.supervisor.policy import RestartPolicy, RestartTracker
@@ -50,44 +51,6 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
 # systemd's variables are for the supervisor alone; children must not notify or think they were socket-activated.
 PRIVATE_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", LISTEN_FDS_ENV)
 Phase = Generator[None, None, None]
-
-
-@dataclass(eq=False)
-class Child:
-    """One slot of a kind and the process currently filling it."""
-
-    kind: Kind
-    slot: int
-    index: int
-    cfg: Any
-    tracker: RestartTracker
-    proc: subprocess.Popen[bytes] | None = None
-    relay: Relay | None = None
-    state: str = "new"  # starting, up, draining, stopping, backoff, failed, stopped
-    pid: int | None = None
-    started_at: float = 0.0
-    started_wall: float = 0.0
-    next_start: float = 0.0
-    last_probe: float = 0.0
-    restarts: int = 0
-    retiring: bool = False
-    boot_failure: bool = False
-    exit_status: int | None = None
-    heartbeat: Path | None = None  # this process's own file: an old and a new process may share an index
-
-    @property
-    def name(self) -> str:
-        return f"{self.kind.role}[{self.index}]"
-
-    @property
-    def alive(self) -> bool:
-        return self.proc is not None
-
-    def last_lines(self, n: int = 10) -> list[str]:
-        if self.relay is None:
-            return []
-        self.relay.join(0.5)  # the last lines of a dead child may still be in the pipe
-        return self.relay.last_lines(n)
 
 
 @dataclass
@@ -115,15 +78,6 @@ class Settings:
             policy=RestartPolicy.from_config(cfg),
             url=url,
         )
-
-
-def describe_exit(code: int) -> str:
-    if code < 0:
-        try:
-            return f"was killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"was killed by signal {-code}"
-    return f"exited with status {code}"
 
 
 class Arbiter:
@@ -177,7 +131,7 @@ class Arbiter:
             stale.unlink(missing_ok=True)
         self.channel.reset()
         self._install_signals()
-        self.phase = self._startup()
+        self.phase = phases.startup(self)
         try:
             while self.exit_code is None:
                 self._dispatch_signals()
@@ -195,7 +149,7 @@ class Arbiter:
         finally:
             self._kill_everything()
             self._restore_signals()
-            self._close_listeners()
+            self.close_listeners()
             self._publish()
         return self.exit_code
 
@@ -240,11 +194,11 @@ class Arbiter:
         if self.stopping:
             log.warning("%s again: killing every process now", name)
             self._close_phase()
-            self.phase = self._kill_phase()
+            self.phase = phases.kill_all(self)
             return
         log.info("%s received: draining, then stopping (grace period %.0fs)", name, self.settings.grace_period)
         self._close_phase()
-        self.phase = self._shutdown(exit_code=0)
+        self.phase = phases.shutdown(self, exit_code=0)
 
     def handle_reload(self) -> None:
         if self.phase_name == "reloading":
@@ -372,7 +326,7 @@ class Arbiter:
                 what,
                 decision.deaths_in_window,
                 self.settings.policy.window,
-                _indent(tail),
+                indent(tail),
                 extra=fields(child_role=child.kind.role, child_state="failed"),
             )
             return
@@ -385,7 +339,7 @@ class Arbiter:
             child.pid,
             what,
             decision.delay,
-            _indent(tail),
+            indent(tail),
             extra=fields(child_role=child.kind.role, restart_delay=decision.delay),
         )
 
@@ -461,76 +415,6 @@ class Arbiter:
 
     # --- phases --------------------------------------------------------------------------------------
 
-    def _startup(self) -> Phase:
-        self.phase_name = "starting"
-        self.notifier.status("starting")
-        deadline = self.clock() + self.settings.startup_timeout
-        for kind in self.kinds:
-            for slot in range(kind.count):
-                self.spawn(self.add_child(kind, slot, slot))
-        while True:
-            broken = next((c for c in self.children if c.boot_failure or c.state == "failed"), None)
-            if broken is not None:
-                why = "could not boot" if broken.boot_failure else "crashed repeatedly"
-                yield from self._fail_startup(broken, f"{broken.name} {why} ({describe_exit(broken.exit_status or 0)})")
-                return
-            pending = [c for c in self.children if c.state != "up"]
-            if not pending:
-                break
-            if self.clock() > deadline:
-                yield from self._fail_startup(pending[0], f"{pending[0].name} was not ready within {self.settings.startup_timeout:.0f}s")
-                return
-            yield
-        self.phase_name = "running"
-        counts = ", ".join(f"{k.count} {k.role}" for k in self.kinds)
-        log.info("appliance is up on %s (%s)", self.settings.url, counts, extra=fields(url=self.settings.url))
-        self._status_line = f"serving on {self.settings.url}"
-        self.notifier.ready(self._status_line)
-
-    def _fail_startup(self, child: Child, why: str) -> Phase:
-        log.error("startup failed: %s; stopping everything. Its last lines:\n%s", why, _indent(child.last_lines(10)))
-        self.notifier.status(f"startup failed: {why}")
-        yield from self._shutdown(exit_code=1, grace=min(5.0, self.settings.grace_period), notify=False)
-
-    def _shutdown(self, exit_code: int, grace: float | None = None, notify: bool = True) -> Phase:
-        """Drain: the balancer and task processes first, then what sits behind the balancer; kill at the deadline."""
-        self.stopping = True
-        self.phase_name = "stopping"
-        if notify:
-            self.notifier.stopping("draining")
-        deadline = self.clock() + (self.settings.grace_period if grace is None else grace)
-        front = [c for c in self.children if not c.kind.group]
-        behind = [c for c in self.children if c.kind.group]
-        for child in front:
-            self.terminate(child)
-        self._close_listeners()  # the balancer holds its own copy until it stops accepting
-        while any(c.alive for c in front) and self.clock() < deadline:
-            yield
-        for child in behind:
-            self.terminate(child)
-        while any(c.alive for c in self.children) and self.clock() < deadline:
-            yield
-        left = [c for c in self.children if c.alive]
-        if left:
-            log.warning("grace period over: killing %s", ", ".join(f"{c.name} (pid {c.pid})" for c in left))
-            yield from self._kill_phase(exit_code)
-            return
-        for child in self.children:
-            if child.state in ("backoff", "new"):
-                child.state = "stopped"
-        log.info("every process stopped; goodbye")
-        self.exit_code = exit_code
-
-    def _kill_phase(self, exit_code: int = 0) -> Phase:
-        self.stopping = True
-        self.phase_name = "stopping"
-        for child in self.children:
-            self.terminate(child, signal.SIGKILL)
-        deadline = self.clock() + 5.0
-        while any(c.alive for c in self.children) and self.clock() < deadline:
-            yield
-        self.exit_code = exit_code
-
     def wait_exit(self, child: Child, timeout: float) -> Phase:
         """Wait (bounded) for a child we asked to stop; SIGKILL it at the deadline."""
         deadline = self.clock() + timeout
@@ -552,7 +436,7 @@ class Arbiter:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     child.proc.wait(5)
 
-    def _close_listeners(self) -> None:
+    def close_listeners(self) -> None:
         for sock in self.listeners:
             with contextlib.suppress(OSError):
                 sock.close()
@@ -609,19 +493,3 @@ class Arbiter:
             "healthy": self.phase_name in ("running", "reloading") and not degraded,
             "upstreams_version": self.channel.version,
         }
-
-
-def catches(pid: int, sig: int) -> bool:
-    """True when process `pid` has a handler for `sig` (Linux: SigCgt in /proc/PID/status); False when unknown."""
-    try:
-        with open(f"/proc/{pid}/status") as fh:
-            for line in fh:
-                if line.startswith("SigCgt:"):
-                    return bool(int(line.split()[1], 16) & (1 << (sig - 1)))
-    except (OSError, ValueError):
-        pass
-    return False
-
-
-def _indent(lines: list[str]) -> str:
-    return "\n".join("  | " + line for line in lines) if lines else "  (no output)"

@@ -33,7 +33,8 @@ import msgspec
 from appliance.supervisor.kinds import Kind
 
 if TYPE_CHECKING:
-    from appliance.supervisor.arbiter import Arbiter, Child
+    from appliance.supervisor.arbiter import Arbiter
+    from appliance.supervisor.child import Child
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from appliance.supervisor import channel, kinds, notify, relay, rollout
-from appliance.supervisor.arbiter import describe_exit
+from appliance.supervisor.child import describe_exit
 from appliance.supervisor.commands import render_status
 from appliance.supervisor.main import public_url
 from appliance.supervisor.unit import render
