@@ -36,6 +36,7 @@ test: lint
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)
+	@command -v wrk >/dev/null && command -v nginx >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk nginx >/dev/null)
 	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python -m bench
 

@@ -107,7 +107,7 @@ def worker_config(data_dir: Path, pg_url: str | None = None, **sections: dict[st
     """appliance.toml for real workers: a free base port, fast bcrypt, optional PostgreSQL."""
     from tests.conftest import write_config
 
-    api = {"base_port": procs.free_port(), "threads": 4, **sections.pop("api", {})}
+    api = {"base_port": procs.free_port(8), "threads": 4, **sections.pop("api", {})}
     auth = {**AUTH, **sections.pop("auth", {})}
     if pg_url:
         sections.setdefault("database", {})["url"] = pg_url

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -16,11 +17,39 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def free_range(n: int) -> int:
+    """A base port with n free consecutive ports after it, on 127.0.0.1.
+
+    Ports come from below the ephemeral range, so the source port of some
+    outgoing connection cannot take one between now and when a test binds it
+    (workers use base_port + i; a rolling restart uses spare ports above).
+    """
+    top = min(_ephemeral_low(), 65000) - n
+    for _ in range(200):
+        base = random.randrange(20000, top)
+        ok = True
+        for p in range(base, base + n):
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", p))
+                except OSError:
+                    ok = False
+                    break
+        if ok:
+            return base
+    raise RuntimeError("no free port range below the ephemeral range")
+
+
+def free_port(n: int = 1) -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (the first of n free consecutive ones)."""
+    return free_range(n)
 
 
 def wait_port(port: int, host: str = "127.0.0.1", timeout: float = 20.0, proc: subprocess.Popen | None = None) -> None:

@@ -6,9 +6,7 @@ import contextlib
 import http.client
 import json
 import os
-import random
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -16,35 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from tests.conftest import write_config
-from tests.procs import appliance_cmd, stop
+from tests.procs import appliance_cmd, free_range, stop
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _ephemeral_low() -> int:
-    try:
-        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768
-
-
-def free_range(n: int) -> int:
-    """A base port with n free consecutive ports after it, below the ephemeral range (where the source ports of
-    outgoing connections could take a spare port a rolling restart needs later)."""
-    top = min(_ephemeral_low(), 65000) - n
-    for _ in range(200):
-        base = random.randrange(20000, top)
-        ok = True
-        for p in range(base, base + n):
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", p))
-                except OSError:
-                    ok = False
-                    break
-        if ok:
-            return base
-    raise RuntimeError("no free port range")
 
 
 class Appliance:
