@@ -24,7 +24,7 @@ from appliance import accounts, passwords, tokens
 from appliance.api import audit, instruments, sessions
 from appliance.api.context import ApiContext
 from appliance.api.helpers import client_address, ok, operation, read_json, require_user
-from appliance.api.mfa import verify_code
+from appliance.api.mfa import consume_code
 from appliance.api.schemas import Message, UserEnvelope, UserOut, user_out
 from appliance.api.throttle import LoginGuard
 from appliance.db.models import Task, User
@@ -183,7 +183,7 @@ class LoginResource:
             if not body.mfa_token:
                 audit.record("login_mfa_required", req, user_id=user.id, username=user.username)
                 raise Unauthorized("this account needs an MFA code (mfa_token)", code="mfa_required")
-            if not verify_code(user.mfa_secret, body.mfa_token):
+            if not consume_code(user, body.mfa_token):
                 self._fail(req, name, address, user, "bad_mfa_token")
                 raise Unauthorized("the MFA code is not valid", code="invalid_mfa_token")
         if not user.is_active:

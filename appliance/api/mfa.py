@@ -8,6 +8,8 @@ on /auth/login needs `mfa_token` for the account (401 mfa_required without it).
 
 from __future__ import annotations
 
+import hmac
+import time
 from typing import Annotated
 
 import falcon
@@ -26,14 +28,42 @@ from appliance.times import utcnow
 Code = Annotated[str, Meta(max_length=16, description="the 6-digit code of the authenticator app")]
 
 
-def verify_code(secret: str | None, code: str | None, at: float | None = None) -> bool:
-    """True when `code` is the TOTP of `secret` for now ±1 step."""
+def matching_step(secret: str | None, code: str | None, at: float | None = None) -> int | None:
+    """The TOTP time step (now ±1) whose code is `code`, or None."""
     if not secret or not code:
-        return False
+        return None
     code = code.strip().replace(" ", "")
     if not (code.isascii() and code.isdigit() and len(code) == 6):
+        return None
+    totp = pyotp.TOTP(secret)
+    now = time.time() if at is None else at
+    step = int(now // totp.interval)
+    found = None
+    for candidate in (step - 1, step, step + 1):  # check all three: constant work whichever matches
+        if hmac.compare_digest(totp.generate_otp(candidate), code):
+            found = candidate
+    return found
+
+
+def verify_code(secret: str | None, code: str | None, at: float | None = None) -> bool:
+    """True when `code` is the TOTP of `secret` for now ±1 step (no replay check: see consume_code)."""
+    return matching_step(secret, code, at) is not None
+
+
+def consume_code(user: User, code: str | None, at: float | None = None) -> bool:
+    """True when `code` is valid now and its time step was not used before by this user.
+
+    The step is recorded with a conditional UPDATE, so of two requests replaying
+    one code at the same moment only one succeeds.
+    """
+    step = matching_step(user.mfa_secret, code, at)
+    if step is None:
         return False
-    return pyotp.TOTP(secret).verify(code, for_time=at, valid_window=1)  # constant-time compare inside
+    fresh = (User.mfa_last_step.is_null()) | (User.mfa_last_step < step)
+    if User.update(mfa_last_step=step).where((User.id == user.id) & fresh).execute() != 1:
+        return False
+    user.mfa_last_step = step
+    return True
 
 
 class SetupOut(msgspec.Struct, kw_only=True):
@@ -95,7 +125,7 @@ class EnableResource:
             raise Conflict("call /auth/mfa/setup first", code="mfa_not_set_up")
         if not body.value:
             raise ValidationFailed("code is required", field="code")
-        if not verify_code(user.mfa_secret, body.value):
+        if not consume_code(user, body.value):
             audit.record("mfa_enable_failed", req, user_id=user.id, username=user.username)
             raise ValidationFailed("the code is not valid", field="code", code="invalid_mfa_token")
         User.update(mfa_enabled=True, updated_at=utcnow()).where(User.id == user.id).execute()
@@ -111,7 +141,7 @@ class DisableResource:
         if not user.mfa_enabled:
             raise Conflict("MFA is not enabled", code="mfa_not_enabled")
         if body.value:
-            good = verify_code(user.mfa_secret, body.value)
+            good = consume_code(user, body.value)
         elif body.password:
             good = passwords.verify_password(body.password, user.password_hash)
         else:

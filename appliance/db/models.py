@@ -52,6 +52,7 @@ class User(BaseModel):
     preferences = JSONField(default=dict)
     mfa_secret = pw.CharField(max_length=64, null=True)
     mfa_enabled = pw.BooleanField(default=False)
+    mfa_last_step = pw.BigIntegerField(null=True)  # last TOTP time step accepted: a code is good once
     token_generation = pw.IntegerField(default=0)  # bumped by logout-all / password change
     login_count = pw.IntegerField(default=0)
     last_login = pw.DateTimeField(null=True)

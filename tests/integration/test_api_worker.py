@@ -58,7 +58,7 @@ def test_full_walk_through_a_real_worker(worker_cfg):
         # MFA
         s3 = _ok(w.post("/auth/login", json={"username": name, "password": PASSWORD}))["data"]
         secret = _ok(w.post("/auth/mfa/setup", headers=bearer(s3["access_token"])))["data"]["secret"]
-        _ok(w.post("/auth/mfa/enable", headers=bearer(s3["access_token"]), json={"code": pyotp.TOTP(secret).now()}))
+        _ok(w.post("/auth/mfa/enable", headers=bearer(s3["access_token"]), json={"code": pyotp.TOTP(secret).at(time.time() - 30)}))
         without = w.post("/auth/login", json={"username": name, "password": PASSWORD})
         assert without.status_code == 401 and without.json()["error"]["code"] == "mfa_required"
         _ok(w.post("/auth/login", json={"username": name, "password": PASSWORD, "mfa_token": pyotp.TOTP(secret).now()}))

@@ -142,13 +142,17 @@ def test_mfa_setup_enable_login_disable(client):
     totp = pyotp.TOTP(setup["secret"])
     r = client.simulate_post("/auth/mfa/enable", headers=bearer(token), json={"code": "000000" if totp.now() != "000000" else "111111"})
     assert r.status_code == 400 and r.json["error"]["code"] == "invalid_mfa_token"
-    assert client.simulate_post("/auth/mfa/enable", headers=bearer(token), json={"code": totp.now()}).status_code == 200
+    previous_step = totp.at(time.time() - 30)  # valid (±1 step) and a different step from the login below
+    assert client.simulate_post("/auth/mfa/enable", headers=bearer(token), json={"code": previous_step}).status_code == 200
     r = client.simulate_post("/auth/login", json={"username": "jack", "password": PASSWORD})
     assert r.status_code == 401 and r.json["error"]["code"] == "mfa_required"
     r = client.simulate_post("/auth/login", json={"username": "jack", "password": PASSWORD, "mfa_token": "12345x"})
     assert r.status_code == 401 and r.json["error"]["code"] == "invalid_mfa_token"
-    data = login(client, "jack", mfa_token=totp.now())
+    code = totp.now()
+    data = login(client, "jack", mfa_token=code)
     assert data["user"]["mfa_enabled"] is True
+    r = client.simulate_post("/auth/login", json={"username": "jack", "password": PASSWORD, "mfa_token": code})
+    assert r.status_code == 401 and r.json["error"]["code"] == "invalid_mfa_token", "a TOTP code must work once"
     assert client.simulate_post("/auth/mfa/disable", headers=bearer(data["access_token"]), json={"password": PASSWORD}).status_code == 200
     login(client, "jack")
 
@@ -202,3 +206,18 @@ def test_rate_window_and_queue_warning_filter():
     clock[0] = 11.0
     r = rec(3)
     assert f.filter(r) and "48 similar" in r.getMessage() and "deepest 49" in r.getMessage()
+
+
+def test_a_totp_step_is_accepted_once_and_never_an_older_one(db):
+    from appliance import accounts
+    from appliance.api.mfa import consume_code
+
+    user = accounts.create_user("kim", None, "Correct-horse-9", rounds=10)
+    secret = pyotp.random_base32()
+    user.mfa_secret = secret
+    user.save()
+    totp, t = pyotp.TOTP(secret), 1_900_000_000
+    assert consume_code(user, totp.at(t), at=t)
+    assert not consume_code(user, totp.at(t), at=t)  # replay of the same step
+    assert not consume_code(user, totp.at(t - 30), at=t)  # an older step, still inside the window
+    assert consume_code(user, totp.at(t + 30), at=t + 30)
