@@ -487,6 +487,14 @@ class ClientConnection(asyncio.Protocol):
         p = self.p
         head = self.head
         assert head is not None
+        transport = conn.transport
+        if conn.closed or transport is None or transport.is_closing():
+            # The upstream closed between the connect and now (e.g. something on a dead worker's
+            # port that accepts and closes at once). Nothing was sent: a retry is safe. uvloop
+            # raises on a write to a closed transport and stdlib asyncio drops it silently; either
+            # way no connection_lost would ever reach this exchange, so fail it here.
+            conn.abort()
+            return self.upstream_failed(502, "upstream closed the connection before the request was sent")
         self.conn = conn
         self.state = FORWARD
         conn.exchange = self
@@ -507,9 +515,14 @@ class ClientConnection(asyncio.Protocol):
             self.deadline = p.now + p.body_timeout
             if self.reading_paused:
                 self.resume_client_reading()
-        conn.transport.write(data)
+        try:
+            transport.write(data)
+        except RuntimeError:  # uvloop: closed under us after all; nothing reached the upstream
+            self.conn = None
+            conn.abort()
+            return self.upstream_failed(502, "upstream closed the connection before the request was sent")
         if self.writing_paused:
-            conn.transport.pause_reading()
+            transport.pause_reading()
 
     # -- upstream answer callbacks (ResponseFramer handler) ------------------------------
     def on_response(self, rh: ResponseHead) -> None:
