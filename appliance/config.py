@@ -123,7 +123,6 @@ class BalancerSettings(Section):
             "/api/status",
             "/openapi.json",
             "/status",
-            "/metrics",
         ]
     )
     access_log: Annotated[bool, _h("one JSON line per request")] = True
@@ -193,6 +192,9 @@ class MonitorSettings(Section):
     enabled: Annotated[bool, _h("run the monitor process (/status, /metrics)")] = True
     port: Annotated[int, _h("loopback port of the monitor", ge=1024, le=65535)] = 8190
     sample_interval: Annotated[float, _h("seconds between process samples", gt=0, le=3600)] = 2.0
+    metrics_require_admin: Annotated[
+        bool, _h("/metrics through the balancer needs an admin token; false also needs /metrics in [balancer] public_prefixes")
+    ] = True
 
 
 class SupervisorSettings(Section):

@@ -1,7 +1,8 @@
 """The monitor role: Prometheus exposition of every process's metrics, on loopback.
 
 GET /metrics       text exposition read from the shared metrics directory
-                   (appliance/metrics.py), i.e. every process of this host.
+                   (appliance/metrics.py), i.e. every process of this host;
+                   through the balancer only for admins (see _refuse_metrics).
 GET /health/ping   liveness for the balancer's health checks and the supervisor.
 The live status page (/status) is the next milestone; until then /status
 answers 404 in the error envelope rather than a half-made page.
@@ -15,7 +16,7 @@ import signal
 import socket
 from typing import Any
 
-from appliance import metrics
+from appliance import identity, metrics
 from appliance.errors import error_body
 from appliance.times import now_iso
 
@@ -24,9 +25,33 @@ log = logging.getLogger(__name__)
 _JSON = [("Content-Type", "application/json"), ("X-Content-Type-Options", "nosniff"), ("Cache-Control", "no-store")]
 
 
+def _refuse_metrics(environ: dict[str, Any], cfg: Any, key: bytes) -> tuple[str, str, str] | None:
+    """Why /metrics is refused (status, code, message), or None to serve it.
+
+    A request straight to the monitor's loopback port (a local scraper) is served.
+    One through the balancer (which always sets X-Real-IP; waitress drops
+    X-Forwarded-For from untrusted peers, so that one cannot tell) must carry the
+    identity of an admin, unless [monitor] metrics_require_admin is false.
+    """
+    if not cfg.monitor.metrics_require_admin or "HTTP_X_REAL_IP" not in environ:
+        return None
+    value = environ.get("HTTP_" + identity.HEADER.upper().replace("-", "_"))
+    if not value:
+        return "401 Unauthorized", "missing_token", "metrics need an admin token"
+    try:
+        who = identity.verify(value, key)
+    except identity.IdentityError:
+        return "401 Unauthorized", "invalid_identity", "the identity header is not valid"
+    if who.get("role") != "admin":
+        return "403 Forbidden", "forbidden", "metrics are for admins"
+    return None
+
+
 def make_app(cfg: Any, node_id: str) -> Any:
     """The monitor's WSGI application."""
     import orjson
+
+    key = identity.key_bytes(cfg.secrets.identity_key)
 
     def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
         path = environ.get("PATH_INFO", "")
@@ -36,6 +61,11 @@ def make_app(cfg: Any, node_id: str) -> Any:
             start_response("405 Method Not Allowed", [*_JSON, ("Allow", "GET, HEAD")])
             return [error_body("method_not_allowed", f"{method} is not allowed here", request_id=rid)]
         if path == "/metrics":
+            refused = _refuse_metrics(environ, cfg, key)
+            if refused is not None:
+                status, code, message = refused
+                start_response(status, _JSON)
+                return [error_body(code, message, request_id=rid)]
             try:
                 body = metrics.exposition()
             except Exception:  # a torn metrics file must not take the monitor down
