@@ -105,19 +105,6 @@ class Drainer:
         self.server.trigger.pull_trigger(lambda: wasyncore.close_all(self.server._map))
 
 
-def _open_db(cfg: Any) -> Any:
-    from appliance import db
-
-    handle = db.open_database(cfg)
-    with db.translated():
-        handle.connect(reuse_if_open=True)
-        if db.pending(handle):
-            applied = db.migrate(handle)
-            log.info("migrated the database schema", extra=fields(applied=[v for v, _ in applied]))
-        handle.close()
-    return handle
-
-
 def serve(cfg: Any, index: int) -> int:
     """Run API worker `index` until SIGTERM; the exit status for the supervisor."""
     metrics.prepare(cfg)
@@ -125,7 +112,7 @@ def serve(cfg: Any, index: int) -> int:
     from appliance import db
 
     try:
-        handle = _open_db(cfg)
+        handle = db.open_for_role(cfg)
     except db.DatabaseError as exc:
         log.error("database %s cannot be used: %s", db.describe(cfg), exc)
         return 1  # transient: the supervisor retries with backoff

@@ -5,7 +5,7 @@ Offers: `open_database(cfg)` (binds every model in this process), the models
 errors `DatabaseError`, `DatabaseUnavailable`, `Conflict` with `translated()`.
 """
 
-from appliance.db.connection import describe, engine_name, open_database
+from appliance.db.connection import describe, engine_name, open_database, open_for_role
 from appliance.db.errors import Conflict, DatabaseError, DatabaseUnavailable, translated
 from appliance.db.migrations import current_version, migrate, pending
 from appliance.db.models import database
@@ -20,6 +20,7 @@ __all__ = [
     "engine_name",
     "migrate",
     "open_database",
+    "open_for_role",
     "pending",
     "translated",
 ]

@@ -119,3 +119,23 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def open_for_role(cfg: Any) -> pw.Database:
+    """Open the database for a child role: connect once, migrate when run standalone.
+
+    Under the supervisor the schema is already current (it migrates before any
+    child starts); a role started by hand migrates itself. Raises our
+    DatabaseError (translated) when the database cannot be used: callers treat
+    that as transient and exit 1, so the supervisor retries with backoff.
+    """
+    from appliance.db import migrations
+    from appliance.db.errors import translated
+
+    handle = open_database(cfg)
+    with translated():
+        handle.connect(reuse_if_open=True)
+        if migrations.pending(handle):
+            migrations.migrate(handle)
+        handle.close()
+    return handle
