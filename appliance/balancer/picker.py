@@ -36,6 +36,8 @@ class Upstream:
         "idle",
         "removed",
         "host_header",
+        "flushed_requests",
+        "flushed_failures",
     )
 
     def __init__(self, address: str, weight: int = 1, group: str = "api", health: Health | None = None):
@@ -54,6 +56,10 @@ class Upstream:
         self.failures = 0  # failed requests (refused, dropped, timed out)
         self.idle: list = []  # idle keep-alive connections (pool.py)
         self.removed = False
+        # requests/failures already moved into the shared metrics (stats.py); kept on the object, not
+        # by address, so an upstream removed and re-added at the same address starts again from 0.
+        self.flushed_requests = 0
+        self.flushed_failures = 0
 
     def set_weight(self, weight: int) -> None:
         self.weight = weight

@@ -268,7 +268,7 @@ class Balancer:
                 if now - last_second >= 1.0:
                     last_second = now
                     registry.sweep(now, now - idle_timeout)
-                    proxy.stats.flush(registry.groups)
+                    proxy.stats.flush(registry.groups, registry.take_retired())
                     registry.write_state()
             except Exception:
                 log.exception("balancer upkeep failed")
@@ -311,7 +311,7 @@ class Balancer:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         proxy.access.flush()
-        proxy.stats.flush(proxy.registry.groups)
+        proxy.stats.flush(proxy.registry.groups, proxy.registry.take_retired())
         proxy.registry.write_state(force=True)
         if self.mirror is not None:
             self.mirror.stop()

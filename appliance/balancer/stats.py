@@ -17,6 +17,7 @@ import bisect
 import logging
 import os
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import orjson
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _LOGGER = "appliance.balancer.access"
+_STATES = ("healthy", "unhealthy", "ejected", "draining")
 
 
 class GroupLatency:
@@ -44,7 +46,8 @@ class GroupLatency:
 class Stats:
     """Counters of one balancer process since its last flush."""
 
-    def __init__(self) -> None:
+    def __init__(self, registry: Any = None) -> None:
+        """`registry`: the prometheus CollectorRegistry to record into (tests); the default one otherwise."""
         self.status: dict[int, int] = {}
         self.latency: dict[str, GroupLatency] = {}
         self.bytes_in = 0
@@ -53,7 +56,7 @@ class Stats:
         self.auth_failures: dict[str, int] = {}
         self.connections = 0  # open client connections (a gauge, not a delta)
         self._metrics: Any = None
-        self._flushed: dict[tuple[str, str], tuple[int, int]] = {}
+        self._registry = registry
 
     def latency_of(self, group: str) -> GroupLatency:
         lat = self.latency.get(group)
@@ -66,34 +69,44 @@ class Stats:
         if self._metrics is None:
             from prometheus_client import Counter, Gauge, Histogram
 
+            reg = {} if self._registry is None else {"registry": self._registry}
             self._metrics = {
-                "requests": Counter("appliance_balancer_requests", "answers sent by the balancer", ["status"]),
-                "bytes": Counter("appliance_balancer_bytes", "body bytes through the balancer", ["direction"]),
-                "rate_limited": Counter("appliance_balancer_rate_limited", "requests refused by a rate-limit zone", ["zone"]),
-                "auth_failures": Counter("appliance_balancer_auth_failures", "requests refused by the token hook", ["code"]),
-                "up_requests": Counter("appliance_balancer_upstream_requests", "requests answered per upstream", ["group", "upstream"]),
-                "up_failures": Counter("appliance_balancer_upstream_failures", "failed requests per upstream", ["group", "upstream"]),
+                "requests": Counter("appliance_balancer_requests", "answers sent by the balancer", ["status"], **reg),
+                "bytes": Counter("appliance_balancer_bytes", "body bytes through the balancer", ["direction"], **reg),
+                "rate_limited": Counter("appliance_balancer_rate_limited", "requests refused by a rate-limit zone", ["zone"], **reg),
+                "auth_failures": Counter("appliance_balancer_auth_failures", "requests refused by the token hook", ["code"], **reg),
+                "up_requests": Counter(
+                    "appliance_balancer_upstream_requests", "requests answered per upstream", ["group", "upstream"], **reg
+                ),
+                "up_failures": Counter(
+                    "appliance_balancer_upstream_failures", "failed requests per upstream", ["group", "upstream"], **reg
+                ),
                 "up_active": Gauge(
                     "appliance_balancer_upstream_active",
                     "requests in flight per upstream",
                     ["group", "upstream"],
                     multiprocess_mode="livesum",
+                    **reg,
                 ),
                 "up_healthy": Gauge(
                     "appliance_balancer_upstream_healthy",
                     "1 when the upstream gets traffic (healthy), else 0",
                     ["group", "upstream", "state"],
                     multiprocess_mode="livemax",
+                    **reg,
                 ),
-                "connections": Gauge("appliance_balancer_connections", "open client connections", multiprocess_mode="livesum"),
+                "connections": Gauge("appliance_balancer_connections", "open client connections", multiprocess_mode="livesum", **reg),
                 "latency": Histogram(
-                    "appliance_balancer_upstream_latency_seconds", "time to a whole answer per group", ["group"], buckets=BUCKETS
+                    "appliance_balancer_upstream_latency_seconds", "time to a whole answer per group", ["group"], buckets=BUCKETS, **reg
                 ),
             }
         return self._metrics
 
-    def flush(self, groups: dict[str, Any]) -> None:
-        """Move the counts since the last flush into the shared metrics files."""
+    def flush(self, groups: dict[str, Any], retired: Iterable[Any] = ()) -> None:
+        """Move the counts since the last flush into the shared metrics files.
+
+        `groups` are the live upstream groups; `retired` the upstreams removed since the last flush.
+        """
         try:
             m = self._prometheus()
         except Exception as exc:  # metrics must never take the proxy down
@@ -124,21 +137,32 @@ class Stats:
                     child._buckets[i].inc(n)
             child._sum.inc(lat.total)
         m["connections"].set(self.connections)
-        self._flush_upstreams(m, groups)
+        self._flush_upstreams(m, groups, retired)
 
-    def _flush_upstreams(self, m: dict[str, Any], groups: dict[str, Any]) -> None:
+    def _flush_upstreams(self, m: dict[str, Any], groups: dict[str, Any], retired: Iterable[Any]) -> None:
+        for u in retired:
+            # Its last counts, then its gauges to zero: a removed upstream is neither busy nor up.
+            self._flush_counts(m, u)
+            m["up_active"].labels(u.group, u.address).set(0)
+            for state in _STATES:
+                m["up_healthy"].labels(u.group, u.address, state).set(0)
         for gname, group in groups.items():
             for u in group.upstreams:
-                key = (gname, u.address)
-                last_req, last_fail = self._flushed.get(key, (0, 0))
-                if u.requests != last_req:
-                    m["up_requests"].labels(gname, u.address).inc(u.requests - last_req)
-                if u.failures != last_fail:
-                    m["up_failures"].labels(gname, u.address).inc(u.failures - last_fail)
-                self._flushed[key] = (u.requests, u.failures)
+                self._flush_counts(m, u, gname)
                 m["up_active"].labels(gname, u.address).set(u.active)
-                for state in ("healthy", "unhealthy", "ejected", "draining"):
+                for state in _STATES:
                     m["up_healthy"].labels(gname, u.address, state).set(1 if u.state == state else 0)
+
+    @staticmethod
+    def _flush_counts(m: dict[str, Any], u: Any, gname: str | None = None) -> None:
+        """Move an upstream's requests and failures since its last flush (never negative: they only grow)."""
+        gname = gname or u.group
+        if u.requests > u.flushed_requests:
+            m["up_requests"].labels(gname, u.address).inc(u.requests - u.flushed_requests)
+        if u.failures > u.flushed_failures:
+            m["up_failures"].labels(gname, u.address).inc(u.failures - u.flushed_failures)
+        u.flushed_requests = u.requests
+        u.flushed_failures = u.failures
 
 
 class AccessLog:

@@ -58,6 +58,7 @@ class Registry:
         self._mtime: float | None = None
         self._last_state = b""
         self._state_written = 0.0
+        self.retired: list[Upstream] = []  # removed since the last metrics flush (their last counts)
 
     # -- which upstreams ------------------------------------------------------------------
     def standalone(self) -> dict[str, Any]:
@@ -159,11 +160,17 @@ class Registry:
                 if up.removed and up.active == 0:
                     pool.close_idle(up)
                     group.remove(up)
+                    self.retired.append(up)
                     log.info("upstream removed", extra={"fields": {"group": group.name, "upstream": up.address}})
                 elif up.idle:
                     pool.close_idle(up, older_than=idle_before)
                     if up.state == DRAINING:
                         pool.close_idle(up)
+
+    def take_retired(self) -> list[Upstream]:
+        """Upstreams removed since the last call (for the metrics flush)."""
+        retired, self.retired = self.retired, []
+        return retired
 
     def state(self) -> dict[str, Any]:
         return {
