@@ -145,15 +145,6 @@ def _hand_to_queue(cfg: Any, rows: list[dict[str, Any]]) -> None:
             raise ServiceUnavailable("the task queue is unavailable; try again later", code="queue_unavailable") from None
 
 
-def _insert(rows: list[dict[str, Any]]) -> None:
-    if len(rows) == 1:  # one statement, committed on its own: no BEGIN/COMMIT round trips
-        Task.insert(rows[0]).execute()
-    else:
-        with database.atomic():
-            for i in range(0, len(rows), 100):
-                Task.insert_many(rows[i : i + 100]).execute()
-
-
 def _history(rows: list[dict[str, Any]]) -> None:
     """History rows of new tasks; only after their rows are committed (they are written by another connection)."""
     for row in rows:
@@ -168,7 +159,7 @@ def submit(cfg: Any, caller: Caller, req: SubmitRequest | dict[str, Any], *, sch
     row["queued_at"] = row["created_at"]
     if schedule_id is not None:
         row["schedule"] = schedule_id
-    _insert([row])
+    records.insert_tasks([row])  # committed before its message is queued
     _history([row])
     _hand_to_queue(cfg, [row])
     return {
@@ -191,7 +182,7 @@ def _group(cfg: Any, caller: Caller, kind: str, items: list[SubmitRequest], name
             row["queued_at"] = now
     with database.atomic():
         TaskGroup.create(id=gid, kind=kind, name=name, owner=caller.user_id, execution_mode=mode, failure_strategy=strategy, created_at=now)
-        _insert(rows)
+        records.insert_tasks(rows)
     _history(rows)
     _hand_to_queue(cfg, [r for r in rows if r.get("queued_at")])
     return {

@@ -7,6 +7,9 @@ in this process where a test needs a task to run (`run_next`).
 from __future__ import annotations
 
 import datetime as dt
+import subprocess
+import sys
+import threading
 
 from appliance import queue as queue_mod
 from appliance.db.models import NodeHeartbeat, Schedule, ScheduleRun, Task
@@ -169,6 +172,60 @@ def test_reaper_resends_lost_messages(tenv):
     assert reaper.reap(tenv.cfg, now=utcnow())["resent"] == 0  # not yet: it may still be starting
     assert reaper.reap(tenv.cfg, now=utcnow() + dt.timedelta(seconds=reaper.LOST_AFTER + 1))["resent"] == 1
     assert run_next(tenv) == tid and tenv.task(tid).status == "succeeded"
+
+
+def test_submit_is_one_statement_and_one_queue_push(tenv):
+    """The hot path: one INSERT of the task row on the caller's connection, one message; history comes batched."""
+    service.submit(tenv.cfg, service.SYSTEM, {"task_type": "sample"})  # warm (connection, registry, queue)
+    records.flush()
+    seen: list[str] = []
+    handle = tenv.handle
+    real = type(handle).execute_sql
+
+    def counting(sql, params=None, *args, **kw):  # an instrument: every statement still runs for real
+        if threading.current_thread() is threading.main_thread():
+            seen.append(sql.split(None, 3)[:3])
+        return real(handle, sql, params, *args, **kw)
+
+    before = queue_mod.depth(tenv.cfg)["pending"]
+    handle.execute_sql = counting
+    try:
+        ids = [service.submit(tenv.cfg, service.SYSTEM, {"task_type": "sample", "data": {"n": i}})["task_id"] for i in range(5)]
+    finally:
+        del handle.execute_sql
+    assert seen == [["INSERT", "INTO", '"task"']] * 5
+    assert queue_mod.depth(tenv.cfg)["pending"] == before + 5
+    records.flush()
+    for tid in ids:
+        t = tenv.task(tid)
+        assert t.status == "queued" and t.attempt == 0 and t.retries == 0 and t.progress == 0.0 and t.callbacks == {}
+        assert t.queued_at == t.created_at and t.cancel_requested is False and t.result is None
+        assert [h["status"] for h in tenv.status(tid)["history"]] == ["queued"]
+
+
+CRASH_BETWEEN = """
+import os, sys
+from appliance import db, queue
+from appliance.config import load_config
+from appliance.queue import service
+cfg = load_config(sys.argv[1], env={})
+db.open_database(cfg)
+def crash(*args, **kw):  # the process dies after the row committed, before the queue got the message
+    print(service.records.Task.select().count(), flush=True)
+    os._exit(9)
+queue.enqueue = crash
+service.submit(cfg, service.SYSTEM, {"task_type": "sample"})
+"""
+
+
+def test_crash_between_row_and_message_is_recovered_by_the_reaper(tenv):
+    proc = subprocess.run([sys.executable, "-c", CRASH_BETWEEN, str(tenv.path)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 9 and proc.stdout.strip() == "1", proc.stderr  # the row was committed before the push
+    (task,) = Task.select()
+    assert task.status == "queued" and queue_mod.depth(tenv.cfg)["pending"] == 0
+    assert reaper.reap(tenv.cfg, now=utcnow())["resent"] == 0
+    assert reaper.reap(tenv.cfg, now=utcnow() + dt.timedelta(seconds=reaper.LOST_AFTER + 1))["resent"] == 1
+    assert run_next(tenv) == task.id and tenv.task(task.id).status == "succeeded"
 
 
 def test_cleanup_and_report_do_real_work(tenv):
