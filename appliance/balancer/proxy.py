@@ -40,7 +40,7 @@ from typing import Any
 from appliance.balancer import pool
 from appliance.balancer.framing import CAPTURE, DROP, REQUEST_ROLES, ProtocolError, RequestFramer, RequestHead, ResponseHead
 from appliance.balancer.picker import Group, Upstream
-from appliance.balancer.stats import AccessLog, Stats
+from appliance.balancer.stats import AccessLog, Stats, process_log_format
 from appliance.errors import error_body
 
 log = logging.getLogger(__name__)
@@ -127,7 +127,7 @@ class Proxy:
         self.retry_methods = IDEMPOTENT | {b"POST", b"PATCH"} if b.retry_non_idempotent else IDEMPOTENT
         self.trusted = [ipaddress.ip_network(n, strict=False) for n in b.trusted_proxies]
         self.stats = Stats()
-        self.access = AccessLog(b.access_log, cfg.logging.format)
+        self.access = AccessLog(b.access_log, process_log_format(cfg.logging.format))
         self.connections: set[ClientConnection] = set()
         self.now = time.monotonic()  # coarse clock for deadlines, advanced by the sweeper
         self.closing = False

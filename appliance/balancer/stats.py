@@ -6,8 +6,10 @@ deltas into prometheus_client's multiprocess files (appliance.metrics), where
 the monitor and /metrics read them. Latency is kept per upstream group as
 counts per histogram bucket and pushed into the Histogram's buckets directly.
 
-The access log is one JSON object a line (the same shape as appliance.logs'
-lines, logger "appliance.balancer.access") or a text line, buffered and
+The access log is one line per request in the process's log format (the one
+setup_logging installed, which `--log-format` may have set over [logging]
+format): a JSON object shaped like appliance.logs' lines (logger
+"appliance.balancer.access") or a text line for people. Lines are buffered and
 written to stdout a few times a second; `access_log = false` turns it off.
 """
 
@@ -165,8 +167,31 @@ class Stats:
         u.flushed_failures = u.failures
 
 
+def process_log_format(default: str = "json") -> str:
+    """The format this process logs in: what setup_logging installed on the root logger.
+
+    `appliance _child balancer --log-format text` (how the supervisor starts it) overrides
+    [logging] format, so the handler, not the config, is the truth; `default` when no
+    appliance handler is installed (a balancer built in a test).
+    """
+    from appliance.logs import JsonFormatter, TextFormatter
+
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler.formatter, TextFormatter):
+            return "text"
+        if isinstance(handler.formatter, JsonFormatter):
+            return "json"
+    return default
+
+
 class AccessLog:
-    """Buffered access-log lines; `line()` per answer, `flush()` a few times a second."""
+    """Buffered access-log lines; `line()` per answer, `flush()` a few times a second.
+
+    JSON: the shape of appliance.logs' JsonFormatter lines (logger appliance.balancer.access).
+    Text: the shape of its TextFormatter lines, for people:
+      20:15:40 INFO    balancer[123] GET /api/x 200 1.2ms client=127.0.0.1 upstream=127.0.0.1:8101 in=0 out=57 user=7 (request ab12)
+    The time stamp is formatted once per second, not per line.
+    """
 
     def __init__(self, enabled: bool, fmt: str = "json", fd: int = 1):
         self.enabled = enabled
@@ -176,6 +201,8 @@ class AccessLog:
         self._lines: list[bytes] = []
         self._sec = -1
         self._prefix = ""
+        self._text_sec = -1
+        self._text_prefix = ""
 
     def _stamp(self, now: float) -> str:
         sec = int(now)
@@ -183,6 +210,13 @@ class AccessLog:
             self._sec = sec
             self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
         return f"{self._prefix}.{int((now - sec) * 1000):03d}Z"
+
+    def _text_stamp(self, now: float) -> str:
+        sec = int(now)
+        if sec != self._text_sec:
+            self._text_sec = sec
+            self._text_prefix = time.strftime("%H:%M:%S", time.localtime(sec)) + f" INFO    balancer[{self.pid}] "
+        return self._text_prefix
 
     def line(
         self,
@@ -199,10 +233,9 @@ class AccessLog:
     ) -> None:
         now = time.time()
         if self.text:
-            stamp = time.strftime("%H:%M:%S", time.localtime(now))
             self._lines.append(
                 (
-                    f"{stamp} INFO    balancer[{self.pid}] {client} {method} {path} {status} {duration * 1000:.1f}ms "
+                    f"{self._text_stamp(now)}{method} {path} {status} {duration * 1000:.1f}ms client={client} "
                     f"upstream={upstream or '-'} in={bytes_in} out={bytes_out} user={user_id or '-'} (request {request_id})\n"
                 ).encode("utf-8", "replace")
             )

@@ -1,13 +1,19 @@
-"""The balancer's counters: per-upstream deltas into prometheus, across an upstream removed and re-added."""
+"""The balancer's counters (per-upstream deltas, across an upstream removed and re-added) and its access log."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
+import os
+import re
 
 from prometheus_client import CollectorRegistry
 
-from appliance.balancer.stats import Stats
+from appliance.balancer.stats import AccessLog, Stats, process_log_format
 from appliance.balancer.upstreams import Registry
+from appliance.logs import setup_logging
 
 A = "127.0.0.1:9101"
 B = "127.0.0.1:9102"
@@ -78,3 +84,70 @@ def test_removed_upstream_gauges_go_to_zero(make_config) -> None:
     assert sample(prom, "appliance_balancer_upstream_active", B) == 0
     assert all(sample(prom, "appliance_balancer_upstream_healthy", B, state=s) == 0 for s in ("healthy", "draining"))
     assert upstreams.take_retired() == []
+
+
+def _read_lines(fd: int) -> list[str]:
+    os.set_blocking(fd, False)
+    data = b""
+    with contextlib.suppress(BlockingIOError):
+        while chunk := os.read(fd, 65536):
+            data += chunk
+    return data.decode().splitlines()
+
+
+def test_access_log_text_lines_for_people() -> None:
+    r, w = os.pipe()
+    try:
+        access = AccessLog(True, "text", fd=w)
+        access.line("rid1", "10.0.0.1", "GET", "/api/x", 200, "127.0.0.1:8101", 0, 57, 0.0012, "7")
+        access.line("rid2", "10.0.0.2", "POST", "/auth/login", 401, None, 12, 80, 0.0004, None)
+        assert _read_lines(r) == []  # buffered until flushed
+        access.flush()
+        lines = _read_lines(r)
+        assert len(lines) == 2
+        assert re.fullmatch(
+            rf"\d\d:\d\d:\d\d INFO    balancer\[{os.getpid()}\] GET /api/x 200 1\.2ms client=10\.0\.0\.1 "
+            r"upstream=127\.0\.0\.1:8101 in=0 out=57 user=7 \(request rid1\)",
+            lines[0],
+        ), lines[0]
+        assert lines[1].endswith("POST /auth/login 401 0.4ms client=10.0.0.2 upstream=- in=12 out=80 user=- (request rid2)")
+        assert not lines[0].startswith("{")
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_access_log_json_lines() -> None:
+    r, w = os.pipe()
+    try:
+        access = AccessLog(True, "json", fd=w)
+        access.line("rid1", "10.0.0.1", "GET", "/api/x", 200, "127.0.0.1:8101", 0, 57, 0.0012, "7")
+        access.flush()
+        (line,) = _read_lines(r)
+        entry = json.loads(line)
+        assert entry["logger"] == "appliance.balancer.access" and entry["role"] == "balancer" and entry["level"] == "info"
+        assert (entry["request_id"], entry["status"], entry["path"], entry["user_id"]) == ("rid1", 200, "/api/x", "7")
+        assert entry["duration_ms"] == 1.2 and entry["time"].endswith("Z")
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_access_log_follows_the_format_setup_logging_installed(monkeypatch) -> None:
+    monkeypatch.setenv("APPLIANCE_LOG_FORMAT", "json")  # setup_logging sets it by default; keep this process's env
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    try:
+        setup_logging("balancer", "text", "info", stream=io.StringIO())
+        assert process_log_format("json") == "text"
+        setup_logging("balancer", "json", "info", stream=io.StringIO())
+        assert process_log_format("text") == "json"
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        assert process_log_format("text") == "text"  # no appliance handler: the config's format
+    finally:
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        for handler in saved[0]:
+            root.addHandler(handler)
+        root.setLevel(saved[1])
