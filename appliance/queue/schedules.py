@@ -1,7 +1,8 @@
 """Cron schedules: CRUD for the API, slot arithmetic, and the scheduler's tick.
 
 A schedule has a 5-field cron expression evaluated in its IANA time zone
-(zoneinfo; croniter handles DST), an active flag, an optional max_iterations
+(zoneinfo; croniter handles DST; a slot is a local wall-clock time, so the
+one inside the repeated autumn hour fires once), an active flag, an optional max_iterations
 and `next_run_at` (naive UTC), shown in the API.
 
 `tick(cfg, now)` fires every due schedule once: it inserts a ScheduleRun row
@@ -25,7 +26,7 @@ import peewee as pw
 from croniter import croniter
 from msgspec import Meta
 
-from appliance.db.models import Schedule, ScheduleRun, Task, database
+from appliance.db.models import Schedule, ScheduleRun, database
 from appliance.errors import NotFound, ValidationFailed
 from appliance.logs import fields
 from appliance.queue import records
@@ -69,20 +70,37 @@ def check_cron(expression: str, timezone: str, where: str = "schedule") -> None:
         raise ValidationFailed(f"{where}.timezone {timezone!r} is not a known IANA time zone", field=f"{where}.timezone") from None
 
 
+# A cron slot is a local wall-clock time. In the autumn hour that repeats, croniter yields the same
+# wall-clock time twice (fold=0, then fold=1: two UTC instants), which would fire the slot twice.
+# Slots are therefore identified by the first instant of their wall-clock time, and a fold=1
+# repeat of a slot whose first instant already passed is skipped. (So "*/5 * * * *" in a DST zone
+# does not fire again in the repeated hour, just as its slots in the spring gap never exist: use
+# timezone UTC for strictly periodic work.) Bound on skips: a minutely expression over the longest
+# repeated interval of any zone.
+_MAX_SKIPS = 24 * 60 + 1
+
+
+def _first_instant(local: _dt.datetime) -> _dt.datetime:
+    """Naive UTC of the first moment the zone's clock showed this wall-clock time."""
+    return local.replace(fold=0).astimezone(UTC).replace(tzinfo=None)
+
+
 def next_slot(expression: str, timezone: str, after: _dt.datetime) -> _dt.datetime:
-    """The first slot strictly after `after` (naive UTC in, naive UTC out)."""
+    """The first slot strictly after `after` (naive UTC in, naive UTC out); each wall-clock time once."""
     tz = zoneinfo.ZoneInfo(timezone)
-    local = after.replace(tzinfo=UTC).astimezone(tz)
-    nxt = croniter(expression, local).get_next(_dt.datetime)
-    return nxt.astimezone(UTC).replace(tzinfo=None)
+    it = croniter(expression, after.replace(tzinfo=UTC).astimezone(tz))
+    for _ in range(_MAX_SKIPS):
+        slot = _first_instant(it.get_next(_dt.datetime))
+        if slot > after:
+            return slot
+    raise ValueError(f"no cron slot of {expression!r} in {timezone} after {after}")  # pragma: no cover - unreachable for 5-field cron
 
 
 def latest_slot(expression: str, timezone: str, at_or_before: _dt.datetime) -> _dt.datetime:
-    """The last slot at or before the given time (naive UTC)."""
+    """The last slot at or before the given time (naive UTC), as the first instant of its wall-clock time."""
     tz = zoneinfo.ZoneInfo(timezone)
     probe = (at_or_before + _dt.timedelta(seconds=1)).replace(tzinfo=UTC).astimezone(tz)
-    prev = croniter(expression, probe).get_prev(_dt.datetime)
-    return prev.astimezone(UTC).replace(tzinfo=None)
+    return _first_instant(croniter(expression, probe).get_prev(_dt.datetime))
 
 
 def view(s: Schedule) -> dict[str, Any]:
@@ -231,7 +249,7 @@ def _fire(cfg: Any, s: Schedule, now: _dt.datetime) -> str | None:
                 "queued_at": now,
                 "schedule": s.id,
             }
-            Task.insert(row).execute()
+            records.insert_tasks([row])
             ScheduleRun.update(task_id=row["id"]).where((ScheduleRun.schedule == s.id) & (ScheduleRun.slot == slot)).execute()
             iterations = s.iterations + 1
             active = not (s.max_iterations and iterations >= s.max_iterations)

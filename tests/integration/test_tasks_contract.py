@@ -140,6 +140,20 @@ def test_schedule_crud_and_ticks_fire_once_per_slot(tenv):
     assert Task.select().where(Task.task_type == "sample").count() == 2
 
 
+def test_schedule_fires_once_in_the_repeated_autumn_hour(tenv):
+    """Two schedulers ticking every minute through the Berlin night of 2024-10-27: 02:30 local (it happens twice) fires once."""
+    start = dt.datetime(2024, 10, 26, 22, 0)
+    body = {"task_type": "sample", "schedule": {"type": "cron", "expression": "30 2 * * *", "timezone": "Europe/Berlin"}}
+    sid = schedules.create(tenv.cfg, service.Caller(tenv.user_ids["alice"]), body, now=start)["schedule_id"]
+    fired, clock = [], start
+    while clock < dt.datetime(2024, 10, 27, 4, 0):
+        fired += schedules.tick(tenv.cfg, clock) + schedules.tick(tenv.cfg, clock + dt.timedelta(seconds=1))
+        clock += dt.timedelta(minutes=1)
+    assert len(fired) == 1
+    assert [r.slot for r in ScheduleRun.select()] == [dt.datetime(2024, 10, 27, 0, 30)]
+    assert Schedule.get_by_id(sid).next_run_at == dt.datetime(2024, 10, 28, 1, 30)
+
+
 def test_reaper_requeues_or_fails_tasks_of_dead_workers(tenv):
     here = reaper.host_name(tenv.cfg)
     retry = tenv.submit("sample", retry_config={"max_retries": 1})

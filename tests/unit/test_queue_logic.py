@@ -79,6 +79,36 @@ def test_cron_slots_in_a_time_zone_across_dst():
     assert schedules.next_slot("0 9 * * *", "America/New_York", dt.datetime(2024, 1, 10, 15, 0)) == dt.datetime(2024, 1, 11, 14, 0)
 
 
+def test_cron_slot_in_the_repeated_autumn_hour_fires_once():
+    # 2024-10-27 Berlin: 03:00 CEST -> 02:00 CET, so 02:30 local happens at 00:30 and again at 01:30 UTC.
+    slot = schedules.next_slot("30 2 * * *", "Europe/Berlin", dt.datetime(2024, 10, 26, 12, 0))
+    assert slot == dt.datetime(2024, 10, 27, 0, 30)
+    assert schedules.next_slot("30 2 * * *", "Europe/Berlin", slot) == dt.datetime(2024, 10, 28, 1, 30)
+    # created, or catching up, inside the second pass of the hour: 02:30 already happened today
+    assert schedules.next_slot("30 2 * * *", "Europe/Berlin", dt.datetime(2024, 10, 27, 1, 5)) == dt.datetime(2024, 10, 28, 1, 30)
+    assert schedules.latest_slot("30 2 * * *", "Europe/Berlin", dt.datetime(2024, 10, 27, 1, 40)) == dt.datetime(2024, 10, 27, 0, 30)
+    # a clock stepping minute by minute through the night sees one slot, once
+    clock, fired, due = (
+        dt.datetime(2024, 10, 26, 22, 0),
+        [],
+        schedules.next_slot("30 2 * * *", "Europe/Berlin", dt.datetime(2024, 10, 26, 22, 0)),
+    )
+    while clock < dt.datetime(2024, 10, 27, 4, 0):
+        if due <= clock:
+            fired.append(schedules.latest_slot("30 2 * * *", "Europe/Berlin", clock))
+            due = schedules.next_slot("30 2 * * *", "Europe/Berlin", max(clock, fired[-1]))
+        clock += dt.timedelta(minutes=1)
+    assert fired == [dt.datetime(2024, 10, 27, 0, 30)]
+    # every wall-clock time once: the repeated hour's slots are not fired again
+    t, seen = dt.datetime(2024, 10, 26, 23, 30), []
+    for _ in range(8):
+        t = schedules.next_slot("*/20 * * * *", "Europe/Berlin", t)
+        seen.append(t.strftime("%H:%M"))
+    assert seen == ["23:40", "00:00", "00:20", "00:40", "02:00", "02:20", "02:40", "03:00"]
+    # a zone without DST is untouched
+    assert schedules.next_slot("30 2 * * *", "UTC", dt.datetime(2024, 10, 27, 2, 30)) == dt.datetime(2024, 10, 28, 2, 30)
+
+
 def test_latest_slot_after_downtime_is_one_slot():
     now = dt.datetime(2024, 1, 1, 12, 7, 30)
     assert schedules.latest_slot("*/5 * * * *", "UTC", now) == dt.datetime(2024, 1, 1, 12, 5)
