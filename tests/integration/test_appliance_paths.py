@@ -12,13 +12,9 @@ import time
 
 import pytest
 
-from appliance import roles
 from tests.integration.supervised import Appliance, http_json, wait_until
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not all(roles.available(r) for r in roles.ROLES), reason="the roles are not all part of this build"),
-]
+pytestmark = pytest.mark.slow
 
 ADMIN_PASSWORD = "Admin-pass-12345"
 USER_PASSWORD = "User-pass-12345"

@@ -11,17 +11,12 @@ import time
 
 import pytest
 
-from appliance import roles
 from tests.integration.supervised import Appliance, Stream, http_json, wait_until
-
-pytestmark = pytest.mark.skipif(
-    not all(roles.available(r) for r in ("balancer", "api", "worker", "scheduler")), reason="the roles are not all part of this build"
-)
 
 
 @pytest.fixture(scope="module")
 def appliance(tmp_path_factory):
-    app = Appliance(tmp_path_factory.mktemp("supervised"), api_workers=2, task_workers=1, monitor=roles.available("monitor"))
+    app = Appliance(tmp_path_factory.mktemp("supervised"), api_workers=2, task_workers=1, monitor=True)
     app.start()
     yield app
     assert app.stop() == 0
@@ -66,7 +61,7 @@ def test_heartbeats_of_every_process_reach_the_node_table(appliance):
 
 @pytest.mark.slow
 def test_kill_9_each_child_during_a_stream_of_gets(appliance):
-    kinds = ["api", "worker", "scheduler", "balancer"] + (["monitor"] if roles.available("monitor") else [])
+    kinds = ["api", "worker", "scheduler", "balancer", "monitor"]
     took: dict[str, float] = {}
     with Stream(appliance.port) as stream:
         time.sleep(0.5)
