@@ -17,7 +17,12 @@ The watcher thread of the main process
   second) and records the task cancelled; in thread mode it raises
   TaskCancelled inside the task's thread, and records the task cancelled
   after FORCE_WAIT seconds even if the thread is stuck in a blocking call
-  (its late result is then discarded by the conditional final update);
+  (its late result is then discarded by the conditional final update). A
+  thread cannot be killed: one blocked in a call (time.sleep, a socket read
+  without timeout, C code) keeps its slot until the call returns, and the
+  worker runs one task fewer at a time meanwhile (logged as a warning). Task
+  types that may block without a cancellation check belong on workers with
+  worker_type = "process";
 - runs the reaper (appliance.queue.reaper) every [queue] reaper_interval.
 Forked children die with their parent (PR_SET_PDEATHSIG), so a kill -9 of
 the worker leaves no orphan running tasks behind the reaper's back.
@@ -169,6 +174,14 @@ class Watcher(threading.Thread):
             if ident is not None and time.monotonic() - first < FORCE_WAIT:
                 ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), ctypes.py_object(TaskCancelled))
                 continue
+            if ident is not None:
+                # The thread is inside a blocking call that Python cannot interrupt: the task is recorded
+                # cancelled (its late result is discarded) but the thread keeps its slot until the call returns.
+                log.warning(
+                    "force-cancel: the task's thread is blocked in a call and keeps its slot until the call returns "
+                    "(worker_type = process runs tasks in children that can be killed)",
+                    extra=fields(task_id=task.id, busy_slots=len(runner.running), concurrency=self.cfg.queue.concurrency),
+                )
             self._record(task)
 
     def _record(self, task: Any) -> None:

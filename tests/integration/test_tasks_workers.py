@@ -302,3 +302,6 @@ def test_forced_cancel_in_thread_mode(tenv):
     assert tenv.wait(loop, timeout=5)["status"] == "cancelled"
     assert time.monotonic() - t0 < 5
     assert worker.poll() is None
+    # the limit of thread mode: the blocked thread keeps its slot (logged), the freed one runs new tasks
+    assert "blocked in a call and keeps its slot" in worker.log_path.read_text(errors="replace")
+    assert tenv.wait(tenv.submit("sample"), timeout=10)["status"] == "succeeded"
