@@ -176,6 +176,12 @@ class AuthHook:
         """The verdict for one request; headers are (lowercase name, value) bytes pairs."""
         return ALLOWED
 
+    def check_sync(self, method: str, path: str, headers: list[tuple[bytes, bytes]]) -> AuthResult:
+        """`check` for the modes that never wait (off, jwt): a plain call, no coroutine per request."""
+        if self.mode != "off":  # subrequest and callable modes wait: they must be awaited through check()
+            raise TypeError(f"auth mode {self.mode!r} has no synchronous check")
+        return ALLOWED
+
     def _allow(self, claims: dict[str, Any], now: float) -> AuthResult:
         sub = claims.get("sub")
         return AuthResult(
@@ -214,8 +220,8 @@ class AuthHook:
 class JwtAuthHook(AuthHook):
     """Mode "jwt": in-process verification, cached per token; exp and revocation checked every time.
 
-    Its `check` (like the "off" mode's) never awaits anything, so the proxy may drive
-    it without a task: `coro.send(None)` raises StopIteration carrying the result.
+    Its `check` (like the "off" mode's) never awaits anything, so the proxy calls
+    `check_sync` directly: no task and no coroutine per request.
     """
 
     mode = "jwt"
@@ -227,6 +233,9 @@ class JwtAuthHook(AuthHook):
         self._leeway = float(self.settings.leeway)
 
     async def check(self, method: str, path: str, headers: list[tuple[bytes, bytes]]) -> AuthResult:
+        return self.check_sync(method, path, headers)
+
+    def check_sync(self, method: str, path: str, headers: list[tuple[bytes, bytes]]) -> AuthResult:
         if path in self._exact or (path.startswith(self._subtrees) and self.is_public(path)):
             return ALLOWED
         value = _authorization(headers)

@@ -61,6 +61,20 @@ RESPONSE_ROLES: dict[bytes, int] = {
 }
 DROP_PREFIXES: tuple[bytes, ...] = (b"proxy-",)
 _ALLOWED_VERSIONS = ("1.1", "1.0")
+NAME_CACHE_SIZE = 4096
+_NAME_CACHES: dict[tuple[Any, ...], tuple[dict[bytes, int], dict[bytes, Any]]] = {}
+
+
+def _name_cache(roles: dict[bytes, int], *extra: Any) -> dict[bytes, Any]:
+    """The cache of header names as spelled for one role table, shared by every framer using it.
+
+    Keyed by the table's id; the entry keeps the table alive, so that id cannot be reused.
+    """
+    key = (id(roles), *extra)
+    entry = _NAME_CACHES.get(key)
+    if entry is None or entry[0] is not roles:
+        entry = _NAME_CACHES[key] = (roles, {})
+    return entry[1]
 
 
 class ProtocolError(Exception):
@@ -123,6 +137,9 @@ class RequestFramer:
         self.max_body_bytes = max_body_bytes
         self.roles = roles if roles is not None else REQUEST_ROLES
         self.drop_prefixes = drop_prefixes
+        # Header names as spelled -> (lower-case name, role): shared by every framer with the same
+        # roles, so the lower() and the table lookups happen once per spelling, not once per header.
+        self._names: dict[bytes, tuple[bytes, int]] = _name_cache(self.roles, drop_prefixes)
         self._parser = httptools.HttpRequestParser(self)
         self._head: RequestHead | None = None
         self._url = b""
@@ -207,17 +224,26 @@ class RequestFramer:
         head = self._head
         if self._in_body or head is None:
             return  # chunked trailer fields are not forwarded
-        lname = name.lower()
-        role = self.roles.get(lname, FORWARD)
+        known = self._names.get(name)
+        if known is None:
+            known = self._learn(name)
+        lname, role = known
         if role == FORWARD:
-            if lname.startswith(self.drop_prefixes):
-                return
             head.headers.append((lname, value))
         elif role == CAPTURE:
             if lname not in head.captured:
                 head.captured[lname] = value
         elif role != DROP:
             self._special(head, role, lname, value)
+
+    def _learn(self, name: bytes) -> tuple[bytes, int]:
+        """(lower-case name, role) of a header name as spelled; remembered for the next request."""
+        lname = name.lower()
+        role = DROP if lname.startswith(self.drop_prefixes) else self.roles.get(lname, FORWARD)
+        known = (lname, role)
+        if len(self._names) < NAME_CACHE_SIZE:  # clients choose names: bounded
+            self._names[name] = known
+        return known
 
     def _special(self, head: RequestHead, role: int, lname: bytes, value: bytes) -> None:
         if role == _CL:
@@ -348,6 +374,7 @@ class ResponseFramer:
         self.handler = handler
         self.max_header_bytes = max_header_bytes
         self.roles = roles if roles is not None else RESPONSE_ROLES
+        self._names: dict[bytes, int] = _name_cache(self.roles)  # name as spelled -> role
         self._parser = httptools.HttpResponseParser(self)
         self._head: ResponseHead | None = None
         self._connection = b""
@@ -400,11 +427,14 @@ class ResponseFramer:
         head = self._head
         if head is None or not self._in_head:
             return
-        lname = name.lower()
-        role = self.roles.get(lname, FORWARD)
+        role = self._names.get(name)
+        if role is None:
+            lname = name.lower()
+            role = DROP if lname.startswith(DROP_PREFIXES) else self.roles.get(lname, FORWARD)
+            if len(self._names) < NAME_CACHE_SIZE:
+                self._names[name] = role
         if role == FORWARD:
-            if not lname.startswith(DROP_PREFIXES):
-                head.headers.append((name, value))  # answers keep the upstream's spelling
+            head.headers.append((name, value))  # answers keep the upstream's spelling
         elif role == _CL:
             value = value.strip()
             if head.content_length != -1 or not value.isdigit():

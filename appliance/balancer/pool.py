@@ -11,6 +11,10 @@ sweeper. An idle connection that the upstream closes removes itself.
 Back-pressure: when the upstream cannot take request body bytes as fast as the
 client sends them, `pause_writing` pauses reading from the client, and the
 client's own `pause_writing` pauses reading from the upstream.
+
+Answer bytes produced while one upstream read is parsed (head, body pieces,
+chunk framing, the end) are collected on the client connection and written
+with one send at the end of that read, or at the answer's end.
 """
 
 from __future__ import annotations
@@ -19,10 +23,12 @@ import asyncio
 import time
 from typing import Any
 
-from appliance.balancer.framing import ProtocolError, ResponseFramer
+from appliance.balancer.framing import DROP, RESPONSE_ROLES, ProtocolError, ResponseFramer
 from appliance.balancer.picker import Upstream
 
 WRITE_HIGH_WATER = 256 * 1024
+# The proxy sets X-Request-ID on every answer itself: the upstream's is dropped while parsing.
+ANSWER_ROLES = {**RESPONSE_ROLES, b"x-request-id": DROP}
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -31,7 +37,7 @@ class UpstreamConnection(asyncio.Protocol):
     def __init__(self, upstream: Upstream, max_header_bytes: int):
         self.upstream = upstream
         self.transport: Any = None
-        self.framer = ResponseFramer(self, max_header_bytes=max_header_bytes)  # handler replaced per exchange
+        self.framer = ResponseFramer(self, max_header_bytes=max_header_bytes, roles=ANSWER_ROLES)  # handler replaced per exchange
         self.exchange: Any = None  # the client connection being served
         self.idle_since = 0.0
         self.closed = False
@@ -50,6 +56,9 @@ class UpstreamConnection(asyncio.Protocol):
         except ProtocolError as exc:
             if self.exchange is ex:
                 ex.upstream_broken(self, exc)
+            return
+        if ex.out:  # answer bytes of this read that did not end the answer: send them now
+            ex.flush_out()
 
     def eof_received(self) -> bool:
         ex = self.exchange

@@ -92,6 +92,27 @@ _STATUS_LINES = {code: b"HTTP/1.1 %d %s\r\n" % (code, reason) for code, reason i
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _hexlify = binascii.hexlify
 _urandom = os.urandom
+_ID_POOL_BYTES = 24 * 256  # one getrandom call per 256 requests, not one per request
+_id_pool = b""
+_id_pos = 0
+
+
+def _random_hex48() -> bytes:
+    """48 random hex digits (trace id + parent id), sliced from a pool refilled from os.urandom."""
+    global _id_pool, _id_pos
+    pos = _id_pos
+    if pos >= len(_id_pool):
+        _id_pool = _hexlify(_urandom(_ID_POOL_BYTES))
+        pos = 0
+    _id_pos = pos + 48
+    return _id_pool[pos : pos + 48]
+
+
+_METHOD_STR = {m: m.decode() for m in (b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"PATCH", b"OPTIONS", b"TRACE")}
+
+
+def _method_str(method: bytes) -> str:
+    return _METHOD_STR.get(method) or method.decode("latin-1")
 
 
 def valid_traceparent(value: bytes) -> bool:
@@ -109,7 +130,7 @@ class Proxy:
         self.limiter = limiter
         self.limiter_async = limiter is not None and asyncio.iscoroutinefunction(limiter.decide)
         self.hook = hook
-        # jwt and off hooks never await: their coroutine is run to its end in place.
+        # jwt and off hooks never await: they are called in place (check_sync), no task per request.
         self.hook_sync = hook is not None and getattr(hook, "mode", "") in ("jwt", "off")
         self.tls = tls
         self.proto_line = b"x-forwarded-proto: https\r\n" if tls else b"x-forwarded-proto: http\r\n"
@@ -173,6 +194,7 @@ class ClientConnection(asyncio.Protocol):
         self.deadline = 0.0
         self.reading_paused = False
         self.writing_paused = False
+        self.out: list[bytes] = []  # answer bytes of the current upstream read, not yet written
         self._reset()
 
     def _reset(self) -> None:
@@ -198,6 +220,7 @@ class ClientConnection(asyncio.Protocol):
         self.bytes_out = 0
         self.started = 0.0
         self.request_id = b""
+        self.path = "-"
         self.user_id: str | None = None
         self.extra_response = b""  # RateLimit-* lines for the answer
         self.upstream_keep_alive = False
@@ -281,12 +304,12 @@ class ClientConnection(asyncio.Protocol):
         rid = captured.get(b"x-request-id")
         trace = captured.get(b"traceparent")
         if trace is None or not valid_traceparent(trace):
-            new = _hexlify(_urandom(24))
+            new = _random_hex48()
             trace = b"00-" + new[:32] + b"-" + new[32:] + b"-01"
             if rid is None or not _REQUEST_ID.fullmatch(rid):
                 rid = new[:32]
         elif rid is None or not _REQUEST_ID.fullmatch(rid):
-            rid = _hexlify(_urandom(16))
+            rid = _random_hex48()[:32]
         self.request_id = rid
         self.trace = trace
         path = head.path.decode("latin-1")
@@ -301,20 +324,13 @@ class ClientConnection(asyncio.Protocol):
             return
         identity = None
         if not public:
-            coro = hook.check(head.method.decode("latin-1"), path, head.headers)
-            try:
-                coro.send(None)
-            except StopIteration as done:
-                result = done.value
-            else:  # pragma: no cover - a jwt hook that awaited: a bug in the hook
-                coro.close()
-                raise RuntimeError("the jwt auth hook awaited something; it must not")
+            result = hook.check_sync(_method_str(head.method), path, head.headers)
             if not result.ok:
                 return self.refuse_auth(result)
             identity = result.identity_value
             self.user_id = result.user_id
         if p.limiter is not None:
-            decision = p.limiter.decide(head.method.decode("latin-1"), path, self.client_ip(), self.user_id)
+            decision = p.limiter.decide(_method_str(head.method), path, self.client_ip(), self.user_id)
             if decision is not None and not self.apply_limit(decision, identity):
                 return
         self.dispatch(identity)
@@ -532,7 +548,7 @@ class ClientConnection(asyncio.Protocol):
         self.status = status = rh.status
         line = _STATUS_LINES.get(status) if rh.reason == _REASONS.get(status) else None
         lines = [line or b"HTTP/1.1 %d %s\r\n" % (status, rh.reason)]
-        lines += [n + b": " + v + b"\r\n" for n, v in rh.headers if n.lower() != b"x-request-id"]
+        lines += [n + b": " + v + b"\r\n" for n, v in rh.headers]  # the upstream's X-Request-ID is dropped by the framer
         lines.append(b"x-request-id: " + self.request_id + b"\r\n")
         if p.hsts_line:
             lines.append(p.hsts_line)
@@ -555,21 +571,31 @@ class ClientConnection(asyncio.Protocol):
             lines.append(b"connection: keep-alive\r\n")
         lines.append(b"\r\n")
         self.response_started = True
-        self.transport.write(b"".join(lines))
+        # Held until the end of this upstream read (flush_out): head, body and end go out in one send.
+        self.out.append(b"".join(lines))
         self.deadline = p.now + p.read_timeout
 
     def on_response_body(self, data: bytes) -> None:
         self.bytes_out += len(data)
         if self.response_chunked:
-            self.transport.write(b"%x\r\n" % len(data) + data + b"\r\n")
+            self.out += (b"%x\r\n" % len(data), data, b"\r\n")
         else:
-            self.transport.write(data)
+            self.out.append(data)
         self.deadline = self.p.now + self.p.read_timeout
+
+    def flush_out(self) -> None:
+        """Write what the answer callbacks of one upstream read produced, in one send."""
+        out = self.out
+        if self.state != CLOSED:
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+        out.clear()
 
     def on_response_end(self) -> None:
         conn = self.conn
         if self.response_chunked:
-            self.transport.write(b"0\r\n\r\n")
+            self.out.append(b"0\r\n\r\n")
+        if self.out:
+            self.flush_out()
         if conn is not None:
             self.conn = None
             pool.release(conn, self.body_done and self.upstream_keep_alive, self.p.max_idle)
@@ -678,6 +704,7 @@ class ClientConnection(asyncio.Protocol):
         self._count_out()
 
     def _drop_client(self) -> None:
+        self.out.clear()
         self._count_out()
         self.state = CLOSED
         self.transport.abort()
@@ -690,7 +717,7 @@ class ClientConnection(asyncio.Protocol):
         if self.state in (ADMIT, CONNECT, FORWARD):
             self._abandon()
         if self.head is None:
-            self.request_id = _hexlify(_urandom(16))
+            self.request_id = _random_hex48()[:32]
         self.respond_error(exc.status, exc.code, exc.message, close=True)
 
     # -- answers the balancer makes itself ----------------------------------------------
@@ -757,10 +784,10 @@ class ClientConnection(asyncio.Protocol):
             head = self.head
             upstream = self.upstream
             p.access.line(
-                self.request_id.decode("latin-1"),
+                self.request_id,
                 self.peer,
-                head.method.decode("latin-1") if head is not None else "-",
-                getattr(self, "path", "-") if head is not None else "-",
+                head.method if head is not None else "-",
+                self.path,
                 status,
                 upstream.address if upstream is not None else None,
                 self.bytes_in,

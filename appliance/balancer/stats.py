@@ -187,18 +187,22 @@ def process_log_format(default: str = "json") -> str:
 class AccessLog:
     """Buffered access-log lines; `line()` per answer, `flush()` a few times a second.
 
+    `line()` only records the values (a tuple and the time); they are formatted in
+    `flush()`, many at once, so the request path does no formatting at all.
     JSON: the shape of appliance.logs' JsonFormatter lines (logger appliance.balancer.access).
     Text: the shape of its TextFormatter lines, for people:
       20:15:40 INFO    balancer[123] GET /api/x 200 1.2ms client=127.0.0.1 upstream=127.0.0.1:8101 in=0 out=57 user=7 (request ab12)
-    The time stamp is formatted once per second, not per line.
+    Time stamps are formatted once per second, not per line.
     """
+
+    FLUSH_AT = 512  # records buffered before a flush from the request path
 
     def __init__(self, enabled: bool, fmt: str = "json", fd: int = 1):
         self.enabled = enabled
         self.text = fmt == "text"
         self.fd = fd
         self.pid = os.getpid()
-        self._lines: list[bytes] = []
+        self._records: list[tuple[Any, ...]] = []
         self._sec = -1
         self._prefix = ""
         self._text_sec = -1
@@ -220,9 +224,9 @@ class AccessLog:
 
     def line(
         self,
-        request_id: str,
+        request_id: str | bytes,
         client: str,
-        method: str,
+        method: str | bytes,
         path: str,
         status: int,
         upstream: str | None,
@@ -231,25 +235,42 @@ class AccessLog:
         duration: float,
         user_id: str | None,
     ) -> None:
-        now = time.time()
+        """Record one answer (request id and method may be the raw bytes); formatted at flush."""
+        records = self._records
+        records.append((time.time(), request_id, client, method, path, status, upstream, bytes_in, bytes_out, duration, user_id))
+        if len(records) >= self.FLUSH_AT:
+            self.flush()
+
+    def _format(self, records: list[tuple[Any, ...]]) -> bytes:
+        lines = []
         if self.text:
-            self._lines.append(
-                (
-                    f"{self._text_stamp(now)}{method} {path} {status} {duration * 1000:.1f}ms client={client} "
-                    f"upstream={upstream or '-'} in={bytes_in} out={bytes_out} user={user_id or '-'} (request {request_id})\n"
-                ).encode("utf-8", "replace")
-            )
-        else:
-            self._lines.append(
-                orjson.dumps(
+            stamp = self._text_stamp
+            for now, rid, client, method, path, status, upstream, bytes_in, bytes_out, duration, user_id in records:
+                if rid.__class__ is bytes:
+                    rid = rid.decode("latin-1")
+                if method.__class__ is bytes:
+                    method = method.decode("latin-1")
+                lines.append(
+                    f"{stamp(now)}{method} {path} {status} {duration * 1000:.1f}ms client={client} "
+                    f"upstream={upstream or '-'} in={bytes_in} out={bytes_out} user={user_id or '-'} (request {rid})\n"
+                )
+            return "".join(lines).encode("utf-8", "replace")
+        dumps, pid, stamp = orjson.dumps, self.pid, self._stamp
+        for now, rid, client, method, path, status, upstream, bytes_in, bytes_out, duration, user_id in records:
+            if rid.__class__ is bytes:
+                rid = rid.decode("latin-1")
+            if method.__class__ is bytes:
+                method = method.decode("latin-1")
+            lines.append(
+                dumps(
                     {
-                        "time": self._stamp(now),
+                        "time": stamp(now),
                         "level": "info",
                         "role": "balancer",
-                        "pid": self.pid,
+                        "pid": pid,
                         "logger": _LOGGER,
                         "message": "request",
-                        "request_id": request_id,
+                        "request_id": rid,
                         "client": client,
                         "method": method,
                         "path": path,
@@ -263,13 +284,13 @@ class AccessLog:
                     option=orjson.OPT_APPEND_NEWLINE,
                 )
             )
-        if len(self._lines) >= 512:
-            self.flush()
+        return b"".join(lines)
 
     def flush(self) -> None:
-        if not self._lines:
+        if not self._records:
             return
-        data, self._lines = b"".join(self._lines), []
+        records, self._records = self._records, []
+        data = self._format(records)
         try:
             while data:
                 n = os.write(self.fd, data)

@@ -88,6 +88,23 @@ def test_jwt_and_off_checks_never_await(cfg, make_config, settings):
             assert isinstance(done.value.value, AuthResult)
 
 
+def test_check_sync_gives_the_same_verdicts_and_only_for_modes_that_never_wait(cfg, make_config, settings):
+    # The proxy calls check_sync for jwt and off (no coroutine per request); the awaited check agrees.
+    token, _ = access(settings)
+    for hook in (hook_for(cfg), authhook.build(make_config(balancer={"auth_mode": "off"}), None)):
+        for headers in (bearer(token), bearer("junk"), [(b"host", b"example")]):
+            for path in ("/api/protected", "/health/ping"):
+                now = hook.check_sync("GET", path, headers)
+                later = run(hook.check("GET", path, headers))
+                assert (now.ok, now.status, now.code) == (later.ok, later.status, later.code)
+    assert not hook_for(cfg).check_sync("GET", "/api/protected", bearer("junk")).ok
+    callable_hook = authhook.build(
+        make_config(balancer={"auth_mode": "callable", "auth_callable": "tests.unit.test_balancer_authhook:sync_auth"}), None
+    )
+    with pytest.raises(TypeError):  # a mode that may wait must never be taken as synchronous
+        callable_hook.check_sync("GET", "/api/protected", [])
+
+
 def test_pyjwt_runs_once_per_token(cfg, settings, monkeypatch):
     calls = []
     real = tokens.verify

@@ -17,7 +17,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from appliance.balancer.framing import ProtocolError, RequestFramer, ResponseFramer, ResponseHead
+from appliance.balancer.framing import (
+    CAPTURE,
+    DROP,
+    REQUEST_ROLES,
+    RESPONSE_ROLES,
+    ProtocolError,
+    RequestFramer,
+    ResponseFramer,
+    ResponseHead,
+)
 
 CORPUS = Path(__file__).parent / "corpus"
 
@@ -238,3 +247,39 @@ def test_fuzz_mutated_requests_parse_or_4xx(sample: bytes, ops, cut: int) -> Non
 @given(st.binary(max_size=300), st.integers(0, 300))
 def test_fuzz_random_bytes_parse_or_4xx(data: bytes, cut: int) -> None:
     _feed_all(data, cut)
+
+
+def test_header_name_caches_are_per_role_table() -> None:
+    # Names are remembered per role table as spelled; another table (even a short-lived one) never sees them.
+    dropping = {**REQUEST_ROLES, b"x-secret": DROP}
+    capturing = {**REQUEST_ROLES, b"x-secret": CAPTURE}
+    raw = b"GET / HTTP/1.1\r\nHost: a\r\nX-Secret: s\r\nX-Other: o\r\n\r\n"
+    for _ in range(3):
+        a = RequestFramer(Recorder(), roles=dropping)
+        a.feed(raw)
+        head = a.handler.heads[0]
+        assert [n for n, _ in head.headers] == [b"host", b"x-other"] and head.captured == {}
+        b = RequestFramer(Recorder(), roles=capturing)
+        b.feed(raw)
+        head = b.handler.heads[0]
+        assert [n for n, _ in head.headers] == [b"host", b"x-other"] and head.captured == {b"x-secret": b"s"}
+        c = RequestFramer(Recorder(), roles={**REQUEST_ROLES, b"x-secret": CAPTURE})  # a new table object each round
+        c.feed(raw.replace(b"X-Secret", b"x-SECRET"))
+        assert c.handler.heads[0].captured == {b"x-secret": b"s"}
+    # proxy- prefixed names are dropped whatever their spelling, also once remembered
+    for _ in range(2):
+        d = RequestFramer(Recorder())
+        d.feed(b"GET / HTTP/1.1\r\nHost: a\r\nProxy-Foo: 1\r\nPROXY-foo: 2\r\n\r\n")
+        assert [n for n, _ in d.handler.heads[0].headers] == [b"host"]
+    rec = ResponseRecorder()
+    r = ResponseFramer(rec, roles={**RESPONSE_ROLES, b"x-request-id": DROP})
+    for _ in range(2):
+        r.reset(head_request=False)
+        r.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nX-Request-ID: up\r\nProxy-X: 1\r\nX-A: 1\r\n\r\n")
+    assert [n for n, _ in rec.heads[-1].headers] == [b"Content-Length", b"X-A"]
+    # Short-lived tables one after another (ids could be reused once freed): each keeps its own roles.
+    for role in (DROP, CAPTURE, DROP, CAPTURE):
+        f = RequestFramer(Recorder(), roles={**REQUEST_ROLES, b"x-secret": role})
+        f.feed(raw)
+        assert (f.handler.heads[0].captured == {b"x-secret": b"s"}) == (role == CAPTURE)
+        del f
