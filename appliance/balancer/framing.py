@@ -139,10 +139,11 @@ class RequestFramer:
         self.drop_prefixes = drop_prefixes
         # Header names as spelled -> (lower-case name, role): shared by every framer with the same
         # roles, so the lower() and the table lookups happen once per spelling, not once per header.
-        self._names: dict[bytes, tuple[bytes, int]] = _name_cache(self.roles, drop_prefixes)
+        self._names: dict[bytes, tuple[bytes, int, int]] = _name_cache(self.roles, drop_prefixes)
         self._parser = httptools.HttpRequestParser(self)
         self._head: RequestHead | None = None
         self._url = b""
+        self._fields_size = 0  # name + value + 4 of every field of the current head
         self._head_size = 0  # bytes of the head seen so far (431 beyond the limit)
         self._in_head = False  # between the first byte and the end of the head
         self._in_body = False
@@ -211,6 +212,7 @@ class RequestFramer:
     def on_message_begin(self) -> None:
         self._head = RequestHead()
         self._url = b""
+        self._fields_size = 0
         self._in_head = True
         self._in_body = False
         self._body_size = 0
@@ -227,7 +229,8 @@ class RequestFramer:
         known = self._names.get(name)
         if known is None:
             known = self._learn(name)
-        lname, role = known
+        lname, role, size = known
+        self._fields_size += size + len(value)
         if role == FORWARD:
             head.headers.append((lname, value))
         elif role == CAPTURE:
@@ -236,11 +239,11 @@ class RequestFramer:
         elif role != DROP:
             self._special(head, role, lname, value)
 
-    def _learn(self, name: bytes) -> tuple[bytes, int]:
-        """(lower-case name, role) of a header name as spelled; remembered for the next request."""
+    def _learn(self, name: bytes) -> tuple[bytes, int, int]:
+        """(lower-case name, role, bytes of ": \r\n" and name) of a name as spelled; remembered for the next request."""
         lname = name.lower()
         role = DROP if lname.startswith(self.drop_prefixes) else self.roles.get(lname, FORWARD)
-        known = (lname, role)
+        known = (lname, role, len(name) + 4)
         if len(self._names) < NAME_CACHE_SIZE:  # clients choose names: bounded
             self._names[name] = known
         return known
@@ -291,8 +294,8 @@ class RequestFramer:
     def _check(self, head: RequestHead) -> None:
         if head.version not in _ALLOWED_VERSIONS:
             raise ProtocolError("unsupported HTTP version")
-        size = len(self._url) + sum(len(n) + len(v) + 4 for n, v in head.headers) + 16
-        if size > self.max_header_bytes:
+        # Counted per field as it came (the byte count of feed() cannot see where a pipelined head starts).
+        if len(self._url) + self._fields_size + 16 > self.max_header_bytes:
             raise _too_large_head()
         if head.method == b"CONNECT":
             raise ProtocolError("CONNECT is not supported", 405, "method_not_allowed")
@@ -347,18 +350,34 @@ def _drop_connection_named(headers: list[tuple[bytes, bytes]], connection: bytes
 
 
 class ResponseHead:
-    """One upstream answer head; headers are the end-to-end ones as spelled (Content-Length kept)."""
+    """One upstream answer head: the end-to-end headers as spelled (Content-Length kept).
 
-    __slots__ = ("status", "reason", "headers", "content_length", "chunked", "keep_alive", "no_body")
+    They are kept ready to send: `raw` is the flat list name, b": ", value, b"\r\n", ... so the
+    proxy joins it as is; `headers` gives (and takes) them as (name, value) pairs.
+    """
+
+    __slots__ = ("status", "reason", "raw", "content_length", "chunked", "keep_alive", "no_body")
 
     def __init__(self) -> None:
         self.status = 0
         self.reason = b""
-        self.headers: list[tuple[bytes, bytes]] = []
+        self.raw: list[bytes] = []
         self.content_length = -1
         self.chunked = False
         self.keep_alive = True
         self.no_body = False
+
+    @property
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        raw = self.raw
+        return [(raw[i], raw[i + 2]) for i in range(0, len(raw), 4)]
+
+    @headers.setter
+    def headers(self, pairs: list[tuple[bytes, bytes]]) -> None:
+        raw: list[bytes] = []
+        for name, value in pairs:
+            raw += (name, b": ", value, b"\r\n")
+        self.raw = raw
 
 
 class ResponseHandler(Protocol):
@@ -434,13 +453,13 @@ class ResponseFramer:
             if len(self._names) < NAME_CACHE_SIZE:
                 self._names[name] = role
         if role == FORWARD:
-            head.headers.append((name, value))  # answers keep the upstream's spelling
+            head.raw += (name, b": ", value, b"\r\n")  # answers keep the upstream's spelling
         elif role == _CL:
             value = value.strip()
             if head.content_length != -1 or not value.isdigit():
                 raise ProtocolError("upstream sent a bad Content-Length", 502, "bad_gateway")
             head.content_length = int(value)
-            head.headers.append((name, value))
+            head.raw += (name, b": ", value, b"\r\n")
         elif role == _TE:
             head.chunked = value.strip().lower().endswith(b"chunked")
         elif role == _CONNECTION:
@@ -460,7 +479,9 @@ class ResponseFramer:
             self._head = None  # interim answer (100 Continue, 103): not forwarded
             return
         if self._connection:
-            _drop_connection_named(head.headers, self._connection)
+            pairs = head.headers
+            _drop_connection_named(pairs, self._connection)
+            head.headers = pairs
         head.no_body = self.head_request or head.status in (204, 304)
         if head.chunked:
             head.content_length = -1

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Container
 
-from appliance.balancer.health import DRAINING, Health
+from appliance.balancer.health import DRAINING, HEALTHY, Health
 
 
 class Upstream:
@@ -106,10 +106,14 @@ class Group:
         best_load = best_served = 0.0
         best_i = 0
         start = self._next
+        if start >= n:  # the group shrank
+            start = 0
         for k in range(n):
-            i = (start + k) % n
+            i = start + k
+            if i >= n:
+                i -= n
             u = ups[i]
-            if not u.health.up or u in exclude:
+            if u.health.state != HEALTHY or (exclude and u in exclude):
                 continue
             load = u.active * u.inv_weight
             served = u.served * u.inv_weight

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import binascii
+import bisect
 import ipaddress
 import logging
 import os
@@ -40,7 +41,7 @@ from typing import Any
 from appliance.balancer import pool
 from appliance.balancer.framing import CAPTURE, DROP, REQUEST_ROLES, ProtocolError, RequestFramer, RequestHead, ResponseHead
 from appliance.balancer.picker import Group, Upstream
-from appliance.balancer.stats import AccessLog, Stats, process_log_format
+from appliance.balancer.stats import BUCKETS, AccessLog, Stats, process_log_format
 from appliance.errors import error_body
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,7 @@ _REASONS = {
 _STATUS_LINES = {code: b"HTTP/1.1 %d %s\r\n" % (code, reason) for code, reason in _REASONS.items()}
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _hexlify = binascii.hexlify
+_bisect = bisect.bisect_left
 _urandom = os.urandom
 _ID_POOL_BYTES = 24 * 256  # one getrandom call per 256 requests, not one per request
 _id_pool = b""
@@ -444,7 +446,8 @@ class ClientConnection(asyncio.Protocol):
         assert head is not None
         p = self.p
         lines = [head.method, b" ", head.target, b" HTTP/1.1\r\n"]
-        lines += [n + b": " + v + b"\r\n" for n, v in head.headers]
+        for n, v in head.headers:
+            lines += (n, b": ", v, b"\r\n")
         if self.peer_trusted:
             xff = head.captured.get(b"x-forwarded-for")
             ip = self.peer.encode("latin-1")
@@ -476,10 +479,11 @@ class ClientConnection(asyncio.Protocol):
             return self.respond_error(503, "service_unavailable", "no upstream server is available")
         upstream.active += 1
         self.upstream = upstream
-        conn = pool.acquire(upstream)
-        if conn is not None:
-            self.attach(conn)
-            return
+        idle = upstream.idle
+        while idle:  # pool.acquire, inline: the warmest idle keep-alive connection
+            conn = idle.pop()
+            if not conn.closed and not conn.transport.is_closing():
+                return self.attach(conn)
         self.state = CONNECT
         self.deadline = 0.0
         self.task = self.p.loop.create_task(pool.connect(upstream, self.p.connect_timeout, self.p.max_header_bytes))
@@ -548,7 +552,7 @@ class ClientConnection(asyncio.Protocol):
         self.status = status = rh.status
         line = _STATUS_LINES.get(status) if rh.reason == _REASONS.get(status) else None
         lines = [line or b"HTTP/1.1 %d %s\r\n" % (status, rh.reason)]
-        lines += [n + b": " + v + b"\r\n" for n, v in rh.headers]  # the upstream's X-Request-ID is dropped by the framer
+        lines += rh.raw  # ready to send; the upstream's X-Request-ID was dropped by the framer
         lines.append(b"x-request-id: " + self.request_id + b"\r\n")
         if p.hsts_line:
             lines.append(p.hsts_line)
@@ -592,10 +596,13 @@ class ClientConnection(asyncio.Protocol):
 
     def on_response_end(self) -> None:
         conn = self.conn
+        out = self.out
         if self.response_chunked:
-            self.out.append(b"0\r\n\r\n")
-        if self.out:
-            self.flush_out()
+            out.append(b"0\r\n\r\n")
+        if out:
+            if self.state != CLOSED:
+                self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+            out.clear()
         if conn is not None:
             self.conn = None
             pool.release(conn, self.body_done and self.upstream_keep_alive, self.p.max_idle)
@@ -777,7 +784,9 @@ class ClientConnection(asyncio.Protocol):
             duration = time.perf_counter() - self.started
             group = self.group
             if group is not None and self.upstream is not None:
-                stats.latency_of(group.name).observe(duration)
+                lat = stats.latency.get(group.name) or stats.latency_of(group.name)
+                lat.counts[_bisect(BUCKETS, duration)] += 1
+                lat.total += duration
         else:
             duration = 0.0
         if p.access.enabled:

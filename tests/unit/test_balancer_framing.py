@@ -283,3 +283,18 @@ def test_header_name_caches_are_per_role_table() -> None:
         f.feed(raw)
         assert (f.handler.heads[0].captured == {b"x-secret": b"s"}) == (role == CAPTURE)
         del f
+
+
+def test_pipelined_head_over_the_limit_is_431_although_it_came_in_one_read() -> None:
+    rec = Recorder()
+    framer = RequestFramer(rec, max_header_bytes=1024)
+    small = b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n"
+    big = b"GET /b HTTP/1.1\r\nHost: a\r\n" + b"".join(b"X-%d: %s\r\n" % (i, b"v" * 90) for i in range(12)) + b"\r\n"
+    assert len(big) > 1024
+    with pytest.raises(ProtocolError) as err:
+        framer.feed(small + big)
+    assert err.value.status == 431 and len(rec.heads) == 1
+    ok = RequestFramer(Recorder(), max_header_bytes=1024)
+    fits = b"GET /b HTTP/1.1\r\nHost: a\r\n" + b"".join(b"X-%d: %s\r\n" % (i, b"v" * 90) for i in range(5)) + b"\r\n"
+    ok.feed(small + fits)  # under the limit: the second waits (pipelined) behind the first
+    assert len(ok.handler.heads) == 1 and ok._backlog
