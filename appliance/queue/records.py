@@ -20,6 +20,8 @@ import threading
 from collections.abc import Iterable
 from typing import Any
 
+import peewee as pw
+
 from appliance.db.models import Task, TaskHistory, TaskLog, database
 from appliance.times import utcnow
 
@@ -199,21 +201,42 @@ _CLAIM_SET = (
 )
 
 
+_TASK_FIELDS = Task._meta.sorted_fields
+_RETURNING = " RETURNING " + ", ".join(f'"{f.column_name}"' for f in _TASK_FIELDS)
+
+
+def _returning(db: Any) -> bool:
+    """Whether UPDATE ... RETURNING works here (PostgreSQL; SQLite since 3.35)."""
+    if getattr(db, "returning_clause", False):
+        return True
+    import sqlite3
+
+    return isinstance(db, pw.SqliteDatabase) and sqlite3.sqlite_version_info >= (3, 35)
+
+
+def _task_from(values: tuple[Any, ...]) -> Task:
+    """A Task from a RETURNING row, as peewee's own cursor wrapper builds it (without resolving columns per row)."""
+    task = Task(__no_default__=1, **{f.name: f.python_value(v) for f, v in zip(_TASK_FIELDS, values, strict=True)})
+    task._dirty.clear()
+    return task
+
+
 def claim(task_id: str, attempt: int, worker_id: str) -> Task | None:
     """queued/retrying -> running for exactly this attempt; the task row, or None when someone else won.
 
-    The hot path of every task: one hand-written statement (PostgreSQL: UPDATE ... RETURNING),
-    because building it with peewee's query builder costs more than the database round trip.
+    The hot path of every task: one hand-written statement, UPDATE ... RETURNING the row (or UPDATE
+    then SELECT on an SQLite older than 3.35), because building it with peewee's query builder and
+    resolving the returned columns cost more than the database round trip.
     """
     now = utcnow()
     db = database.obj
     sql = _CLAIM_SET.format(p=db.param)
     params = (worker_id, Task.started_at.db_value(now), task_id, attempt - 1)
-    if getattr(db, "returning_clause", False):
-        rows = list(Task.raw(sql + " RETURNING *", *params))
+    if _returning(db):
+        rows = db.execute_sql(sql + _RETURNING, params).fetchall()  # fetch all: SQLite commits when the statement completes
         if not rows:
             return None
-        row = rows[0]
+        row = _task_from(rows[0])
     else:
         if db.execute_sql(sql, params).rowcount != 1:
             return None

@@ -185,8 +185,11 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    with open(f"/proc/{pid}/stat") as fh:
-        return fh.read().split()[2] != "Z"
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split()[2] != "Z"
+    except (ProcessLookupError, FileNotFoundError):  # reaped between the kill(0) and the read
+        return False
 
 
 def test_kill_9_mid_task_is_rerun_or_failed_worker_lost(tenv):
