@@ -125,7 +125,7 @@ class BalancerSettings(Section):
             "/status",
         ]
     )
-    access_log: Annotated[bool, _h("one JSON line per request")] = True
+    access_log: Annotated[bool, _h("one access-log line per request, JSON or text as the process logs")] = True
     use_uvloop: Annotated[bool, _h("use uvloop when installed")] = True
 
 
