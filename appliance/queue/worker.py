@@ -92,12 +92,14 @@ def build_consumer(cfg: Any) -> _Consumer:
     huey = get_huey(cfg)
     parent = os.getpid()
 
-    @huey.on_startup(name="appliance_child")
     def _child_start() -> None:
-        if os.getpid() != parent:
-            _die_with_parent()
-            if os.getppid() != parent:  # parent died before prctl took effect
-                os._exit(1)
+        _die_with_parent()
+        if os.getppid() != parent:  # parent died before prctl took effect
+            os._exit(1)
+
+    # Every process forked from here (task children and huey's own scheduler
+    # process alike) dies with this worker, so a kill -9 leaves no orphan behind.
+    os.register_at_fork(after_in_child=_child_start)
 
     @huey.on_shutdown(name="appliance_flush")
     def _flush() -> None:

@@ -15,6 +15,7 @@ import threading
 import time
 
 import orjson
+import psutil
 import pytest
 
 from appliance.db.models import Schedule, ScheduleRun, Task
@@ -198,8 +199,11 @@ def test_kill_9_mid_task_is_rerun_or_failed_worker_lost(tenv):
     lost = tenv.submit("sample", {"duration": 2.0, "steps": 2})
     tenv.wait(rerun, ("running",))
     tenv.wait(lost, ("running",))
+    children = psutil.Process(first.pid).children(recursive=True)
     os.kill(first.pid, signal.SIGKILL)
     first.wait(5)
+    gone, alive = psutil.wait_procs(children, timeout=5)
+    assert not alive, f"children of the killed worker outlived it: {[p.pid for p in alive]}"
     tenv.start(index=1)
     a = tenv.wait(rerun, timeout=25)
     b = tenv.wait(lost, timeout=25)
