@@ -23,7 +23,6 @@ from appliance.times import utcnow
 log = logging.getLogger(__name__)
 
 TICK = 1.0
-EXIT_BOOT_FAILURE = 3
 
 
 def run(cfg: Any, stop: threading.Event, clock: Callable[[], Any] = utcnow, interval: float = TICK) -> int:
@@ -42,15 +41,11 @@ def run(cfg: Any, stop: threading.Event, clock: Callable[[], Any] = utcnow, inte
 def serve(cfg: Any, index: int) -> int:
     from appliance import db
 
-    handle = db.open_database(cfg)
     try:
-        with db.translated():
-            handle.connect(reuse_if_open=True)
-            if db.pending(handle):
-                db.migrate(handle)
+        db.open_for_role(cfg)
     except db.DatabaseError as exc:
         log.error("scheduler cannot use the database %s: %s", db.describe(cfg), exc)
-        return EXIT_BOOT_FAILURE
+        return 1  # transient: the supervisor retries with backoff
     stop = threading.Event()
 
     def on_signal(signum: int, frame: Any) -> None:

@@ -47,13 +47,13 @@ from appliance.logs import fields
 from appliance.queue import callbacks, reaper, records, runner
 from appliance.queue.context import TaskCancelled
 from appliance.queue.registry import registry_for
+from appliance.roles import EXIT_BOOT_FAILURE
 
 log = logging.getLogger(__name__)
 
 ETA_INTERVAL = 0.25
 FORCE_POLL = 0.5
 FORCE_WAIT = 2.0
-EXIT_BOOT_FAILURE = 3
 
 
 class _EtaScheduler(Scheduler):
@@ -197,15 +197,11 @@ class Watcher(threading.Thread):
 def serve(cfg: Any, index: int) -> int:
     from appliance import db, heartbeat
 
-    handle = db.open_database(cfg)
     try:
-        with db.translated():
-            handle.connect(reuse_if_open=True)
-            if db.pending(handle):
-                db.migrate(handle)
+        handle = db.open_for_role(cfg)
     except db.DatabaseError as exc:
         log.error("worker cannot use the database %s: %s", db.describe(cfg), exc)
-        return EXIT_BOOT_FAILURE
+        return 1  # transient: the supervisor retries with backoff
     node = heartbeat.node_id(cfg, "worker", index)
     runner.set_runtime(cfg, node)
     try:
