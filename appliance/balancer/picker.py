@@ -102,26 +102,24 @@ class Group:
         """The healthy upstream to send the next request to, or None when none is up."""
         ups = self.upstreams
         n = len(ups)
-        best = None
-        best_load = best_served = 0.0
-        best_i = 0
         start = self._next
         if start >= n:  # the group shrank
             start = 0
-        for k in range(n):
-            i = start + k
-            if i >= n:
-                i -= n
-            u = ups[i]
-            if u.health.state != HEALTHY or (exclude and u in exclude):
-                continue
-            load = u.active * u.inv_weight
-            served = u.served * u.inv_weight
-            if best is None or load < best_load or (load == best_load and served < best_served):
-                best, best_load, best_served, best_i = u, load, served, i
+        best = None
+        best_load = best_served = 0.0
+        best_i = 0
+        i = start
+        for u in ups[start:] + ups[:start] if start else ups:  # rotation order from `start`
+            if u.health.state == HEALTHY and not (exclude and u in exclude):
+                inv = u.inv_weight
+                load = u.active * inv
+                if best is None or load < best_load or (load == best_load and u.served * inv < best_served):
+                    best, best_load, best_served, best_i = u, load, u.served * inv, i
+            i += 1
         if best is not None:
             best.served += 1
-            self._next = (best_i + 1) % n
+            best_i += 1
+            self._next = best_i - n if best_i >= n else best_i
         return best
 
     def any_up(self) -> bool:

@@ -303,15 +303,20 @@ class ClientConnection(asyncio.Protocol):
         self.started = time.perf_counter()
         self.deadline = 0.0
         captured = head.captured
-        rid = captured.get(b"x-request-id")
-        trace = captured.get(b"traceparent")
-        if trace is None or not valid_traceparent(trace):
+        if not captured:  # the common case: no ids from the client, both made from one pool slice
             new = _random_hex48()
-            trace = b"00-" + new[:32] + b"-" + new[32:] + b"-01"
-            if rid is None or not _REQUEST_ID.fullmatch(rid):
-                rid = new[:32]
-        elif rid is None or not _REQUEST_ID.fullmatch(rid):
-            rid = _random_hex48()[:32]
+            rid = new[:32]
+            trace = b"00-%s-%s-01" % (rid, new[32:])
+        else:
+            rid = captured.get(b"x-request-id")
+            trace = captured.get(b"traceparent")
+            if trace is None or not valid_traceparent(trace):
+                new = _random_hex48()
+                trace = b"00-%s-%s-01" % (new[:32], new[32:])
+                if rid is None or not _REQUEST_ID.fullmatch(rid):
+                    rid = new[:32]
+            elif rid is None or not _REQUEST_ID.fullmatch(rid):
+                rid = _random_hex48()[:32]
         self.request_id = rid
         self.trace = trace
         path = head.path.decode("latin-1")
