@@ -15,12 +15,14 @@ visible everywhere within about one interval.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import logging
 import threading
 from typing import Any
 
 import peewee as pw
+from playhouse.pool import PooledDatabase
 
 from appliance.db.models import RevocationEvent
 from appliance.times import from_timestamp, utcnow
@@ -114,18 +116,28 @@ class RevocationMirror:
     def start(self, db: pw.Database | None = None) -> None:
         """Poll in a daemon thread every `interval` seconds until stop()."""
 
+        # A pool hands the connection back after each poll; SQLite keeps this
+        # thread's one connection open instead of reopening it twice a second.
+        pooled = isinstance(db, PooledDatabase)
+
         def run() -> None:
             while not self._stop.is_set():
                 try:
-                    if db is not None:
+                    if db is None:
+                        self.refresh()
+                    elif pooled:
                         with db.connection_context():
                             self.refresh()
                     else:
+                        db.connect(reuse_if_open=True)
                         self.refresh()
                 except Exception as exc:  # keep the last good copy; say so once per failure streak
                     if self.healthy:
                         log.warning("revocation refresh failed: %s", exc)
                     self.healthy = False
+                    if db is not None and not pooled:
+                        with contextlib.suppress(Exception):
+                            db.close()  # reconnect on the next poll
                 self._stop.wait(self.interval)
 
         self._thread = threading.Thread(target=run, name="revocation-mirror", daemon=True)

@@ -165,3 +165,22 @@ def test_sqlite_pragmas_are_set(make_config) -> None:
     assert handle.execute_sql("PRAGMA busy_timeout").fetchone()[0] == cfg.database.busy_timeout_ms
     assert isinstance(handle, pw.SqliteDatabase)
     handle.close()
+
+
+def test_revocation_mirror_thread_follows_new_events(db) -> None:
+    import time
+
+    mirror = revocation.RevocationMirror(interval=0.05)
+    mirror.start(db)
+    try:
+        claims = {"sub": "9", "jti": "jt", "fam": "fm", "gen": 0}
+        deadline = time.monotonic() + 5
+        while not mirror.healthy and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert mirror.healthy and mirror.is_revoked(claims) is None
+        revocation.revoke_token("jt", 9, utcnow() + dt.timedelta(days=1))
+        while mirror.is_revoked(claims) is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert mirror.is_revoked(claims) == "logout"
+    finally:
+        mirror.stop()
