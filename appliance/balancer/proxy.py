@@ -50,6 +50,7 @@ IDLE, HEAD, ADMIT, CONNECT, FORWARD, CLOSED = range(6)
 REPLAY_MAX = 64 * 1024  # request body bytes kept for a retry
 PENDING_MAX = 256 * 1024  # body bytes buffered while no upstream connection is ready
 BACKLOG_MAX = 256 * 1024  # pipelined bytes held before reading from the client pauses
+NEW_CONNECTION_GRACE = 1.0  # seconds a just-accepted connection has to send its request during a stop
 IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"))
 
 # Headers the proxy replaces: captured (read, never forwarded) or dropped outright.
@@ -247,6 +248,7 @@ class ClientConnection(asyncio.Protocol):
             ip = self.peer.encode("latin-1")
             self.forwarded_lines = b"x-forwarded-for: " + ip + b"\r\nx-real-ip: " + ip + b"\r\n" + p.proto_line
         self.deadline = p.now + p.header_timeout
+        self.opened = p.now
 
     def data_received(self, data: bytes) -> None:
         if self.state == IDLE:
@@ -810,9 +812,14 @@ class ClientConnection(asyncio.Protocol):
                 self.user_id,
             )
 
-    def close_if_idle(self) -> bool:
-        """Graceful stop: close now when between requests."""
-        if self.state in (IDLE, HEAD) and self.framer.idle:
+    def close_if_idle(self, now: float) -> bool:
+        """Graceful stop: close now when between requests.
+
+        A connection accepted moments ago may have its request still in the
+        kernel's buffer (not yet passed to data_received); closing it would
+        reset the client, so it gets NEW_CONNECTION_GRACE seconds to show it.
+        """
+        if self.state in (IDLE, HEAD) and self.framer.idle and now - self.opened >= NEW_CONNECTION_GRACE:
             self.state = CLOSED
             self.transport.close()
             return True

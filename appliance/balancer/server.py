@@ -308,8 +308,9 @@ class Balancer:
         grace = self.cfg.supervisor.grace_period
         deadline = time.monotonic() + grace
         while proxy.connections and time.monotonic() < deadline:
+            now = time.monotonic()
             for conn in list(proxy.connections):
-                conn.close_if_idle()
+                conn.close_if_idle(now)
             await asyncio.sleep(0.05)
         for conn in list(proxy.connections):
             conn.transport.abort()
