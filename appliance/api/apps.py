@@ -12,13 +12,13 @@ up raises AppLoadError naming the file and the error, and the worker does not st
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import sys
 import traceback
 from pathlib import Path
 from typing import Any
 
+from appliance import plugins
 from appliance.api.context import ApiContext
 
 log = logging.getLogger(__name__)
@@ -42,16 +42,9 @@ def _where(exc: BaseException, path: Path) -> str:
 
 
 def load_file(app: Any, ctx: ApiContext, path: Path) -> Any:
-    name = f"{PACKAGE}.{path.stem}"
     try:
-        spec = importlib.util.spec_from_file_location(name, path)
-        if spec is None or spec.loader is None:
-            raise ImportError("not a loadable Python file")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
+        module = plugins.load_module(path, PACKAGE)
     except Exception as exc:
-        sys.modules.pop(name, None)
         raise AppLoadError(f"operator app {path} failed to import{_where(exc, path)}: {type(exc).__name__}: {exc}") from exc
     setup = getattr(module, "setup", None)
     if not callable(setup):

@@ -25,10 +25,8 @@ whose schema changed since submit fails cleanly instead of crashing a worker.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import re
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +34,7 @@ from typing import Any
 
 import msgspec
 
+from appliance import plugins
 from appliance.errors import BadRequest, ValidationFailed
 
 log = logging.getLogger(__name__)
@@ -153,14 +152,8 @@ class Registry:
         for file in sorted(path.glob("*.py")):
             if file.name.startswith("_"):
                 continue
-            modname = f"appliance_operator_tasks.{file.stem}"
             try:
-                spec = importlib.util.spec_from_file_location(modname, file)
-                if spec is None or spec.loader is None:
-                    raise ImportError("no loader")
-                module = importlib.util.module_from_spec(spec)
-                sys.modules[modname] = module
-                spec.loader.exec_module(module)
+                module = plugins.load_module(file, "appliance_operator_tasks")
             except Exception:
                 log.exception("operator task module %s failed to load; skipped", file)
                 continue
