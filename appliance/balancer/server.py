@@ -141,6 +141,49 @@ class RedirectConnection(asyncio.Protocol):
         pass
 
 
+def take_backlog(sock: socket.socket) -> list[socket.socket]:
+    """Every connection waiting in a (non-blocking) listening socket's backlog, accepted now."""
+    taken: list[socket.socket] = []
+    while True:
+        try:
+            conn, _ = sock.accept()
+        except (BlockingIOError, InterruptedError):
+            return taken
+        except OSError as exc:  # out of descriptors, or a connection reset while queued: stop here
+            log.warning("balancer stop: backlog not fully accepted: %s", exc)
+            return taken
+        conn.setblocking(False)
+        taken.append(conn)
+
+
+def close_listeners(servers: list[Any], listeners: list[tuple[socket.socket, Any, Any]], handshake_timeout: float | None) -> None:
+    """Stop listening without resetting anyone who already connected.
+
+    Connections the kernel completed but the loop has not accepted yet sit in the
+    listen backlog, and closing the socket resets them (their clients saw connect
+    succeed). So the backlog is accepted first and the socket closed right after:
+    only a connection made in the microseconds between is lost. Those accepted
+    here are served like any other during the drain.
+    """
+    loop = asyncio.get_running_loop()
+    taken = [(take_backlog(sock), factory, ssl) for sock, factory, ssl in listeners]
+    for server in servers:
+        server.close()
+    for sock, _, _ in listeners:
+        if sock.fileno() != -1:  # uvloop closed the descriptor itself: forget it rather than close a reused number
+            sock.detach()
+    for conns, factory, ssl in taken:
+        for conn in conns:
+            timeout = handshake_timeout if ssl is not None else None
+            task = loop.create_task(loop.connect_accepted_socket(factory, conn, ssl=ssl, ssl_handshake_timeout=timeout))
+            task.add_done_callback(_log_failed_adoption)
+
+
+def _log_failed_adoption(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("balancer stop: a connection from the backlog could not be served: %s", task.exception())
+
+
 class Balancer:
     """One balancer process: sockets, proxy, upkeep tasks and signals."""
 
@@ -150,6 +193,7 @@ class Balancer:
         self.ssl_ctx: Any = None
         self.mirror: Any = None
         self.servers: list[Any] = []
+        self.listeners: list[tuple[socket.socket, Any, Any]] = []  # (socket, protocol factory, ssl) per server
         self.tasks: list[asyncio.Task] = []
 
     async def run(self) -> int:
@@ -172,14 +216,20 @@ class Balancer:
                 proxy.factory,
                 sock=main_sock,
                 ssl=self.ssl_ctx,
-                ssl_handshake_timeout=b.client_header_timeout if self.ssl_ctx else None,
+                ssl_handshake_timeout=self._handshake_timeout(),
                 backlog=b.backlog,
             )
         )
+        self.listeners.append((main_sock, proxy.factory, self.ssl_ctx))
         if redirect_sock is not None:
             base = cfg.server.public_url.rstrip("/").encode() if cfg.server.public_url.startswith("https://") else b""
             port = main_sock.getsockname()[1]
-            self.servers.append(await loop.create_server(lambda: RedirectConnection(base, port), sock=redirect_sock, backlog=b.backlog))
+
+            def redirect_factory() -> RedirectConnection:
+                return RedirectConnection(base, port)
+
+            self.servers.append(await loop.create_server(redirect_factory, sock=redirect_sock, backlog=b.backlog))
+            self.listeners.append((redirect_sock, redirect_factory, None))
         for sig, handler in (
             (signal.SIGTERM, self.stop),
             (signal.SIGINT, self.stop),
@@ -300,11 +350,13 @@ class Balancer:
             except Exception:
                 log.exception("health checks failed")
 
+    def _handshake_timeout(self) -> float | None:
+        return self.cfg.balancer.client_header_timeout if self.ssl_ctx else None
+
     async def _shutdown(self) -> None:
         proxy = self.proxy
         proxy.closing = True
-        for server in self.servers:
-            server.close()
+        close_listeners(self.servers, self.listeners, self._handshake_timeout())
         grace = self.cfg.supervisor.grace_period
         deadline = time.monotonic() + grace
         while proxy.connections and time.monotonic() < deadline:
