@@ -29,6 +29,7 @@ on_response_end), skipping 1xx interim answers and bodies of HEAD/204/304.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Protocol
 
 import httptools
@@ -62,11 +63,16 @@ RESPONSE_ROLES: dict[bytes, int] = {
 DROP_PREFIXES: tuple[bytes, ...] = (b"proxy-",)
 _ALLOWED_VERSIONS = ("1.1", "1.0")
 NAME_CACHE_SIZE = 4096
+# Heads parsed from whole messages, by their exact bytes (see RequestFramer.feed): bounded in count and size.
+HEAD_CACHE_SIZE = 512
+HEAD_CACHE_MAX_BYTES = 4096
+HOLD_MAX_BYTES = 65536
+_PLAIN_TOKEN = re.compile(rb" ?[A-Za-z0-9._-]{1,128}")
 _NAME_CACHES: dict[tuple[Any, ...], tuple[dict[bytes, int], dict[bytes, Any]]] = {}
 
 
 def _name_cache(roles: dict[bytes, int], *extra: Any) -> dict[bytes, Any]:
-    """The cache of header names as spelled for one role table, shared by every framer using it.
+    """A cache shared by every framer with the same role table (and `extra` settings).
 
     Keyed by the table's id; the entry keeps the table alive, so that id cannot be reused.
     """
@@ -75,6 +81,12 @@ def _name_cache(roles: dict[bytes, int], *extra: Any) -> dict[bytes, Any]:
     if entry is None or entry[0] is not roles:
         entry = _NAME_CACHES[key] = (roles, {})
     return entry[1]
+
+
+def _remember(cache: dict[bytes, Any], key: bytes, value: Any) -> None:
+    if len(cache) >= HEAD_CACHE_SIZE:
+        cache.clear()  # many distinct heads (say, one per token): start over rather than track ages
+    cache[key] = value
 
 
 class ProtocolError(Exception):
@@ -94,9 +106,23 @@ def _too_large_head() -> ProtocolError:
 class RequestHead:
     """One parsed request head. headers: forwarded (lower-cased name, value) pairs."""
 
-    __slots__ = ("method", "target", "path", "version", "headers", "captured", "host", "content_length", "chunked", "keep_alive", "expect")
+    __slots__ = (
+        "method",
+        "target",
+        "path",
+        "version",
+        "headers",
+        "captured",
+        "host",
+        "content_length",
+        "chunked",
+        "keep_alive",
+        "expect",
+        "memo",
+    )
 
     def __init__(self) -> None:
+        self.memo: Any = None  # what the proxy derives from this head once (a head may be delivered many times)
         self.method = b""
         self.target = b""
         self.path = b""
@@ -121,7 +147,16 @@ class RequestHandler(Protocol):
 
 
 class RequestFramer:
-    """Feed client bytes; get whole request heads, body pieces and ends, or a ProtocolError."""
+    """Feed client bytes; get whole request heads, body pieces and ends, or a ProtocolError.
+
+    Clients send the same heads again and again (the same client, path and token).
+    A read that is exactly one whole body-less keep-alive request, at a message
+    boundary, is looked up by its bytes among the heads parsed before with the same
+    roles and limits; found, llhttp is skipped and the same RequestHead (never
+    changed once delivered) is delivered again. Only heads that llhttp parsed and
+    every rule here accepted are remembered, so a cached answer is the one a fresh
+    parse would give.
+    """
 
     def __init__(
         self,
@@ -140,6 +175,9 @@ class RequestFramer:
         # Header names as spelled -> (lower-case name, role): shared by every framer with the same
         # roles, so the lower() and the table lookups happen once per spelling, not once per header.
         self._names: dict[bytes, tuple[bytes, int, int]] = _name_cache(self.roles, drop_prefixes)
+        self._heads: dict[bytes, RequestHead] = _name_cache(self.roles, drop_prefixes, "heads", max_header_bytes, max_body_bytes)
+        self._began = 0  # messages begun during the current feed()
+        self._last = False  # a request that ends the connection was read: llhttp refuses anything after it
         self._parser = httptools.HttpRequestParser(self)
         self._head: RequestHead | None = None
         self._url = b""
@@ -160,10 +198,20 @@ class RequestFramer:
         """Parse `data`; raise ProtocolError on bad framing (the framer is then dead)."""
         if self.dead:
             raise ProtocolError("connection is in an error state")
+        at_boundary = not self._in_head and not self._in_body and not self.busy and not self._last
+        if at_boundary:
+            head = self._heads.get(data)
+            if head is not None:
+                self.handler.on_request(head)
+                self.busy = True
+                self.handler.on_request_end()
+                return
         if self._in_head or not self._in_body:
             # Bytes of a head still being read count against the head limit even
             # before httptools hands them over (it buffers partial header lines).
             self._head_size += len(data)
+        self._began = 0
+        rest = None
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
@@ -178,15 +226,22 @@ class RequestFramer:
             self._parser = httptools.HttpRequestParser(self)
             offset = int(exc.args[0]) if exc.args else len(data)
             rest = data[offset:]
-            if rest:
-                self.feed(rest)
-            return
         except httptools.HttpParserError as exc:
             self.dead = True
             raise ProtocolError(str(exc) or "malformed request") from None
+        if rest is not None:
+            # Fed outside the except block: raised in there, a callback's error would get the
+            # upgrade as its __context__ (httptools hands the callback's error over that way).
+            if rest:
+                self.feed(rest)
+            return
         if self._in_head and self._head_size > self.max_header_bytes:
             self.dead = True
             raise _too_large_head()
+        if at_boundary and self._began == 1 and not self._in_head and not self._in_body and len(data) <= HEAD_CACHE_MAX_BYTES:
+            head = self._head
+            if head is not None and head.keep_alive and not head.has_body and not head.expect:
+                _remember(self._heads, data, head)  # exactly this one whole request: the same bytes parse the same
 
     def release(self) -> None:
         """The current request was answered: deliver held (pipelined) events up to the next request end."""
@@ -210,6 +265,7 @@ class RequestFramer:
 
     # -- httptools callbacks ----------------------------------------------------------
     def on_message_begin(self) -> None:
+        self._began += 1
         self._head = RequestHead()
         self._url = b""
         self._fields_size = 0
@@ -283,6 +339,8 @@ class RequestFramer:
         head.method = parser.get_method()
         head.version = parser.get_http_version()
         head.keep_alive = parser.should_keep_alive()
+        if not head.keep_alive:
+            self._last = True
         self._check(head)
         if self._connection:
             _drop_connection_named(head.headers, self._connection)
@@ -356,9 +414,10 @@ class ResponseHead:
     proxy joins it as is; `headers` gives (and takes) them as (name, value) pairs.
     """
 
-    __slots__ = ("status", "reason", "raw", "content_length", "chunked", "keep_alive", "no_body")
+    __slots__ = ("status", "reason", "raw", "content_length", "chunked", "keep_alive", "no_body", "memo")
 
     def __init__(self) -> None:
+        self.memo: Any = None  # what the proxy derives from this head once (a head may be delivered many times)
         self.status = 0
         self.reason = b""
         self.raw: list[bytes] = []
@@ -387,13 +446,34 @@ class ResponseHandler(Protocol):
 
 
 class ResponseFramer:
-    """Feed upstream bytes; get the answer head, body pieces and end, or a ProtocolError."""
+    """Feed upstream bytes; get the answer head, body pieces and end, or a ProtocolError.
 
-    def __init__(self, handler: ResponseHandler, *, max_header_bytes: int = 65536, roles: dict[bytes, int] | None = None):
+    Like RequestFramer, answer heads are remembered by their bytes: a read that is
+    one whole answer whose head was parsed before (same roles and limit) and whose
+    body is exactly its Content-Length skips llhttp and gets the same ResponseHead.
+    """
+
+    def __init__(
+        self,
+        handler: ResponseHandler,
+        *,
+        max_header_bytes: int = 65536,
+        roles: dict[bytes, int] | None = None,
+        volatile: bytes = b"",
+    ):
         self.handler = handler
         self.max_header_bytes = max_header_bytes
         self.roles = roles if roles is not None else RESPONSE_ROLES
+        if volatile and self.roles.get(volatile) != DROP:
+            raise ValueError(f"{volatile!r} can only be left out of the head cache's keys if its role is DROP")
+        # A dropped header whose value changes with every answer (the upstream's request id) would
+        # make every head new: its line, when its value is a plain token, is left out of the key.
+        self._volatile = b"\r\n" + volatile + b":" if volatile else b""
         self._names: dict[bytes, int] = _name_cache(self.roles)  # name as spelled -> role
+        self._heads: dict[bytes, ResponseHead] = _name_cache(self.roles, "answers", max_header_bytes, volatile)
+        self._between = True  # llhttp holds no byte of an answer
+        self._held = b""  # the start of a small answer whose body is still on its way (see feed)
+        self._began = 0  # answers begun during the current feed()
         self._parser = httptools.HttpResponseParser(self)
         self._head: ResponseHead | None = None
         self._connection = b""
@@ -407,10 +487,39 @@ class ResponseFramer:
         self.head_request = head_request
         self._done = False
         self._head = None
+        self._held = b""
 
     def feed(self, data: bytes) -> None:
+        if self._held:
+            data = self._held + data
+            self._held = b""
+        fresh = self._between and self._head is None and not self.head_request
+        if fresh:
+            # An answer head seen before, with its whole Content-Length body in this read: no parse.
+            end = data.find(b"\r\n\r\n") + 4
+            head = self._heads.get(self._key(data, end)) if end >= 4 else None
+            if head is not None:
+                missing = head.content_length - (len(data) - end)
+                if missing == 0:
+                    self._head = head
+                    self._done = True
+                    handler = self.handler
+                    handler.on_response(head)
+                    if head.content_length:
+                        handler.on_response_body(data[end:])
+                    handler.on_response_end()
+                    return
+                if 0 < missing and len(data) + missing <= HOLD_MAX_BYTES:
+                    # The upstream sent the head before its small body (waitress does, now and
+                    # then): wait for the rest, so that the client gets one send, not two.
+                    self._held = data
+                    return
+        self._parse(data, fresh)
+
+    def _parse(self, data: bytes, fresh: bool) -> None:
         if self._in_head or self._head is None:
             self._head_size += len(data)
+        self._began = 0
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
@@ -422,9 +531,30 @@ class ResponseFramer:
             raise ProtocolError(f"upstream sent a malformed answer: {exc}", 502, "bad_gateway") from None
         if self._in_head and self._head_size > self.max_header_bytes:
             raise ProtocolError("upstream answer head too large", 502, "bad_gateway")
+        if fresh and self._began == 1 and self._between:
+            head = self._head
+            if head is not None and not head.chunked and head.content_length >= 0 and not head.no_body:
+                end = data.find(b"\r\n\r\n") + 4
+                if 4 <= end <= HEAD_CACHE_MAX_BYTES and len(data) - end == head.content_length:
+                    _remember(self._heads, self._key(data, end), head)  # exactly this one whole answer
+
+    def _key(self, data: bytes, end: int) -> bytes:
+        """The head's bytes, less the volatile header's (first) line when it holds a plain token."""
+        head = data[:end]
+        marker = self._volatile
+        if marker:
+            i = head.lower().find(marker)
+            if i >= 0:
+                j = head.find(b"\r\n", i + 2)
+                if _PLAIN_TOKEN.fullmatch(head, i + len(marker), j):
+                    return head[:i] + head[j:]
+        return head
 
     def feed_eof(self) -> bool:
         """The upstream closed: True when that ended a close-delimited body (the answer is whole)."""
+        if self._held:  # cut short: what came is parsed as it is (the answer is incomplete)
+            held, self._held = self._held, b""
+            self._parse(held, False)
         head = self._head
         if head is not None and not self._done and not self._in_head and head.content_length < 0 and not head.chunked:
             self._done = True
@@ -433,6 +563,8 @@ class ResponseFramer:
         return False
 
     def on_message_begin(self) -> None:
+        self._began += 1
+        self._between = False
         self._head = ResponseHead()
         self._connection = b""
         self._in_head = True
@@ -492,6 +624,7 @@ class ResponseFramer:
             # and a fresh parser reads the next answer on this connection.
             self._done = True
             self._parser = httptools.HttpResponseParser(self)
+            self._between = True
             self.handler.on_response_end()
 
     def on_body(self, body: bytes) -> None:
@@ -499,6 +632,7 @@ class ResponseFramer:
             self.handler.on_response_body(body)
 
     def on_message_complete(self) -> None:
+        self._between = True
         if self._head is None or self._done:
             return  # end of an interim answer, or of a HEAD answer already delivered
         self._done = True

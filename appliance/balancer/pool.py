@@ -37,7 +37,9 @@ class UpstreamConnection(asyncio.Protocol):
     def __init__(self, upstream: Upstream, max_header_bytes: int):
         self.upstream = upstream
         self.transport: Any = None
-        self.framer = ResponseFramer(self, max_header_bytes=max_header_bytes, roles=ANSWER_ROLES)  # handler replaced per exchange
+        self.framer = ResponseFramer(
+            self, max_header_bytes=max_header_bytes, roles=ANSWER_ROLES, volatile=b"x-request-id"
+        )  # handler replaced per exchange
         self.exchange: Any = None  # the client connection being served
         self.idle_since = 0.0
         self.closed = False

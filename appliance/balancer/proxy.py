@@ -452,9 +452,15 @@ class ClientConnection(asyncio.Protocol):
         head = self.head
         assert head is not None
         p = self.p
-        lines = [head.method, b" ", head.target, b" HTTP/1.1\r\n"]
-        for n, v in head.headers:
-            lines += (n, b": ", v, b"\r\n")
+        start = head.memo
+        if start is None:  # first delivery of this head: what comes from it alone is built once
+            parts = [head.method, b" ", head.target, b" HTTP/1.1\r\n"]
+            for n, v in head.headers:
+                parts += (n, b": ", v, b"\r\n")
+            if head.host:
+                parts += (b"x-forwarded-host: ", head.host, b"\r\n")
+            start = head.memo = b"".join(parts)
+        lines = [start]
         if self.peer_trusted:
             xff = head.captured.get(b"x-forwarded-for")
             ip = self.peer.encode("latin-1")
@@ -462,8 +468,6 @@ class ClientConnection(asyncio.Protocol):
             lines.append(b"x-forwarded-for: " + (xff + b", " + ip if xff else ip) + b"\r\nx-real-ip: " + real + b"\r\n" + p.proto_line)
         else:
             lines.append(self.forwarded_lines)
-        if head.host:
-            lines.append(b"x-forwarded-host: " + head.host + b"\r\n")
         lines.append(b"x-request-id: " + self.request_id + b"\r\ntraceparent: " + self.trace + b"\r\n")
         if identity is not None:
             lines.append(b"x-appliance-identity: " + identity.encode("ascii") + b"\r\n")
@@ -557,10 +561,12 @@ class ClientConnection(asyncio.Protocol):
         head = self.head
         assert head is not None
         self.status = status = rh.status
-        line = _STATUS_LINES.get(status) if rh.reason == _REASONS.get(status) else None
-        lines = [line or b"HTTP/1.1 %d %s\r\n" % (status, rh.reason)]
-        lines += rh.raw  # ready to send; the upstream's X-Request-ID was dropped by the framer
-        lines.append(b"x-request-id: " + self.request_id + b"\r\n")
+        start = rh.memo
+        if start is None:  # first delivery of this head: status line and headers joined once
+            line = _STATUS_LINES.get(status) if rh.reason == _REASONS.get(status) else None
+            # ready to send; the upstream's X-Request-ID was dropped by the framer
+            start = rh.memo = (line or b"HTTP/1.1 %d %s\r\n" % (status, rh.reason)) + b"".join(rh.raw)
+        lines = [start, b"x-request-id: ", self.request_id, b"\r\n"]
         if p.hsts_line:
             lines.append(p.hsts_line)
         if self.extra_response:

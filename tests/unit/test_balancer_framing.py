@@ -298,3 +298,132 @@ def test_pipelined_head_over_the_limit_is_431_although_it_came_in_one_read() -> 
     fits = b"GET /b HTTP/1.1\r\nHost: a\r\n" + b"".join(b"X-%d: %s\r\n" % (i, b"v" * 90) for i in range(5)) + b"\r\n"
     ok.feed(small + fits)  # under the limit: the second waits (pipelined) behind the first
     assert len(ok.handler.heads) == 1 and ok._backlog
+
+
+# -- heads remembered by their bytes -----------------------------------------------------------------
+
+
+def _deliveries(framer_factory, pieces: list[bytes]) -> list:
+    """What a framer delivers for `pieces` (heads as comparable tuples), or the error it raised."""
+    rec = Recorder()
+    framer = framer_factory(rec)
+    out: list = []
+    try:
+        for piece in pieces:
+            framer.feed(piece)
+            while framer.busy:
+                framer.release()
+    except ProtocolError as exc:
+        out.append(("error", exc.status, exc.message))
+    for head, body in zip(rec.heads, rec.bodies, strict=True):
+        out.append(
+            (
+                head.method,
+                head.target,
+                head.path,
+                head.version,
+                head.keep_alive,
+                list(head.headers),
+                dict(head.captured),
+                head.host,
+                head.content_length,
+                head.chunked,
+                head.expect,
+                bytes(body),
+            )
+        )
+    return out + [("ends", rec.ends)]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(st.sampled_from(VALID_SAMPLES + [load(p)[1] for p in INVALID]), min_size=1, max_size=4),
+    st.lists(st.tuples(st.integers(0, 2), st.integers(0, 10_000), st.integers(0, 255)), max_size=3),
+)
+def test_a_remembered_head_is_delivered_as_a_fresh_parse_would(samples: list[bytes], ops) -> None:
+    # Each message is sent as its own read, twice over (the second time the heads are remembered),
+    # and once more to a framer whose cache was filled by other framers: every delivery is the same.
+    roles = {**REQUEST_ROLES, b"x-request-id": CAPTURE}  # a table of this test's own: a cache of its own
+    reads = [_mutate(s, ops) for s in samples]
+
+    def framer(rec):
+        return RequestFramer(rec, roles=roles, max_header_bytes=4096, max_body_bytes=1 << 20)
+
+    first = [_deliveries(framer, [r]) for r in reads]
+    again = [_deliveries(framer, [r]) for r in reads]
+    assert again == first
+    together = _deliveries(framer, reads)  # one connection, read after read
+    cold = _deliveries(lambda rec: RequestFramer(rec, roles={**roles}, max_header_bytes=4096, max_body_bytes=1 << 20), reads)
+    assert together == cold
+
+
+def test_only_whole_keep_alive_requests_without_a_body_are_remembered() -> None:
+    roles = {**REQUEST_ROLES}
+    cases = {
+        b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n": True,
+        b"GET /a HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n": False,
+        b"GET /a HTTP/1.0\r\nHost: a\r\n\r\n": False,
+        b"POST /a HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhi": False,
+        b"POST /a HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\nExpect: 100-continue\r\n\r\n": False,
+        b"GET /a HTTP/1.1\r\nHost: a\r\n\r\nGET /b HTTP/1.1\r\nHost: a\r\n\r\n": False,  # two in one read
+        b"GET /a HTTP/1.1\r\nHost: a\r\n": False,  # not whole
+    }
+    for raw, remembered in cases.items():
+        framer = RequestFramer(Recorder(), roles=roles)
+        framer.feed(raw)
+        assert (raw in framer._heads) is remembered, raw
+    bad = b"GET /a HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"
+    with pytest.raises(ProtocolError):
+        RequestFramer(Recorder(), roles=roles).feed(bad)
+    assert bad not in RequestFramer(Recorder(), roles=roles)._heads
+
+
+def test_the_head_cache_is_bounded() -> None:
+    from appliance.balancer import framing
+
+    framer = RequestFramer(Recorder(), roles={**REQUEST_ROLES})
+    for i in range(framing.HEAD_CACHE_SIZE * 2 + 5):
+        framer.feed(b"GET /%d HTTP/1.1\r\nHost: a\r\n\r\n" % i)
+        framer.release()
+    assert 0 < len(framer._heads) <= framing.HEAD_CACHE_SIZE
+
+
+ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Request-ID: %s\r\nX-A: 1\r\n\r\nhello"
+
+
+def _answer_framer(rec) -> ResponseFramer:
+    return ResponseFramer(rec, roles={**RESPONSE_ROLES, b"x-request-id": DROP}, volatile=b"x-request-id")
+
+
+def test_an_answer_head_is_remembered_without_its_request_id() -> None:
+    rec = ResponseRecorder()
+    framer = _answer_framer(rec)
+    for rid in (b"one", b"two", b"three"):
+        framer.reset(head_request=False)
+        framer.feed(ANSWER % rid)
+    assert rec.ends == 3 and bytes(rec.body) == b"hello" * 3
+    assert rec.heads[1] is rec.heads[0] is rec.heads[2]  # parsed once
+    assert rec.heads[0].headers == [(b"Content-Length", b"5"), (b"X-A", b"1")]
+    # A request id that is not a plain token is part of the key: that answer is parsed (and refused here).
+    framer.reset(head_request=False)
+    with pytest.raises(ProtocolError):
+        framer.feed(ANSWER % b"bad\x01id")
+    with pytest.raises(ValueError):
+        ResponseFramer(rec, volatile=b"x-a")  # only a dropped header may be left out of the key
+
+
+def test_a_remembered_answer_whose_body_comes_later_is_delivered_once_whole() -> None:
+    rec = ResponseRecorder()
+    framer = _answer_framer(rec)
+    framer.feed(ANSWER % b"first")
+    whole = ANSWER % b"second"
+    framer.reset(head_request=False)
+    framer.feed(whole[:-3])
+    assert rec.ends == 1 and len(rec.heads) == 1  # held: nothing delivered yet
+    framer.feed(whole[-3:])
+    assert rec.ends == 2 and bytes(rec.body) == b"hellohello"
+    # Cut short by the upstream closing: what came is parsed, and the answer is not whole.
+    framer.reset(head_request=False)
+    framer.feed((ANSWER % b"third")[:-2])
+    assert framer.feed_eof() is False and rec.ends == 2
+    assert bytes(rec.body).endswith(b"hel")
