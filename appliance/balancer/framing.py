@@ -29,7 +29,6 @@ on_response_end), skipping 1xx interim answers and bodies of HEAD/204/304.
 
 from __future__ import annotations
 
-import re
 from typing import Any, Protocol
 
 import httptools
@@ -67,7 +66,7 @@ NAME_CACHE_SIZE = 4096
 HEAD_CACHE_SIZE = 512
 HEAD_CACHE_MAX_BYTES = 4096
 HOLD_MAX_BYTES = 65536
-_PLAIN_TOKEN = re.compile(rb" ?[A-Za-z0-9._-]{1,128}")
+_TOKEN_CHARS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-"
 _NAME_CACHES: dict[tuple[Any, ...], tuple[dict[bytes, int], dict[bytes, Any]]] = {}
 
 
@@ -444,6 +443,9 @@ class ResponseHandler(Protocol):
     def on_response_body(self, data: bytes) -> None: ...
     def on_response_end(self) -> None: ...
 
+    # The three above at once, for a whole Content-Length answer read in one piece (a remembered head).
+    def on_whole_response(self, head: ResponseHead, body: bytes) -> None: ...
+
 
 class ResponseFramer:
     """Feed upstream bytes; get the answer head, body pieces and end, or a ProtocolError.
@@ -468,7 +470,7 @@ class ResponseFramer:
             raise ValueError(f"{volatile!r} can only be left out of the head cache's keys if its role is DROP")
         # A dropped header whose value changes with every answer (the upstream's request id) would
         # make every head new: its line, when its value is a plain token, is left out of the key.
-        self._volatile = b"\r\n" + volatile + b":" if volatile else b""
+        self._volatile = self._spelled = b"\r\n" + volatile + b":" if volatile else b""
         self._names: dict[bytes, int] = _name_cache(self.roles)  # name as spelled -> role
         self._heads: dict[bytes, ResponseHead] = _name_cache(self.roles, "answers", max_header_bytes, volatile)
         self._between = True  # llhttp holds no byte of an answer
@@ -503,11 +505,7 @@ class ResponseFramer:
                 if missing == 0:
                     self._head = head
                     self._done = True
-                    handler = self.handler
-                    handler.on_response(head)
-                    if head.content_length:
-                        handler.on_response_body(data[end:])
-                    handler.on_response_end()
+                    self.handler.on_whole_response(head, data[end:])
                     return
                 if 0 < missing and len(data) + missing <= HOLD_MAX_BYTES:
                     # The upstream sent the head before its small body (waitress does, now and
@@ -539,14 +537,22 @@ class ResponseFramer:
                     _remember(self._heads, self._key(data, end), head)  # exactly this one whole answer
 
     def _key(self, data: bytes, end: int) -> bytes:
-        """The head's bytes, less the volatile header's (first) line when it holds a plain token."""
+        """The head's bytes, less the volatile header's (last) line when it holds a plain token."""
         head = data[:end]
         marker = self._volatile
         if marker:
-            i = head.lower().find(marker)
+            # As the upstream spelled it last time (no lower() of the head), from the end (it sorts late).
+            i = head.rfind(self._spelled)
+            if i < 0:
+                i = head.lower().rfind(marker)
+                if i >= 0:
+                    self._spelled = head[i : i + len(marker)]
             if i >= 0:
                 j = head.find(b"\r\n", i + 2)
-                if _PLAIN_TOKEN.fullmatch(head, i + len(marker), j):
+                value = head[i + len(marker) : j]
+                if value[:1] == b" ":
+                    value = value[1:]
+                if 0 < len(value) <= 128 and not value.translate(None, _TOKEN_CHARS):  # only [A-Za-z0-9._-]
                     return head[:i] + head[j:]
         return head
 

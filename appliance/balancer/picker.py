@@ -80,17 +80,21 @@ class Group:
         self.name = name
         self.upstreams: list[Upstream] = list(upstreams or [])
         self._next = 0
+        self._orders: list[list[Upstream]] = []  # upstreams in rotation order from each start
+        self._orders_of: list[Upstream] | None = None
 
     def add(self, upstream: Upstream) -> None:
         # A newcomer starts level with the others, or the tie-break would hand it every request for a while.
         live = [u.served * u.inv_weight for u in self.upstreams]
         upstream.served = int(min(live) * upstream.weight) if live else 0
         self.upstreams.append(upstream)
+        self._orders_of = None
 
     def remove(self, upstream: Upstream) -> None:
         upstream.removed = True
         if upstream in self.upstreams:
             self.upstreams.remove(upstream)
+            self._orders_of = None
 
     def find(self, address: str) -> Upstream | None:
         for u in self.upstreams:
@@ -109,7 +113,10 @@ class Group:
         best_load = best_served = 0.0
         best_i = 0
         i = start
-        for u in ups[start:] + ups[:start] if start else ups:  # rotation order from `start`
+        if self._orders_of is not ups or len(self._orders) != n:  # the rotations, made once per membership
+            self._orders = [ups[k:] + ups[:k] for k in range(n)]
+            self._orders_of = ups
+        for u in self._orders[start] if start else ups:  # rotation order from `start`
             if u.health.state == HEALTHY and not (exclude and u in exclude):
                 inv = u.inv_weight
                 load = u.active * inv

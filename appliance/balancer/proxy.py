@@ -460,21 +460,19 @@ class ClientConnection(asyncio.Protocol):
             if head.host:
                 parts += (b"x-forwarded-host: ", head.host, b"\r\n")
             start = head.memo = b"".join(parts)
-        lines = [start]
         if self.peer_trusted:
             xff = head.captured.get(b"x-forwarded-for")
             ip = self.peer.encode("latin-1")
             real = self.client_ip().encode("latin-1")
-            lines.append(b"x-forwarded-for: " + (xff + b", " + ip if xff else ip) + b"\r\nx-real-ip: " + real + b"\r\n" + p.proto_line)
+            forwarded = b"x-forwarded-for: " + (xff + b", " + ip if xff else ip) + b"\r\nx-real-ip: " + real + b"\r\n" + p.proto_line
         else:
-            lines.append(self.forwarded_lines)
-        lines.append(b"x-request-id: " + self.request_id + b"\r\ntraceparent: " + self.trace + b"\r\n")
+            forwarded = self.forwarded_lines
+        extra = b""
         if identity is not None:
-            lines.append(b"x-appliance-identity: " + identity.encode("ascii") + b"\r\n")
+            extra = b"x-appliance-identity: " + identity.encode("ascii") + b"\r\n"
         if head.chunked:
-            lines.append(b"transfer-encoding: chunked\r\n")
-        lines.append(b"\r\n")
-        self.request_bytes = b"".join(lines)
+            extra += b"transfer-encoding: chunked\r\n"
+        self.request_bytes = b"%s%sx-request-id: %s\r\ntraceparent: %s\r\n%s\r\n" % (start, forwarded, self.request_id, self.trace, extra)
         if head.expect and not self.body_seen and not self.body_done:
             self.transport.write(_CONTINUE)
         self.pick_and_send()
@@ -557,6 +555,25 @@ class ClientConnection(asyncio.Protocol):
 
     # -- upstream answer callbacks (ResponseFramer handler) ------------------------------
     def on_response(self, rh: ResponseHead) -> None:
+        # Held until the end of this upstream read (flush_out): head, body and end go out in one send.
+        self.out.append(self._answer_head(rh))
+        self.deadline = self.p.now + self.p.read_timeout
+
+    def on_whole_response(self, rh: ResponseHead, body: bytes) -> None:
+        """A whole Content-Length answer from one upstream read: one send, then the next request."""
+        data = self._answer_head(rh)
+        if body:
+            self.bytes_out += len(body)
+            data += body
+        if self.state != CLOSED:
+            self.transport.write(data)
+        conn = self.conn
+        if conn is not None:
+            self.conn = None
+            pool.release(conn, self.body_done and self.upstream_keep_alive, self.p.max_idle)
+        self.finish()
+
+    def _answer_head(self, rh: ResponseHead) -> bytes:
         p = self.p
         head = self.head
         assert head is not None
@@ -588,9 +605,7 @@ class ClientConnection(asyncio.Protocol):
             lines.append(b"connection: keep-alive\r\n")
         lines.append(b"\r\n")
         self.response_started = True
-        # Held until the end of this upstream read (flush_out): head, body and end go out in one send.
-        self.out.append(b"".join(lines))
-        self.deadline = p.now + p.read_timeout
+        return b"".join(lines)
 
     def on_response_body(self, data: bytes) -> None:
         self.bytes_out += len(data)

@@ -185,6 +185,11 @@ class ResponseRecorder:
     def on_response_end(self) -> None:
         self.ends += 1
 
+    def on_whole_response(self, head: ResponseHead, body: bytes) -> None:
+        self.on_response(head)
+        self.on_response_body(body)
+        self.on_response_end()
+
 
 def test_response_chunked_interim_and_head() -> None:
     rec = ResponseRecorder()
