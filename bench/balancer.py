@@ -5,7 +5,8 @@
 Starts, in a temp data dir on loopback: the api workers (`appliance _child api`),
 our balancer (uvloop, and the stdlib loop for comparison) and nginx
 (least_conn, upstream keepalive, one worker process like our one balancer
-process) in front of the same workers. wrk runs for --seconds at each
+process, and the proxy headers of the reference stack's nginx.conf: Host,
+X-Real-IP, X-Forwarded-For, X-Forwarded-Proto) in front of the same workers. wrk runs for --seconds at each
 connection count on /health/ping and on the authenticated /api/protected,
 through the balancer, through nginx and straight to one worker. Prints req/s,
 p50, p99, errors and the balancer/nginx ratios. Rate limits are off (they
@@ -59,7 +60,9 @@ http {{
             proxy_http_version 1.1;
             proxy_set_header Connection "";
             proxy_set_header Host $host;
+            proxy_set_header X-Real-IP $remote_addr;
             proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto $scheme;
         }}
     }}
 }}
