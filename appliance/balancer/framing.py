@@ -65,7 +65,6 @@ NAME_CACHE_SIZE = 4096
 # Heads parsed from whole messages, by their exact bytes (see RequestFramer.feed): bounded in count and size.
 HEAD_CACHE_SIZE = 512
 HEAD_CACHE_MAX_BYTES = 4096
-HOLD_MAX_BYTES = 65536
 _TOKEN_CHARS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-"
 _NAME_CACHES: dict[tuple[Any, ...], tuple[dict[bytes, int], dict[bytes, Any]]] = {}
 
@@ -201,6 +200,7 @@ class RequestFramer:
         if at_boundary:
             head = self._heads.get(data)
             if head is not None:
+                self._head_size = 0  # as at the end of a parsed request (blank lines may have counted)
                 self.handler.on_request(head)
                 self.busy = True
                 self.handler.on_request_end()
@@ -474,7 +474,6 @@ class ResponseFramer:
         self._names: dict[bytes, int] = _name_cache(self.roles)  # name as spelled -> role
         self._heads: dict[bytes, ResponseHead] = _name_cache(self.roles, "answers", max_header_bytes, volatile)
         self._between = True  # llhttp holds no byte of an answer
-        self._held = b""  # the start of a small answer whose body is still on its way (see feed)
         self._began = 0  # answers begun during the current feed()
         self._parser = httptools.HttpResponseParser(self)
         self._head: ResponseHead | None = None
@@ -489,32 +488,19 @@ class ResponseFramer:
         self.head_request = head_request
         self._done = False
         self._head = None
-        self._held = b""
 
     def feed(self, data: bytes) -> None:
-        if self._held:
-            data = self._held + data
-            self._held = b""
         fresh = self._between and self._head is None and not self.head_request
         if fresh:
             # An answer head seen before, with its whole Content-Length body in this read: no parse.
             end = data.find(b"\r\n\r\n") + 4
             head = self._heads.get(self._key(data, end)) if end >= 4 else None
-            if head is not None:
-                missing = head.content_length - (len(data) - end)
-                if missing == 0:
-                    self._head = head
-                    self._done = True
-                    self.handler.on_whole_response(head, data[end:])
-                    return
-                if 0 < missing and len(data) + missing <= HOLD_MAX_BYTES:
-                    # The upstream sent the head before its small body (waitress does, now and
-                    # then): wait for the rest, so that the client gets one send, not two.
-                    self._held = data
-                    return
-        self._parse(data, fresh)
-
-    def _parse(self, data: bytes, fresh: bool) -> None:
+            if head is not None and len(data) - end == head.content_length:
+                self._head = head
+                self._done = True
+                self._head_size = 0
+                self.handler.on_whole_response(head, data[end:])
+                return
         if self._in_head or self._head is None:
             self._head_size += len(data)
         self._began = 0
@@ -558,9 +544,6 @@ class ResponseFramer:
 
     def feed_eof(self) -> bool:
         """The upstream closed: True when that ended a close-delimited body (the answer is whole)."""
-        if self._held:  # cut short: what came is parsed as it is (the answer is incomplete)
-            held, self._held = self._held, b""
-            self._parse(held, False)
         head = self._head
         if head is not None and not self._done and not self._in_head and head.content_length < 0 and not head.chunked:
             self._done = True

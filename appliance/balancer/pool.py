@@ -14,7 +14,8 @@ client's own `pause_writing` pauses reading from the upstream.
 
 Answer bytes produced while one upstream read is parsed (head, body pieces,
 chunk framing, the end) are collected on the client connection and written
-with one send at the end of that read, or at the answer's end.
+with one send at the end of that read, or at the answer's end; a small answer
+whose body is still coming may wait one more read (ClientConnection.defer_or_flush).
 """
 
 from __future__ import annotations
@@ -58,9 +59,11 @@ class UpstreamConnection(asyncio.Protocol):
         except ProtocolError as exc:
             if self.exchange is ex:
                 ex.upstream_broken(self, exc)
+            else:  # bytes after an answer that already ended: never hand this connection out again
+                self.abort()
             return
-        if ex.out:  # answer bytes of this read that did not end the answer: send them now
-            ex.flush_out()
+        if ex.out:  # answer bytes of this read that did not end the answer
+            ex.defer_or_flush()
 
     def eof_received(self) -> bool:
         ex = self.exchange

@@ -50,6 +50,7 @@ IDLE, HEAD, ADMIT, CONNECT, FORWARD, CLOSED = range(6)
 REPLAY_MAX = 64 * 1024  # request body bytes kept for a retry
 PENDING_MAX = 256 * 1024  # body bytes buffered while no upstream connection is ready
 BACKLOG_MAX = 256 * 1024  # pipelined bytes held before reading from the client pauses
+DEFER_MAX = 64 * 1024  # an unfinished answer with at most this much body left may wait one read to go out whole
 NEW_CONNECTION_GRACE = 1.0  # seconds a just-accepted connection has to send its request during a stop
 IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"))
 
@@ -227,6 +228,8 @@ class ClientConnection(asyncio.Protocol):
         self.user_id: str | None = None
         self.extra_response = b""  # RateLimit-* lines for the answer
         self.upstream_keep_alive = False
+        self.answer_left = -1  # body bytes of a Content-Length answer not yet read
+        self.deferred = False  # one upstream read's output was held back (see defer_or_flush)
 
     # -- transport callbacks ------------------------------------------------------------
     def connection_made(self, transport: Any) -> None:
@@ -234,7 +237,9 @@ class ClientConnection(asyncio.Protocol):
         p = self.p
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if peer else "unix"
-        if len(p.connections) >= p.max_connections or p.closing:
+        # During a stop no new connection is accepted (the listeners are closed first); one that
+        # made it in before (also from the listen backlog) is served, then closed.
+        if len(p.connections) >= p.max_connections:
             body = error_body("service_unavailable", "too many connections")
             transport.write(_error_head(503, len(body), b"", b"connection: close\r\n") + body)
             transport.close()
@@ -589,6 +594,7 @@ class ClientConnection(asyncio.Protocol):
         if self.extra_response:
             lines.append(self.extra_response)
         self.upstream_keep_alive = rh.keep_alive
+        self.answer_left = -1 if rh.no_body else rh.content_length
         if head.has_body and not self.body_done:
             self.keep_alive = False  # answered before the whole request arrived: the rest is not read
         if rh.no_body or rh.content_length >= 0:
@@ -609,14 +615,28 @@ class ClientConnection(asyncio.Protocol):
 
     def on_response_body(self, data: bytes) -> None:
         self.bytes_out += len(data)
+        if self.answer_left > 0:
+            self.answer_left -= len(data)
         if self.response_chunked:
             self.out += (b"%x\r\n" % len(data), data, b"\r\n")
         else:
             self.out.append(data)
         self.deadline = self.p.now + self.p.read_timeout
 
+    def defer_or_flush(self) -> None:
+        """After an upstream read that did not end the answer: send its output, or hold it for one read.
+
+        Waitress now and then sends an answer's head before its small body; holding the
+        head for the next read (once per answer, only when little is left) gives the
+        client one send instead of two. The answer has begun either way: no retry.
+        """
+        if not self.deferred and 0 < self.answer_left <= DEFER_MAX:
+            self.deferred = True
+            return
+        self.flush_out()
+
     def flush_out(self) -> None:
-        """Write what the answer callbacks of one upstream read produced, in one send."""
+        """Write what the answer callbacks of the upstream reads so far produced, in one send."""
         out = self.out
         if self.state != CLOSED:
             self.transport.write(out[0] if len(out) == 1 else b"".join(out))

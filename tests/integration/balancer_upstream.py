@@ -2,6 +2,9 @@
 
 Endpoints: /health/ping, /whoami (name and the headers it received), /hang
 (never answers), /slow?s= (answers after s seconds), /download?size=&chunked=1,
+/split?gap=&reset=1 (head and part of the body, the rest after a gap, or a
+reset instead), /hits (how many /split requests this upstream saw), /junk (an
+answer followed by bytes that are no answer),
 POST /upload (reads the body as it comes, answers its size and sha256),
 /status (as if it were the monitor). Keep-alive, threads, no buffering of bodies.
 """
@@ -10,6 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import socket
+import struct
 import sys
 import time
 import urllib.parse
@@ -62,7 +67,32 @@ class Handler(BaseHTTPRequestHandler):
             if chunked:
                 self.wfile.write(b"0\r\n\r\n")
             return
+        if url.path == "/split":
+            return self._split(float(query.get("gap", "0.2")), query.get("reset") == "1")
+        if url.path == "/junk":  # a whole answer and bytes that are no answer, in one send
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok\x00junk that is no answer\r\n")
+            return
+        if url.path == "/hits":
+            return self._json(200, {"node": self.name, "split": Handler.split_hits})
         return self._json(404, {"status": "error", "error": {"code": "not_found", "message": url.path}})
+
+    split_hits = 0
+
+    def _split(self, gap: float, reset: bool) -> None:
+        """The head and 3 body bytes now, the other 7 after `gap` seconds (or a connection reset)."""
+        Handler.split_hits += 1
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", "10")
+        self.end_headers()  # sent now: the head alone
+        self.wfile.write(b"012")
+        time.sleep(gap)
+        if reset:
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.connection.close()
+            self.close_connection = True
+            return
+        self.wfile.write(b"3456789")
 
     do_HEAD = do_GET
     do_DELETE = do_GET

@@ -417,3 +417,48 @@ def test_jwt_identity_replaces_forged_headers(tmp_path: Path) -> None:
         assert claims["sub"] == "7" and claims["usr"] == "ann"
     finally:
         s.close()
+
+
+def _first_recv(port: int, path: str) -> tuple[bytes, bytes]:
+    """(what the first recv of the answer brought, the whole of what came until the close)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"GET " + path.encode() + b" HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        first = sock.recv(65536)
+        rest = b""
+        try:
+            while chunk := sock.recv(65536):
+                rest += chunk
+        except ConnectionResetError:
+            rest += b"<reset>"
+        return first, first + rest
+
+
+def test_a_small_answer_whose_body_comes_later_goes_out_in_one_piece(tmp_path: Path) -> None:
+    with stack(tmp_path, workers=1) as s:
+        first, whole = _first_recv(s.port, "/split?gap=0.3")
+        assert whole.startswith(b"HTTP/1.1 200 ") and whole.endswith(b"\r\n\r\n0123456789"), whole
+        assert first == whole  # the head waited for the body instead of going out alone
+
+
+def test_an_answer_cut_short_is_not_retried_on_another_upstream(tmp_path: Path) -> None:
+    # The answer began (head and 3 bytes): sending the request elsewhere would run it twice.
+    with stack(tmp_path, workers=2) as s:
+        _, whole = _first_recv(s.port, "/split?gap=0.2&reset=1")
+        assert not whole.endswith(b"0123456789"), whole  # the client sees a broken answer, not a second one
+        conn = s.client()
+        hits = 0
+        for i in range(2):
+            direct = http.client.HTTPConnection("127.0.0.1", s.base + i, timeout=10)
+            hits += json.loads(get(direct, "/hits")[1])["split"]
+            direct.close()
+        conn.close()
+        assert hits == 1
+
+
+def test_bytes_after_an_answer_retire_that_upstream_connection(tmp_path: Path) -> None:
+    with stack(tmp_path, workers=1) as s:
+        conn = s.client()
+        status, body, _ = get(conn, "/junk")
+        assert (status, body) == (200, b"ok")
+        # The next requests would otherwise get that connection back, its parser broken: 502s.
+        assert [get(conn, "/health/ping")[0] for _ in range(5)] == [200] * 5
