@@ -34,6 +34,7 @@ from typing import Any
 from appliance import metrics
 from appliance.balancer import certs, upstreams
 from appliance.balancer.framing import ProtocolError, RequestFramer, RequestHead
+from appliance.balancer.listeners import close_listeners
 from appliance.balancer.proxy import Proxy
 from appliance.errors import error_body
 from appliance.roles import EXIT_BOOT_FAILURE
@@ -139,49 +140,6 @@ class RedirectConnection(asyncio.Protocol):
 
     def on_request_end(self) -> None:
         pass
-
-
-def take_backlog(sock: socket.socket) -> list[socket.socket]:
-    """Every connection waiting in a (non-blocking) listening socket's backlog, accepted now."""
-    taken: list[socket.socket] = []
-    while True:
-        try:
-            conn, _ = sock.accept()
-        except (BlockingIOError, InterruptedError):
-            return taken
-        except OSError as exc:  # out of descriptors, or a connection reset while queued: stop here
-            log.warning("balancer stop: backlog not fully accepted: %s", exc)
-            return taken
-        conn.setblocking(False)
-        taken.append(conn)
-
-
-def close_listeners(servers: list[Any], listeners: list[tuple[socket.socket, Any, Any]], handshake_timeout: float | None) -> None:
-    """Stop listening without resetting anyone who already connected.
-
-    Connections the kernel completed but the loop has not accepted yet sit in the
-    listen backlog, and closing the socket resets them (their clients saw connect
-    succeed). So the backlog is accepted first and the socket closed right after:
-    only a connection made in the microseconds between is lost. Those accepted
-    here are served like any other during the drain.
-    """
-    loop = asyncio.get_running_loop()
-    taken = [(take_backlog(sock), factory, ssl) for sock, factory, ssl in listeners]
-    for server in servers:
-        server.close()
-    for sock, _, _ in listeners:
-        if sock.fileno() != -1:  # uvloop closed the descriptor itself: forget it rather than close a reused number
-            sock.detach()
-    for conns, factory, ssl in taken:
-        for conn in conns:
-            timeout = handshake_timeout if ssl is not None else None
-            task = loop.create_task(loop.connect_accepted_socket(factory, conn, ssl=ssl, ssl_handshake_timeout=timeout))
-            task.add_done_callback(_log_failed_adoption)
-
-
-def _log_failed_adoption(task: asyncio.Task) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.warning("balancer stop: a connection from the backlog could not be served: %s", task.exception())
 
 
 class Balancer:
@@ -356,7 +314,7 @@ class Balancer:
     async def _shutdown(self) -> None:
         proxy = self.proxy
         proxy.closing = True
-        close_listeners(self.servers, self.listeners, self._handshake_timeout())
+        close_listeners(self.servers, self.listeners, self._handshake_timeout(), refuse=not os.environ.get(LISTEN_FDS_ENV, "").strip())
         grace = self.cfg.supervisor.grace_period
         deadline = time.monotonic() + grace
         while proxy.connections and time.monotonic() < deadline:

@@ -19,6 +19,7 @@ import signal
 from collections.abc import Generator
 from typing import TYPE_CHECKING
 
+from appliance.balancer.listeners import refuse_new_connections
 from appliance.logs import fields
 from appliance.supervisor.child import describe_exit, indent
 
@@ -73,6 +74,10 @@ def shutdown(arb: Arbiter, exit_code: int, grace: float | None = None, notify: b
     deadline = arb.clock() + (arb.settings.grace_period if grace is None else grace)
     front = [c for c in arb.children if not c.kind.group]
     behind = [c for c in arb.children if c.kind.group]
+    for sock in arb.listeners:
+        # No new handshake completes from now on; the balancer serves what is already in the
+        # backlog, then closes (appliance/balancer/listeners.py).
+        refuse_new_connections(sock)
     for child in front:
         arb.terminate(child)
     arb.close_listeners()  # the balancer holds its own copy until it stops accepting

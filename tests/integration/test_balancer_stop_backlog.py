@@ -15,7 +15,8 @@ import socket
 import pytest
 import uvloop
 
-from appliance.balancer.server import RedirectConnection, close_listeners
+from appliance.balancer.listeners import close_listeners, refuse_new_connections
+from appliance.balancer.server import RedirectConnection
 
 REQUEST = b"GET /x HTTP/1.1\r\nHost: example.test\r\n\r\n"
 
@@ -39,7 +40,7 @@ async def reply_after_stop(take_backlog_first: bool) -> bytes:
     client = socket.create_connection(sock.getsockname(), timeout=5)  # completed by the kernel, not yet accepted
     client.sendall(REQUEST)
     if take_backlog_first:
-        close_listeners([server], [(sock, factory, None)], None)
+        close_listeners([server], [(sock, factory, None)], None, refuse=True)
     else:
         server.close()
     try:
@@ -77,7 +78,7 @@ def test_the_listening_socket_is_closed_and_refuses_new_clients():
         sock = listening_socket()
         address = sock.getsockname()
         server = await loop.create_server(asyncio.Protocol, sock=sock)
-        close_listeners([server], [(sock, asyncio.Protocol, None)], None)
+        close_listeners([server], [(sock, asyncio.Protocol, None)], None, refuse=True)
         await asyncio.sleep(0.05)
         probe = socket.socket()
         try:
@@ -88,3 +89,25 @@ def test_the_listening_socket_is_closed_and_refuses_new_clients():
     refused, fileno = uvloop.run(scenario())
     assert refused != 0
     assert fileno == -1  # detached or closed: the number is not closed a second time later
+
+
+def test_after_the_filter_no_new_handshake_completes_but_the_backlog_is_served():
+    sock = listening_socket()
+    address = sock.getsockname()
+    waiting = socket.create_connection(address, timeout=5)  # in the backlog
+    try:
+        assert refuse_new_connections(sock)
+        late = socket.socket()
+        late.settimeout(0.5)
+        with pytest.raises(TimeoutError):  # its SYN goes unanswered: no connect succeeds to be reset later
+            late.connect(address)
+        late.close()
+        conn, _ = sock.accept()
+        waiting.sendall(b"ping")
+        assert conn.recv(4) == b"ping"
+        conn.close()
+        with pytest.raises(BlockingIOError):
+            sock.accept()
+    finally:
+        waiting.close()
+        sock.close()
