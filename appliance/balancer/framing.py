@@ -474,6 +474,8 @@ class ResponseFramer:
         self._names: dict[bytes, int] = _name_cache(self.roles)  # name as spelled -> role
         self._heads: dict[bytes, ResponseHead] = _name_cache(self.roles, "answers", max_header_bytes, volatile)
         self._between = True  # llhttp holds no byte of an answer
+        self._left = 0  # body bytes still due of an answer delivered from a remembered head
+        self._last = False  # an answer that ends the connection was parsed
         self._began = 0  # answers begun during the current feed()
         self._parser = httptools.HttpResponseParser(self)
         self._head: ResponseHead | None = None
@@ -488,19 +490,35 @@ class ResponseFramer:
         self.head_request = head_request
         self._done = False
         self._head = None
+        self._left = 0
 
     def feed(self, data: bytes) -> None:
-        fresh = self._between and self._head is None and not self.head_request
+        if self._left:  # the body of an answer whose head was remembered: counted, not parsed
+            data = self._body(data)
+            if not data:
+                return
+        fresh = self._between and self._head is None and not self.head_request and not self._last
         if fresh:
-            # An answer head seen before, with its whole Content-Length body in this read: no parse.
+            # An answer head seen before, with its Content-Length body (or its start) in this read: no parse.
             end = data.find(b"\r\n\r\n") + 4
             head = self._heads.get(self._key(data, end)) if end >= 4 else None
-            if head is not None and len(data) - end == head.content_length:
-                self._head = head
-                self._done = True
-                self._head_size = 0
-                self.handler.on_whole_response(head, data[end:])
-                return
+            if head is not None:
+                got = len(data) - end
+                if got == head.content_length:
+                    self._head = head
+                    self._done = True
+                    self._head_size = 0
+                    self.handler.on_whole_response(head, data[end:])
+                    return
+                if got < head.content_length:
+                    self._head = head
+                    self._done = False
+                    self._head_size = 0
+                    self._left = head.content_length - got
+                    self.handler.on_response(head)
+                    if got:
+                        self.handler.on_response_body(data[end:])
+                    return
         if self._in_head or self._head is None:
             self._head_size += len(data)
         self._began = 0
@@ -517,10 +535,21 @@ class ResponseFramer:
             raise ProtocolError("upstream answer head too large", 502, "bad_gateway")
         if fresh and self._began == 1 and self._between:
             head = self._head
-            if head is not None and not head.chunked and head.content_length >= 0 and not head.no_body:
+            if head is not None and head.keep_alive and not head.chunked and head.content_length >= 0 and not head.no_body:
                 end = data.find(b"\r\n\r\n") + 4
                 if 4 <= end <= HEAD_CACHE_MAX_BYTES and len(data) - end == head.content_length:
                     _remember(self._heads, self._key(data, end), head)  # exactly this one whole answer
+
+    def _body(self, data: bytes) -> bytes:
+        """Deliver the next piece of a remembered answer's body; return what follows its end."""
+        left = self._left
+        piece, rest = (data, b"") if len(data) <= left else (data[:left], data[left:])
+        self._left = left - len(piece)
+        self.handler.on_response_body(piece)
+        if not self._left:
+            self._done = True
+            self.handler.on_response_end()
+        return rest  # bytes after the answer: parsed as llhttp would parse them (it is between answers)
 
     def _key(self, data: bytes, end: int) -> bytes:
         """The head's bytes, less the volatile header's (last) line when it holds a plain token."""
@@ -594,6 +623,8 @@ class ResponseFramer:
         parser = self._parser
         head.status = parser.get_status_code()
         head.keep_alive = parser.should_keep_alive()
+        if not head.keep_alive:
+            self._last = True  # llhttp refuses any byte after this answer; no remembered head may skip that
         if 100 <= head.status < 200:
             if head.status == 101:
                 raise ProtocolError("upstream switched protocols", 502, "bad_gateway")

@@ -10,6 +10,8 @@ not depend on how the bytes arrive.
 from __future__ import annotations
 
 import codecs
+import contextlib
+import itertools
 import random
 from pathlib import Path
 
@@ -396,8 +398,10 @@ def test_the_head_cache_is_bounded() -> None:
 ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Request-ID: %s\r\nX-A: 1\r\n\r\nhello"
 
 
-def _answer_framer(rec) -> ResponseFramer:
-    return ResponseFramer(rec, roles={**RESPONSE_ROLES, b"x-request-id": DROP}, volatile=b"x-request-id")
+def _answer_framer(rec, roles: dict[bytes, int] | None = None) -> ResponseFramer:
+    # A role table of its own is a cache of its own: the same table object shares one.
+    roles = roles if roles is not None else {**RESPONSE_ROLES, b"x-request-id": DROP}
+    return ResponseFramer(rec, roles=roles, volatile=b"x-request-id")
 
 
 def test_an_answer_head_is_remembered_without_its_request_id() -> None:
@@ -417,17 +421,72 @@ def test_an_answer_head_is_remembered_without_its_request_id() -> None:
         ResponseFramer(rec, volatile=b"x-a")  # only a dropped header may be left out of the key
 
 
-def test_a_remembered_answer_split_over_reads_is_parsed() -> None:
+def test_a_remembered_answer_split_over_reads_is_delivered_as_it_comes() -> None:
     rec = ResponseRecorder()
     framer = _answer_framer(rec)
     framer.feed(ANSWER % b"first")
     whole = ANSWER % b"second"
     framer.reset(head_request=False)
     framer.feed(whole[:-3])
-    assert len(rec.heads) == 2 and rec.ends == 1  # the head went on at once (llhttp read it)
-    framer.feed(whole[-3:])
-    assert rec.ends == 2 and bytes(rec.body) == b"hellohello"
-    assert rec.heads[1] is not rec.heads[0] and rec.heads[1].headers == rec.heads[0].headers
+    assert len(rec.heads) == 2 and rec.ends == 1 and rec.heads[1] is rec.heads[0]  # the head went on at once
+    assert framer.feed_eof() is False  # the upstream closing now would cut it short
+    framer.feed(whole[-3:-1])
+    framer.feed(whole[-1:] + b"HTTP/1.1 204 No Content\r\n\r\n")  # the end, and what follows it
+    assert rec.ends == 3 and bytes(rec.body) == b"hellohello" and rec.heads[2].status == 204
+
+
+def _answer_events(reads: list[bytes], warm: list[bytes]) -> list:
+    rec = ResponseRecorder()
+    roles = {**RESPONSE_ROLES, b"x-request-id": DROP}  # this run's own cache
+    for raw in warm:  # other connections' answers, remembered before
+        other = _answer_framer(ResponseRecorder(), roles)
+        with contextlib.suppress(ProtocolError):
+            other.feed(raw)
+    if warm:
+        assert _answer_framer(rec, roles)._heads, "nothing was remembered: this test would prove nothing"
+    framer = _answer_framer(rec, roles)
+    events: list = []
+    try:
+        for read in reads:
+            framer.feed(read)
+            events.append((len(rec.heads), bytes(rec.body), rec.ends))
+            if rec.ends and framer._done:
+                framer.reset(head_request=False)
+        events.append(("eof", framer.feed_eof(), rec.ends))
+    except ProtocolError as exc:
+        events.append(("error", exc.status))
+    heads = [(h.status, h.reason, h.headers, h.content_length, h.chunked, h.keep_alive, h.no_body) for h in rec.heads]
+    return [heads, *events]
+
+
+ANSWERS = [
+    ANSWER % b"a1",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nX-Request-ID: z\r\n\r\n",
+    b"HTTP/1.1 201 Created\r\nContent-Length: 12\r\nConnection: close\r\nX-Request-ID: q-9\r\n\r\nhello world!",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+    b"HTTP/1.1 404 Not Found\r\nContent-Length: 3\r\nX-Request-ID: bad id\r\n\r\nnop",
+]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(st.sampled_from(ANSWERS), min_size=1, max_size=3),
+    st.lists(st.integers(1, 400), max_size=4),
+    st.booleans(),
+    st.binary(max_size=8),
+)
+def test_remembered_answers_arrive_as_parsed_ones_whatever_the_reads(
+    answers: list[bytes], cuts: list[int], per_answer: bool, tail: bytes
+) -> None:
+    stream = b"".join(answers) + tail
+    points = {c % (len(stream) + 1) for c in cuts} | {0, len(stream)}
+    if per_answer:  # also a read boundary where each answer ends (the common case)
+        points |= set(itertools.accumulate(len(a) for a in answers))
+    points = sorted(points)
+    reads = [stream[a:b] for a, b in zip(points, points[1:], strict=False) if b > a]
+    cold = _answer_events(reads, warm=[])
+    warm = _answer_events(reads, warm=[a.replace(b"a1", b"other") for a in ANSWERS])
+    assert warm == cold
 
 
 def test_a_remembered_request_after_blank_lines_leaves_no_head_bytes_counted() -> None:
