@@ -498,27 +498,35 @@ class ResponseFramer:
             if not data:
                 return
         fresh = self._between and self._head is None and not self.head_request and not self._last
-        if fresh:
-            # An answer head seen before, with its Content-Length body (or its start) in this read: no parse.
-            end = data.find(b"\r\n\r\n") + 4
-            head = self._heads.get(self._key(data, end)) if end >= 4 else None
-            if head is not None:
-                got = len(data) - end
-                if got == head.content_length:
-                    self._head = head
-                    self._done = True
-                    self._head_size = 0
-                    self.handler.on_whole_response(head, data[end:])
-                    return
-                if got < head.content_length:
-                    self._head = head
-                    self._done = False
-                    self._head_size = 0
-                    self._left = head.content_length - got
-                    self.handler.on_response(head)
-                    if got:
-                        self.handler.on_response_body(data[end:])
-                    return
+        if fresh and self._remembered(data):
+            return
+        self._parse(data, fresh)
+
+    def _remembered(self, data: bytes) -> bool:
+        """Deliver an answer whose head was seen before, with its body or the start of it; False if not one."""
+        end = data.find(b"\r\n\r\n") + 4
+        head = self._heads.get(self._key(data, end)) if end >= 4 else None
+        if head is None:
+            return False
+        got = len(data) - end
+        if got == head.content_length:
+            self._head = head
+            self._done = True
+            self._head_size = 0
+            self.handler.on_whole_response(head, data[end:])
+            return True
+        if got > head.content_length:
+            return False  # more than the answer: llhttp reads it all
+        self._head = head
+        self._done = False
+        self._head_size = 0
+        self._left = head.content_length - got
+        self.handler.on_response(head)
+        if got:
+            self.handler.on_response_body(data[end:])
+        return True
+
+    def _parse(self, data: bytes, fresh: bool) -> None:
         if self._in_head or self._head is None:
             self._head_size += len(data)
         self._began = 0

@@ -24,11 +24,12 @@ import asyncio
 import ctypes
 import logging
 import socket
+import sys
 from typing import Any
 
 log = logging.getLogger(__name__)
 
-SO_ATTACH_FILTER = getattr(socket, "SO_ATTACH_FILTER", 26)
+SO_ATTACH_FILTER = 26  # Linux, every architecture (Python's socket module does not name it)
 BPF_RET_K = 0x06  # classic BPF "return constant": keep that many bytes of the packet, 0 drops it
 
 
@@ -42,6 +43,8 @@ class _SockFprog(ctypes.Structure):
 
 def refuse_new_connections(sock: socket.socket) -> bool:
     """Drop every packet to this listening socket from now on; False where that cannot be done."""
+    if not sys.platform.startswith("linux"):
+        return False
     program = (_SockFilter * 1)(_SockFilter(BPF_RET_K, 0, 0, 0))
     fprog = _SockFprog(1, program)
     try:
@@ -69,8 +72,11 @@ def take_backlog(sock: socket.socket) -> list[socket.socket]:
 
 def close_listeners(
     servers: list[Any], listeners: list[tuple[socket.socket, Any, Any]], handshake_timeout: float | None, *, refuse: bool
-) -> None:
+) -> list[asyncio.Task]:
     """Stop listening; serve (with its protocol factory and ssl) every connection already made.
+
+    Returns the tasks that hand the connections taken from the backlog to the loop: await
+    them before deciding that nothing is left to serve.
 
     `refuse`: set the filter first. Only for sockets this process alone listens on: the
     filter belongs to the socket, so a balancer started by the supervisor (which may hand
@@ -86,11 +92,14 @@ def close_listeners(
     for sock, _, _ in listeners:
         if sock.fileno() != -1:  # uvloop closed the descriptor itself: forget it rather than close a reused number
             sock.detach()
+    tasks = []
     for conns, factory, ssl in taken:
         for conn in conns:
             timeout = handshake_timeout if ssl is not None else None
             task = loop.create_task(loop.connect_accepted_socket(factory, conn, ssl=ssl, ssl_handshake_timeout=timeout))
             task.add_done_callback(_log_failed_adoption)
+            tasks.append(task)
+    return tasks
 
 
 def _log_failed_adoption(task: asyncio.Task) -> None:

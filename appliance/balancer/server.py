@@ -35,7 +35,7 @@ from appliance import metrics
 from appliance.balancer import certs, upstreams
 from appliance.balancer.framing import ProtocolError, RequestFramer, RequestHead
 from appliance.balancer.listeners import close_listeners
-from appliance.balancer.proxy import Proxy
+from appliance.balancer.proxy import NEW_CONNECTION_GRACE, Proxy
 from appliance.errors import error_body
 from appliance.roles import EXIT_BOOT_FAILURE
 
@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 LISTEN_FDS_ENV = "APPLIANCE_LISTEN_FDS"
 SWEEP_INTERVAL = 0.25
+ACCEPTED_SETTLE = 0.05  # seconds a stop waits for connections accepted just before it to show up
 GC_THRESHOLD = 20000  # allocations between young-generation collections (Python default: 700)
 
 
@@ -99,6 +100,9 @@ def listen_sockets(cfg: Any) -> tuple[socket.socket, socket.socket | None]:
     return main, redirect
 
 
+OPEN_REDIRECTS: set[RedirectConnection] = set()
+
+
 class RedirectConnection(asyncio.Protocol):
     """The plain-HTTP listener next to TLS: every request gets a 308 to the https URL."""
 
@@ -110,6 +114,11 @@ class RedirectConnection(asyncio.Protocol):
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
+        self.opened = time.monotonic()
+        OPEN_REDIRECTS.add(self)  # a stop waits for the answer (a moment; they are never kept alive)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        OPEN_REDIRECTS.discard(self)
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -314,15 +323,23 @@ class Balancer:
     async def _shutdown(self) -> None:
         proxy = self.proxy
         proxy.closing = True
-        close_listeners(self.servers, self.listeners, self._handshake_timeout(), refuse=not os.environ.get(LISTEN_FDS_ENV, "").strip())
+        refuse = not os.environ.get(LISTEN_FDS_ENV, "").strip()
+        adopting = close_listeners(self.servers, self.listeners, self._handshake_timeout(), refuse=refuse)
         grace = self.cfg.supervisor.grace_period
         deadline = time.monotonic() + grace
-        while proxy.connections and time.monotonic() < deadline:
+        if adopting:  # connections from the backlog count once they are the loop's
+            await asyncio.wait(adopting, timeout=grace)
+        # uvloop accepts eagerly: a connection it took just before the close gets its
+        # connection_made in a later callback; let those run before looking for work left.
+        await asyncio.sleep(ACCEPTED_SETTLE)
+        while (proxy.connections or OPEN_REDIRECTS) and time.monotonic() < deadline:
             now = time.monotonic()
             for conn in list(proxy.connections):
                 conn.close_if_idle(now)
+            for redirect in [r for r in OPEN_REDIRECTS if now - r.opened >= NEW_CONNECTION_GRACE]:
+                redirect.transport.close()
             await asyncio.sleep(0.05)
-        for conn in list(proxy.connections):
+        for conn in [*proxy.connections, *OPEN_REDIRECTS]:
             conn.transport.abort()
         for task in self.tasks:
             task.cancel()

@@ -10,6 +10,7 @@ the loop in between, so the loop never accepted it.
 from __future__ import annotations
 
 import asyncio
+import signal
 import socket
 
 import pytest
@@ -111,3 +112,47 @@ def test_after_the_filter_no_new_handshake_completes_but_the_backlog_is_served()
     finally:
         waiting.close()
         sock.close()
+
+
+@pytest.mark.parametrize("use_uvloop", [False, True])
+def test_a_balancer_stopped_with_nothing_else_open_answers_the_client_in_its_backlog(tmp_path, use_uvloop):
+    # A real Balancer in this process, in front of a real upstream process. The client connects
+    # and sends from the loop's own thread, so the loop has not accepted it when the stop begins:
+    # with no other connection open, the stop must still wait for it and answer it.
+    from appliance.balancer.server import Balancer
+    from appliance.config import load_config
+    from tests.conftest import write_config
+    from tests.integration.test_balancer_proxy import start_upstream
+    from tests.procs import free_port, stop
+
+    base, port = free_port(), free_port()
+    upstream = start_upstream(base, "w0")
+    try:
+        cfg = load_config(
+            write_config(
+                tmp_path / "data",
+                balancer={"listen": f"127.0.0.1:{port}", "auth_mode": "off", "use_uvloop": use_uvloop},
+                api={"workers": 1, "base_port": base},
+                monitor={"enabled": False},
+                rate_limits={"enabled": False},
+            ),
+            env={},
+        )
+
+        async def scenario() -> tuple[socket.socket, int]:
+            balancer = Balancer(cfg)
+            run = asyncio.get_running_loop().create_task(balancer.run())
+            while not balancer.tasks:  # listening, upkeep started
+                await asyncio.sleep(0.01)
+            client = socket.create_connection(("127.0.0.1", port), timeout=10)
+            client.sendall(b"GET /health/ping HTTP/1.1\r\nHost: t\r\n\r\n")
+            balancer.stop()
+            return client, await run
+
+        client, code = (uvloop.run if use_uvloop else asyncio.run)(scenario())
+        answer = read_all(client)
+        client.close()
+    finally:
+        stop(upstream, signal.SIGKILL)
+    assert code == 0
+    assert answer.startswith(b"HTTP/1.1 200 "), answer
