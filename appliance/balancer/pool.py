@@ -33,7 +33,7 @@ ANSWER_ROLES = {**RESPONSE_ROLES, b"x-request-id": DROP}
 
 
 class UpstreamConnection(asyncio.Protocol):
-    __slots__ = ("upstream", "transport", "framer", "exchange", "idle_since", "closed")
+    __slots__ = ("upstream", "transport", "framer", "exchange", "idle_since", "closed", "feeding", "parked", "unsolicited")
 
     def __init__(self, upstream: Upstream, max_header_bytes: int):
         self.upstream = upstream
@@ -44,6 +44,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.exchange: Any = None  # the client connection being served
         self.idle_since = 0.0
         self.closed = False
+        self.feeding = False  # inside data_received: not handed to another exchange before that read is done
+        self.parked: tuple[bool, int] | None = None  # (reusable, max_idle) of a release made while feeding
+        self.unsolicited = False  # the upstream sent an answer nobody asked for
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
@@ -54,6 +57,7 @@ class UpstreamConnection(asyncio.Protocol):
         if ex is None:
             self.transport.close()  # bytes nobody asked for: this connection cannot be trusted again
             return
+        self.feeding = True
         try:
             self.framer.feed(data)
         except ProtocolError as exc:
@@ -62,8 +66,26 @@ class UpstreamConnection(asyncio.Protocol):
             else:  # bytes after an answer that already ended: never hand this connection out again
                 self.abort()
             return
+        finally:
+            self.feeding = False
+            parked, self.parked = self.parked, None
+            if parked is not None:  # the answer ended in this read: back to the pool now, unless more came
+                release(self, parked[0] and not self.unsolicited, parked[1])
         if ex.out:  # answer bytes of this read that did not end the answer
             ex.defer_or_flush()
+
+    # The framer's handler once the exchange ended within a read: what follows is no answer to anyone.
+    def on_response(self, head: Any) -> None:
+        self.unsolicited = True
+
+    def on_response_body(self, data: bytes) -> None:
+        self.unsolicited = True
+
+    def on_response_end(self) -> None:
+        self.unsolicited = True
+
+    def on_whole_response(self, head: Any, body: bytes) -> None:
+        self.unsolicited = True
 
     def eof_received(self) -> bool:
         ex = self.exchange
@@ -111,6 +133,12 @@ def acquire(upstream: Upstream) -> UpstreamConnection | None:
 def release(conn: UpstreamConnection, reusable: bool, max_idle: int) -> None:
     """Hand a connection back after an exchange; it is kept only when whole and wanted."""
     conn.exchange = None
+    if conn.feeding:
+        # Its read is still being parsed: bytes after this answer must not become the answer to
+        # the next exchange (which could pick this connection at once). Done after the read.
+        conn.parked = (reusable, max_idle)
+        conn.framer.handler = conn
+        return
     upstream = conn.upstream
     if reusable and not conn.closed and not upstream.removed and len(upstream.idle) < max_idle:
         conn.idle_since = time.monotonic()

@@ -4,7 +4,7 @@ Endpoints: /health/ping, /whoami (name and the headers it received), /hang
 (never answers), /slow?s= (answers after s seconds), /download?size=&chunked=1,
 /split?gap=&reset=1 (head and part of the body, the rest after a gap, or a
 reset instead), /hits (how many /split requests this upstream saw), /junk (an
-answer followed by bytes that are no answer),
+answer followed by bytes that are no answer), /double (two answers to one request),
 POST /upload (reads the body as it comes, answers its size and sha256),
 /status (as if it were the monitor). Keep-alive, threads, no buffering of bodies.
 """
@@ -71,6 +71,9 @@ class Handler(BaseHTTPRequestHandler):
             return self._split(float(query.get("gap", "0.2")), query.get("reset") == "1")
         if url.path == "/junk":  # a whole answer and bytes that are no answer, in one send
             self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok\x00junk that is no answer\r\n")
+            return
+        if url.path == "/double":  # two answers to one request, in one send
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfirstHTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecond")
             return
         if url.path == "/hits":
             return self._json(200, {"node": self.name, "split": Handler.split_hits})

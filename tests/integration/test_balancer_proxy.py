@@ -462,3 +462,19 @@ def test_bytes_after_an_answer_retire_that_upstream_connection(tmp_path: Path) -
         assert (status, body) == (200, b"ok")
         # The next requests would otherwise get that connection back, its parser broken: 502s.
         assert [get(conn, "/health/ping")[0] for _ in range(5)] == [200] * 5
+
+
+def test_an_answer_nobody_asked_for_never_reaches_the_next_request(tmp_path: Path) -> None:
+    # The upstream answers /double twice in one send; the client pipelines a second request,
+    # which the balancer may send on at once: it must get its own answer, never "second".
+    with stack(tmp_path, workers=1) as s:
+        with socket.create_connection(("127.0.0.1", s.port), timeout=10) as sock:
+            sock.sendall(b"GET /double HTTP/1.1\r\nHost: t\r\n\r\nGET /whoami HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            got = b""
+            while chunk := sock.recv(65536):
+                got += chunk
+        first, _, second = got.partition(b"\r\n\r\nfirst")
+        assert first.startswith(b"HTTP/1.1 200 "), got
+        assert b'"node": "w0"' in second and b"second" not in second, got
+        conn = s.client()
+        assert get(conn, "/health/ping")[0] == 200  # and the pool has no broken connection left
