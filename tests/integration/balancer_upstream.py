@@ -84,11 +84,8 @@ class Handler(BaseHTTPRequestHandler):
     def _split(self, gap: float, reset: bool) -> None:
         """The head and 3 body bytes now, the other 7 after `gap` seconds (or a connection reset)."""
         Handler.split_hits += 1
-        self.send_response(200)
-        self.send_header("Content-Type", "text/plain")
-        self.send_header("Content-Length", "10")
-        self.end_headers()  # sent now: the head alone
-        self.wfile.write(b"012")
+        # One send, so that the balancer reads the head and the first bytes together.
+        self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 10\r\n\r\n012")
         time.sleep(gap)
         if reset:
             self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
