@@ -572,11 +572,7 @@ class ClientConnection(asyncio.Protocol):
             data += body
         if self.state != CLOSED:
             self.transport.write(data)
-        conn = self.conn
-        if conn is not None:
-            self.conn = None
-            pool.release(conn, self.body_done and self.upstream_keep_alive, self.p.max_idle)
-        self.finish()
+        self._answered()
 
     def _answer_head(self, rh: ResponseHead) -> bytes:
         p = self.p
@@ -643,7 +639,6 @@ class ClientConnection(asyncio.Protocol):
         out.clear()
 
     def on_response_end(self) -> None:
-        conn = self.conn
         out = self.out
         if self.response_chunked:
             out.append(b"0\r\n\r\n")
@@ -651,6 +646,11 @@ class ClientConnection(asyncio.Protocol):
             if self.state != CLOSED:
                 self.transport.write(out[0] if len(out) == 1 else b"".join(out))
             out.clear()
+        self._answered()
+
+    def _answered(self) -> None:
+        """The whole answer was written: the upstream connection goes back, the exchange ends."""
+        conn = self.conn
         if conn is not None:
             self.conn = None
             pool.release(conn, self.body_done and self.upstream_keep_alive, self.p.max_idle)

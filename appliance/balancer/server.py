@@ -86,11 +86,16 @@ def _bind(address: str, backlog: int) -> socket.socket:
     return sock
 
 
+def sockets_handed_over() -> bool:
+    """True when the supervisor passed the listening sockets (which it may pass on to another balancer)."""
+    return bool(os.environ.get(LISTEN_FDS_ENV, "").strip())
+
+
 def listen_sockets(cfg: Any) -> tuple[socket.socket, socket.socket | None]:
     """(public socket, redirect socket or None): handed over by the supervisor, or bound here."""
     b = cfg.balancer
     fds = os.environ.get(LISTEN_FDS_ENV, "").strip()
-    if fds:
+    if sockets_handed_over():
         socks = [socket.socket(fileno=int(fd)) for fd in fds.split(",") if fd.strip()]
         for s in socks:
             s.setblocking(False)
@@ -323,8 +328,7 @@ class Balancer:
     async def _shutdown(self) -> None:
         proxy = self.proxy
         proxy.closing = True
-        refuse = not os.environ.get(LISTEN_FDS_ENV, "").strip()
-        adopting = close_listeners(self.servers, self.listeners, self._handshake_timeout(), refuse=refuse)
+        adopting = close_listeners(self.servers, self.listeners, self._handshake_timeout(), refuse=not sockets_handed_over())
         grace = self.cfg.supervisor.grace_period
         deadline = time.monotonic() + grace
         if adopting:  # connections from the backlog count once they are the loop's

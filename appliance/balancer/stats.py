@@ -19,7 +19,7 @@ import bisect
 import logging
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import orjson
@@ -245,22 +245,14 @@ class AccessLog:
         lines = []
         if self.text:
             stamp = self._text_stamp
-            for now, rid, client, method, path, status, upstream, bytes_in, bytes_out, duration, user_id in records:
-                if rid.__class__ is bytes:
-                    rid = rid.decode("latin-1")
-                if method.__class__ is bytes:
-                    method = method.decode("latin-1")
+            for now, rid, client, method, path, status, upstream, bytes_in, bytes_out, duration, user_id in _decoded(records):
                 lines.append(
                     f"{stamp(now)}{method} {path} {status} {duration * 1000:.1f}ms client={client} "
                     f"upstream={upstream or '-'} in={bytes_in} out={bytes_out} user={user_id or '-'} (request {rid})\n"
                 )
             return "".join(lines).encode("utf-8", "replace")
         dumps, pid, stamp = orjson.dumps, self.pid, self._stamp
-        for now, rid, client, method, path, status, upstream, bytes_in, bytes_out, duration, user_id in records:
-            if rid.__class__ is bytes:
-                rid = rid.decode("latin-1")
-            if method.__class__ is bytes:
-                method = method.decode("latin-1")
+        for now, rid, client, method, path, status, upstream, bytes_in, bytes_out, duration, user_id in _decoded(records):
             lines.append(
                 dumps(
                     {
@@ -300,3 +292,13 @@ class AccessLog:
         except OSError as exc:
             self.enabled = False
             log.warning("access log turned off: stdout cannot be written (%s)", exc)
+
+
+def _decoded(records: list[tuple[Any, ...]]) -> Iterator[tuple[Any, ...]]:
+    """Access records with the request id and method as text (the proxy hands bytes over as they came)."""
+    for now, rid, client, method, *rest in records:
+        if rid.__class__ is bytes:
+            rid = rid.decode("latin-1")
+        if method.__class__ is bytes:
+            method = method.decode("latin-1")
+        yield (now, rid, client, method, *rest)

@@ -27,12 +27,16 @@ def sample(reg: CollectorRegistry, name: str, address: str, **labels: str) -> fl
     return reg.get_sample_value(name, {"group": "api", "upstream": address, **labels})
 
 
-def test_upstream_removed_and_readded_at_same_address_counts_on(make_config) -> None:
-    cfg = make_config(api={"workers": 1, "base_port": 9101}, monitor={"enabled": False})
-    upstreams = Registry(cfg)
+def two_upstreams(make_config) -> tuple[Registry, CollectorRegistry, Stats]:
+    """Upstreams A and B applied (version 1), and Stats recording into a registry of the test's own."""
+    upstreams = Registry(make_config(api={"workers": 1, "base_port": 9101}, monitor={"enabled": False}))
     upstreams.apply(spec(1, A, B))
     prom = CollectorRegistry()
-    stats = Stats(registry=prom)
+    return upstreams, prom, Stats(registry=prom)
+
+
+def test_upstream_removed_and_readded_at_same_address_counts_on(make_config) -> None:
+    upstreams, prom, stats = two_upstreams(make_config)
 
     old = upstreams.groups["api"].find(A)
     old.requests, old.failures = 5, 1
@@ -66,11 +70,7 @@ def test_upstream_removed_and_readded_at_same_address_counts_on(make_config) -> 
 
 
 def test_removed_upstream_gauges_go_to_zero(make_config) -> None:
-    cfg = make_config(api={"workers": 1, "base_port": 9101}, monitor={"enabled": False})
-    upstreams = Registry(cfg)
-    upstreams.apply(spec(1, A, B))
-    prom = CollectorRegistry()
-    stats = Stats(registry=prom)
+    upstreams, prom, stats = two_upstreams(make_config)
     gone = upstreams.groups["api"].find(B)
     gone.active = 2
     stats.flush(upstreams.groups, upstreams.take_retired())
