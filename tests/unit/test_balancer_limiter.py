@@ -258,9 +258,9 @@ def test_build_follows_the_config(make_config):
     assert limiter.build(make_config(rate_limits={"enabled": False})) is None
     rl = limiter.build(make_config())
     assert isinstance(rl, RateLimiter) and [z.name for z in rl.zones] == ["login", "api"]
-    # the defaults: login 5/m burst 5 per address (POST only), api 10/s burst 20 per user
+    # the defaults: login 5/m burst 5 per address (POST only), api 20/s burst 60 per user
     assert burst_count(rl, 10, "POST", "/auth/login", "1.1.1.1") == 6
-    assert rl.decide("GET", "/api/users", "1.1.1.1", "alice").limit == 21
+    assert rl.decide("GET", "/api/users", "1.1.1.1", "alice").limit == 61
     redis_rl = limiter.build(make_config(redis={"url": "redis://127.0.0.1:1/0", "key_prefix": "x:"}))
     assert isinstance(redis_rl, RedisRateLimiter) and redis_rl.key_prefix == "x:rl:"
 
