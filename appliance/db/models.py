@@ -78,6 +78,18 @@ class TokenFamily(BaseModel):
     address = pw.CharField(max_length=64, default="")
 
 
+class RecoveryCode(BaseModel):
+    """One-time MFA recovery code of a user, stored as a keyed hash (appliance.secondfactor); used once."""
+
+    user = pw.ForeignKeyField(User, backref="recovery_codes", on_delete="CASCADE")
+    code_hash = pw.CharField(max_length=64)
+    created_at = pw.DateTimeField(default=utcnow)
+    used_at = pw.DateTimeField(null=True)
+
+    class Meta:
+        indexes = ((("user", "code_hash"), True),)
+
+
 class RevocationEvent(BaseModel):
     """Append-only log of revocations that every process mirrors (appliance.revocation).
 
@@ -264,4 +276,5 @@ ALL_MODELS: list[type[BaseModel]] = [
     AuditEvent,
     Upload,
     DataRecord,
+    RecoveryCode,
 ]

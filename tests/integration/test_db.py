@@ -73,8 +73,8 @@ def test_revocation_mirror_sees_new_events(db) -> None:
 
 
 def test_expired_revocations_are_purged_and_not_loaded(db) -> None:
-    revocation.revoke_token("old", 1, utcnow() - dt.timedelta(seconds=1))
-    mirror = revocation.RevocationMirror()
+    revocation.revoke_token("old", 1, utcnow() - dt.timedelta(seconds=20))
+    mirror = revocation.RevocationMirror(leeway=10)
     mirror.refresh()
     assert mirror.is_revoked({"sub": "1", "jti": "old", "fam": "f", "gen": 0}) is None
     assert revocation.purge_expired() == 1
@@ -184,3 +184,88 @@ def test_revocation_mirror_thread_follows_new_events(db) -> None:
         assert mirror.is_revoked(claims) == "logout"
     finally:
         mirror.stop()
+
+
+def test_revocation_mirror_forgets_each_entry_once_its_tokens_expired(db) -> None:
+    from appliance.times import from_timestamp
+
+    t0 = 1_900_000_000.0  # the mirror's clock is a parameter: no sleeping
+    leeway = 10
+    mirror = revocation.RevocationMirror(leeway=leeway)
+    revocation.revoke_token("j1", 1, from_timestamp(t0 + 60))
+    revocation.revoke_family("f1", 1, from_timestamp(t0 + 120))
+    revocation.revoke_generation(1, 2, from_timestamp(t0 + 180), "logout_all")
+    for i in range(50):  # a burst of logouts whose access tokens expire soon
+        revocation.revoke_token(f"short{i}", 2, from_timestamp(t0 + 30))
+    assert mirror.refresh(now=t0) == 53 and len(mirror) == 53
+    by_jti = {"sub": "9", "jti": "j1", "fam": "-", "gen": 0}
+    by_family = {"sub": "9", "jti": "-", "fam": "f1", "gen": 0}
+    by_generation = {"sub": "1", "jti": "-", "fam": "-", "gen": 1}
+    mirror.refresh(now=t0 + 30 + leeway + 1)
+    assert len(mirror) == 3, "entries of expired tokens are dropped"
+    mirror.refresh(now=t0 + 60 + leeway - 1)
+    assert mirror.is_revoked(by_jti) == "logout", "kept through the leeway: the token may still be accepted"
+    mirror.refresh(now=t0 + 60 + leeway + 1)
+    assert mirror.is_revoked(by_jti) is None and mirror.is_revoked(by_family) == "logout" and len(mirror) == 2
+    mirror.refresh(now=t0 + 120 + leeway + 1)
+    assert mirror.is_revoked(by_family) is None and mirror.is_revoked(by_generation) == "revoked" and len(mirror) == 1
+    mirror.refresh(now=t0 + 180 + leeway + 1)
+    assert mirror.is_revoked(by_generation) is None and len(mirror) == 0
+
+
+def test_revocation_mirror_keeps_an_entry_as_long_as_its_latest_event(db) -> None:
+    from appliance.times import from_timestamp
+
+    t0 = 1_900_000_000.0
+    mirror = revocation.RevocationMirror(leeway=0)
+    revocation.revoke_generation(3, 1, from_timestamp(t0 + 100), "logout_all")
+    mirror.refresh(now=t0)
+    revocation.revoke_generation(3, 2, from_timestamp(t0 + 500), "password_changed")
+    revocation.revoke_family("fam", 3, from_timestamp(t0 + 50))
+    revocation.revoke_family("fam", 3, from_timestamp(t0 + 400))
+    mirror.refresh(now=t0 + 1)
+    mirror.refresh(now=t0 + 200)
+    assert mirror.is_revoked({"sub": "3", "jti": "x", "fam": "y", "gen": 1}) == "revoked"
+    assert mirror.is_revoked({"sub": "3", "jti": "x", "fam": "fam", "gen": 9}) == "logout"
+    mirror.refresh(now=t0 + 501)
+    assert len(mirror) == 0
+
+
+def test_recovery_codes_table_exists_after_migration(db) -> None:
+    from appliance.db.models import RecoveryCode
+
+    user = User.create(username="rita", email="r@example.com", password_hash="x")
+    RecoveryCode.create(user=user, code_hash="h" * 64)
+    with pytest.raises(dbmod.Conflict), dbmod.translated(), db.atomic():
+        RecoveryCode.create(user=user, code_hash="h" * 64)
+
+
+def test_case_clashing_user_names_make_the_migration_refuse_naming_them(engine, make_config, request) -> None:
+    from appliance.db import migrations
+
+    if engine == "postgresql":
+        url = _fresh_pg_database(request.getfixturevalue("pg_url"), "appliance_migrate_clash")
+        cfg = make_config(database={"url": url})
+    else:
+        cfg = make_config()
+    handle = dbmod.open_database(cfg)
+    try:
+        migrations.migrate(handle, target=2)  # a database from before the case-insensitive index
+        ids = {}
+        for name in ("admin", "bob", "Admin", "BOB", "carol"):
+            ids[name] = User.create(username=name, email=f"{name.lower()}{len(ids)}@example.com", password_hash="x").id
+        with pytest.raises(migrations.MigrationRefused) as refused:
+            dbmod.migrate(handle)
+        text = str(refused.value)
+        for name in ("admin", "Admin", "bob", "BOB"):
+            assert f"{name!r} (id {ids[name]})" in text
+        assert "carol" not in text and "appliance migrate" in text
+        assert dbmod.current_version(handle) == 2  # nothing applied
+        assert isinstance(refused.value, dbmod.DatabaseError)  # the CLI and the supervisor report it as such
+        User.update(username="admin-old").where(User.id == ids["Admin"]).execute()
+        User.delete().where(User.id == ids["BOB"]).execute()
+        assert dbmod.migrate(handle) == [(3, "user names unique ignoring case")]
+        with pytest.raises(dbmod.Conflict), dbmod.translated(), handle.atomic():
+            User.create(username="CAROL", email="c2@example.com", password_hash="x")
+    finally:
+        handle.close_all() if hasattr(handle, "close_all") else handle.close()
