@@ -2,6 +2,13 @@
 
 Errors are AccountError with a snake_case code, the field at fault and the
 HTTP status they deserve, so the API renders them without translating.
+
+User names are unique ignoring case (`Admin` cannot be registered beside
+`admin`; a unique index on lower(username) holds it under races) and are
+looked up ignoring case (`find_user`), so whatever case a user types at login
+names the one account. Every privilege change (role, enabled/disabled) bumps
+the user's token generation inside the same call, so no caller (API route, CLI,
+an operator's script) can change a privilege and leave old tokens alive.
 """
 
 from __future__ import annotations
@@ -9,6 +16,8 @@ from __future__ import annotations
 import datetime as _dt
 import re
 from typing import Any
+
+import peewee as pw
 
 from appliance import passwords, revocation
 from appliance.db.errors import Conflict, translated
@@ -54,7 +63,7 @@ def create_user(
         raise AccountError("invalid_role", f"role must be one of {', '.join(ROLES)}", "role")
     validate_password(password, min_length, username)
     hashed = passwords.hash_password(password, rounds)
-    if User.select().where(User.username == username).exists():
+    if User.select().where(pw.fn.LOWER(User.username) == username.lower()).exists():
         raise AccountError("username_taken", "username is already taken", "username", 409)
     if User.select().where(User.email == email).exists():
         raise AccountError("email_taken", "email is already registered", "email", 409)
@@ -65,8 +74,16 @@ def create_user(
         raise AccountError("username_taken", "username or email is already taken", "username", 409) from None
 
 
+def find_user(name: str) -> User | None:
+    """The user with this name (ignoring case), or with this email address when `name` holds an @."""
+    if "@" in name:
+        return User.get_or_none(User.email == name.lower())
+    return User.get_or_none(pw.fn.LOWER(User.username) == name.lower())
+
+
 def get_user(username: str) -> User:
-    user = User.get_or_none(User.username == username)
+    """The user named `username` (ignoring case), or AccountError user_not_found (404)."""
+    user = find_user(username) if "@" not in username else None
     if user is None:
         raise AccountError("user_not_found", f"no user named {username!r}", "username", 404)
     return user
@@ -95,19 +112,29 @@ def set_password(user: User, password: str, *, rounds: int = 12, min_length: int
     user.password_hash = hashed
 
 
-def set_role(user: User, role: str) -> None:
+def set_role(user: User, role: str) -> bool:
+    """Give `user` the role; a change revokes every token they hold (tokens carry the role claim).
+
+    Returns whether the role changed (setting the role a user has is a no-op).
+    """
     if role not in ROLES:
         raise AccountError("invalid_role", f"role must be one of {', '.join(ROLES)}", "role")
-    User.update(role=role, updated_at=utcnow()).where(User.id == user.id).execute()
-    user.role = role
-
-
-def set_active(user: User, active: bool) -> None:
     with database.atomic():
-        User.update(is_active=active, updated_at=utcnow()).where(User.id == user.id).execute()
-        if not active:
-            bump_generation(user, "account_disabled")
+        changed = User.update(role=role, updated_at=utcnow()).where((User.id == user.id) & (User.role != role)).execute()
+        if changed:
+            bump_generation(user, "role_changed")
+    user.role = role
+    return bool(changed)
+
+
+def set_active(user: User, active: bool) -> bool:
+    """Enable or disable `user`; a change revokes every token they hold. Returns whether it changed."""
+    with database.atomic():
+        changed = User.update(is_active=active, updated_at=utcnow()).where((User.id == user.id) & (User.is_active != active)).execute()
+        if changed:
+            bump_generation(user, "account_disabled" if not active else "account_enabled")
     user.is_active = active
+    return bool(changed)
 
 
 def public_view(user: User) -> dict[str, Any]:

@@ -170,11 +170,17 @@ def cmd_user(args: argparse.Namespace) -> int:
             accounts.set_password(accounts.get_user(args.name), password, rounds=rounds, min_length=min_len)
             print(f"password of {args.name!r} changed; its existing tokens are revoked")
         elif args.user_cmd == "set-role":
-            accounts.set_role(accounts.get_user(args.name), args.role)
-            print(f"{args.name!r} is now {args.role}")
+            user = accounts.get_user(args.name)
+            if accounts.set_role(user, args.role):  # a change revokes the user's tokens (they carry the role)
+                print(f"{user.username!r} is now {args.role}; its existing tokens are revoked")
+            else:
+                print(f"{user.username!r} is already {args.role}; nothing changed")
         elif args.user_cmd in ("disable", "enable"):
-            accounts.set_active(accounts.get_user(args.name), args.user_cmd == "enable")
-            print(f"{args.name!r} is {args.user_cmd}d")
+            user = accounts.get_user(args.name)
+            if accounts.set_active(user, args.user_cmd == "enable"):
+                print(f"{user.username!r} is {args.user_cmd}d; its existing tokens are revoked")
+            else:
+                print(f"{user.username!r} is already {args.user_cmd}d; nothing changed")
     except accounts.AccountError as exc:
         raise CliError(f"{exc.field or 'user'}: {exc.message}", EXIT_USAGE) from None
     return EXIT_OK
@@ -243,12 +249,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("name")
     c.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
     _add_config(c)
-    c = us.add_parser("set-role", help="make a user admin or user")
+    c = us.add_parser("set-role", help="make a user admin or user (revokes its tokens)")
     c.add_argument("name")
     c.add_argument("role", choices=("admin", "user"))
     _add_config(c)
     for action in ("disable", "enable"):
-        c = us.add_parser(action, help=f"{action} a user's account")
+        c = us.add_parser(action, help=f"{action} a user's account (revokes its tokens)")
         c.add_argument("name")
         _add_config(c)
     p.set_defaults(func=cmd_user)

@@ -18,6 +18,28 @@ from appliance.logs import fields
 log = logging.getLogger(__name__)
 
 
+# audit events of appliance.logins that are also counted in appliance_api_auth_events_total{kind}
+_AUTH_KINDS = {
+    "login_success": "login_success",
+    "login_failed": "login_failed",
+    "login_refused_locked": "login_locked",
+    "login_lockout": "lockout",
+}
+
+
+def sink(req: falcon.Request) -> Any:
+    """An appliance.logins audit sink for this request: the audit row (address, request id) and the auth metrics."""
+    from appliance.api import instruments
+
+    def write(event: str, *, user_id: int | None = None, username: str | None = None, **details: Any) -> None:
+        kind = _AUTH_KINDS.get(event)
+        if kind is not None:
+            instruments.auth_event(kind)
+        record(event, req, user_id=user_id, username=username, **details)
+
+    return write
+
+
 def record(
     event: str, req: falcon.Request | None = None, *, user_id: int | None = None, username: str | None = None, **details: Any
 ) -> None:

@@ -1,17 +1,15 @@
 """/auth/*: register, login, refresh, validate, profile, password, logout, logout-all.
 
-Login: refused with 429 + Retry-After while the account or the client address is
-locked (appliance.api.throttle); an unknown user and a wrong password give the
-same 401 `invalid_credentials` and take the same time (a dummy bcrypt hash of
-the configured cost is checked); every failure and lockout is an audit event.
-bcrypt runs in the waitress thread of the request: it releases the GIL, so the
-worker's other threads keep serving.
+Login is decided by appliance.logins.authenticate (lockout with 429 +
+Retry-After, one 401 invalid_credentials for an unknown user, a wrong password
+and a disabled account alike, equal timing, MFA, audit); this module only turns
+its User into a token pair. A wrong current password on /auth/password counts
+toward the same lockout. bcrypt runs in the waitress thread of the request: it
+releases the GIL, so the worker's other threads keep serving.
 """
 
 from __future__ import annotations
 
-import secrets
-import threading
 from typing import Annotated, Any
 
 import falcon
@@ -20,22 +18,19 @@ import orjson
 import peewee as pw
 from msgspec import Meta
 
-from appliance import accounts, passwords, tokens
-from appliance.api import audit, instruments, sessions
+from appliance import accounts, logins, tokens
+from appliance.api import audit, sessions
 from appliance.api.context import ApiContext
 from appliance.api.helpers import client_address, ok, operation, read_json, require_user
-from appliance.api.mfa import consume_code
 from appliance.api.schemas import Message, UserEnvelope, UserOut, user_out
-from appliance.api.throttle import LoginGuard
 from appliance.db.models import Task, User
-from appliance.errors import AppError, Forbidden, TooManyRequests, Unauthorized, ValidationFailed
+from appliance.errors import AppError, Forbidden, Unauthorized, ValidationFailed
 from appliance.times import from_timestamp, iso, utcnow
 
 Name = Annotated[str, Meta(max_length=254, description="user name (or email address at login)")]
 Secret = Annotated[str, Meta(max_length=1024)]
 Text = Annotated[str, Meta(max_length=200)]
 
-_BAD_LOGIN = "invalid username or password"
 PERMISSIONS = {"admin": ["read", "write", "tasks", "admin"], "user": ["read", "write", "tasks"]}
 
 
@@ -129,75 +124,25 @@ class RegisterResource:
 
 class LoginResource:
     def __init__(self, ctx: ApiContext):
-        a = ctx.cfg.auth
         self.ctx = ctx
-        self.guard = LoginGuard(a.login_max_failures, a.login_address_max_failures, a.login_lockout_seconds)
-        self._dummy: str | None = None
-        self._dummy_lock = threading.Lock()
-
-    def dummy_hash(self) -> str:
-        """A hash of the configured cost, so unknown users cost as much as known ones."""
-        if self._dummy is None:
-            with self._dummy_lock:
-                if self._dummy is None:
-                    self._dummy = passwords.hash_password(secrets.token_hex(16), self.ctx.cfg.auth.bcrypt_rounds)
-        return self._dummy
-
-    def _refuse_locked(self, req: falcon.Request, username: str, address: str) -> None:
-        wait = self.guard.retry_after(username, address)
-        if wait > 0:
-            instruments.auth_event("login_locked")
-            audit.record("login_refused_locked", req, username=username)
-            raise TooManyRequests("too many failed logins; try again later", retry_after=wait, code="account_locked")
-
-    def _fail(self, req: falcon.Request, username: str, address: str, user: User | None, reason: str) -> None:
-        locked = self.guard.failure(username, address)
-        instruments.auth_event("login_failed")
-        audit.record("login_failed", req, user_id=user.id if user else None, username=username, reason=reason)
-        for kind in locked:
-            instruments.auth_event("lockout")
-            audit.record("login_lockout", req, user_id=user.id if user else None, username=username, scope=kind)
 
     @operation(
         "Log in: an access token and a refresh token",
         request=LoginIn,
         response=sessions.TokenPair,
-        errors=(401, 403, 429),
+        errors=(401, 429),
         tags=("auth",),
-        description="401 invalid_credentials for an unknown user or a wrong password alike; 401 mfa_required when a code is needed.",
+        description=(
+            "The user name matches in any case (names are unique ignoring case), or give the email address. "
+            "401 invalid_credentials for an unknown user, a wrong password or a disabled account alike; "
+            "401 mfa_required when a code is needed (mfa_token: the TOTP code or a recovery code); "
+            "429 account_locked with Retry-After after too many failures for the account or the client address."
+        ),
     )
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         body: LoginIn = read_json(req, LoginIn)
-        address = client_address(req)
-        name = body.username.strip()
-        self._refuse_locked(req, name, address)
-        if "@" in name:
-            user = User.get_or_none(User.email == name.lower())
-        else:
-            user = User.get_or_none(User.username == name)
-        good = passwords.verify_password(body.password, user.password_hash if user else self.dummy_hash())
-        if not good or user is None:
-            self._fail(req, name, address, user, "unknown_user" if user is None else "bad_password")
-            raise Unauthorized(_BAD_LOGIN, code="invalid_credentials")
-        if user.mfa_enabled:
-            if not body.mfa_token:
-                audit.record("login_mfa_required", req, user_id=user.id, username=user.username)
-                raise Unauthorized("this account needs an MFA code (mfa_token)", code="mfa_required")
-            if not consume_code(user, body.mfa_token):
-                self._fail(req, name, address, user, "bad_mfa_token")
-                raise Unauthorized("the MFA code is not valid", code="invalid_mfa_token")
-        if not user.is_active:
-            audit.record("login_disabled_account", req, user_id=user.id, username=user.username)
-            raise Forbidden("this account is disabled", code="account_disabled")
-        self.guard.success(name)
-        now = utcnow()
-        User.update(login_count=User.login_count + 1, last_login=now, last_activity=now).where(User.id == user.id).execute()
-        user.login_count += 1
-        user.last_login = now
-        pair = sessions.start(self.ctx, user, req)
-        instruments.auth_event("login_success")
-        audit.record("login_success", req, user_id=user.id, username=user.username)
-        ok(resp, pair)
+        user = logins.authenticate(self.ctx.cfg, body.username, body.password, body.mfa_token, client_address(req), audit=audit.sink(req))
+        ok(resp, sessions.start(self.ctx, user, req))
 
 
 class RefreshResource:
@@ -297,14 +242,17 @@ class PasswordResource:
         request=PasswordIn,
         response=PasswordOut,
         auth="user",
+        errors=(429,),
         tags=("auth",),
-        description="The answer carries a fresh token pair for this client.",
+        description="The answer carries a fresh token pair for this client. A wrong current password counts toward the login lockout.",
     )
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         user = _active_user(require_user(req).user_id)
         body: PasswordIn = read_json(req, PasswordIn)
-        if not passwords.verify_password(body.current_password, user.password_hash):
-            audit.record("password_change_failed", req, user_id=user.id, username=user.username)
+        wrong = logins.reconfirm(
+            self.ctx.cfg, user, client_address(req), password=body.current_password, audit=audit.sink(req), action="password_change"
+        )
+        if wrong:
             raise ValidationFailed("the current password is not correct", field="current_password", code="invalid_password")
         a = self.ctx.cfg.auth
         accounts.set_password(user, body.new_password, rounds=a.bcrypt_rounds, min_length=a.min_password_length)

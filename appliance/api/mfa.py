@@ -1,15 +1,23 @@
-"""TOTP second factor (RFC 6238, 30 s steps, 6 digits, ±1 step of clock skew).
+"""TOTP second factor (RFC 6238, 30 s steps, 6 digits, ±1 step of clock skew) and recovery codes.
 
 /auth/mfa/setup stores a fresh secret (not yet enforced) and returns it with its
-otpauth:// URI; /auth/mfa/enable turns it on after one valid code;
-/auth/mfa/disable turns it off given a valid code or the password. From then
-on /auth/login needs `mfa_token` for the account (401 mfa_required without it).
+otpauth:// URI; /auth/mfa/enable turns it on after one valid code and answers
+with RECOVERY_CODES one-time recovery codes (shown this once, stored hashed);
+/auth/mfa/disable needs the password AND a current code (TOTP or a recovery
+code); /auth/mfa/recovery-codes makes a new set (password + TOTP code), voiding
+the old. From then on /auth/login needs `mfa_token` (a TOTP code or a recovery
+code) for the account (401 mfa_required without it).
+
+Enabling or disabling MFA logs the user out everywhere (every token of the
+user is revoked, this client's included) and the answer carries a fresh token
+pair for this client, as a password change does: a session opened before the
+change, by whoever had the password then, does not survive it. Wrong passwords
+and codes here count toward the login lockout (appliance.logins.reconfirm).
+The code logic itself is appliance.secondfactor, shared with every login surface.
 """
 
 from __future__ import annotations
 
-import hmac
-import time
 from typing import Annotated
 
 import falcon
@@ -17,53 +25,16 @@ import msgspec
 import pyotp
 from msgspec import Meta
 
-from appliance import passwords
-from appliance.api import audit
+from appliance import logins, secondfactor
+from appliance.api import audit, sessions
 from appliance.api.context import ApiContext
-from appliance.api.helpers import ok, operation, read_json, require_user
-from appliance.db.models import User
-from appliance.errors import AppError, Conflict, Unauthorized, ValidationFailed
+from appliance.api.helpers import client_address, ok, operation, read_json, require_user
+from appliance.db.models import User, database
+from appliance.errors import Conflict, Unauthorized, ValidationFailed
 from appliance.times import utcnow
 
-Code = Annotated[str, Meta(max_length=16, description="the 6-digit code of the authenticator app")]
-
-
-def matching_step(secret: str | None, code: str | None, at: float | None = None) -> int | None:
-    """The TOTP time step (now ±1) whose code is `code`, or None."""
-    if not secret or not code:
-        return None
-    code = code.strip().replace(" ", "")
-    if not (code.isascii() and code.isdigit() and len(code) == 6):
-        return None
-    totp = pyotp.TOTP(secret)
-    now = time.time() if at is None else at
-    step = int(now // totp.interval)
-    found = None
-    for candidate in (step - 1, step, step + 1):  # check all three: constant work whichever matches
-        if hmac.compare_digest(totp.generate_otp(candidate), code):
-            found = candidate
-    return found
-
-
-def verify_code(secret: str | None, code: str | None, at: float | None = None) -> bool:
-    """True when `code` is the TOTP of `secret` for now ±1 step (no replay check: see consume_code)."""
-    return matching_step(secret, code, at) is not None
-
-
-def consume_code(user: User, code: str | None, at: float | None = None) -> bool:
-    """True when `code` is valid now and its time step was not used before by this user.
-
-    The step is recorded with a conditional UPDATE, so of two requests replaying
-    one code at the same moment only one succeeds.
-    """
-    step = matching_step(user.mfa_secret, code, at)
-    if step is None:
-        return False
-    fresh = (User.mfa_last_step.is_null()) | (User.mfa_last_step < step)
-    if User.update(mfa_last_step=step).where((User.id == user.id) & fresh).execute() != 1:
-        return False
-    user.mfa_last_step = step
-    return True
+Code = Annotated[str, Meta(max_length=16, description="the 6-digit code of the authenticator app, or a recovery code")]
+Password = Annotated[str, Meta(max_length=1024)]
 
 
 class SetupOut(msgspec.Struct, kw_only=True):
@@ -77,15 +48,27 @@ class SetupOut(msgspec.Struct, kw_only=True):
 class CodeIn(msgspec.Struct, kw_only=True):
     code: Code | None = None
     token: Code | None = None  # accepted as an alias of code
-    password: Annotated[str, Meta(max_length=1024)] | None = None  # disable only: instead of a code
+    password: Password | None = None  # disable and recovery-codes: required with the code
 
     @property
     def value(self) -> str | None:
         return self.code or self.token
 
 
-class MfaState(msgspec.Struct, kw_only=True):
+class MfaState(msgspec.Struct, kw_only=True, omit_defaults=True):
     mfa_enabled: bool
+    message: str
+    recovery_codes: list[str] | None = None  # enable: shown this once
+    recovery_codes_left: int | None = None
+    # enable/disable revoke every session; these are the fresh pair for this client
+    access_token: str | None = None
+    refresh_token: str | None = None
+    token_type: str | None = None
+    expires_in: int | None = None
+
+
+class RecoveryCodesOut(msgspec.Struct, kw_only=True):
+    recovery_codes: list[str]
     message: str
 
 
@@ -95,6 +78,34 @@ def _user(req: falcon.Request) -> User:
     if user is None or not user.is_active:
         raise Unauthorized("the account no longer exists or is disabled", code="account_disabled")
     return user
+
+
+def _reconfirm(ctx: ApiContext, req: falcon.Request, user: User, body: CodeIn, action: str, recovery_codes: bool = True) -> None:
+    """400 naming the missing or wrong field unless both the password and a code are right (429 while locked)."""
+    if not body.password:
+        raise ValidationFailed("the password is required", field="password")
+    if not body.value:
+        raise ValidationFailed("a current code is required" + (" (or a recovery code)" if recovery_codes else ""), field="code")
+    wrong = logins.reconfirm(
+        ctx.cfg,
+        user,
+        client_address(req),
+        password=body.password,
+        code=body.value,
+        audit=audit.sink(req),
+        action=action,
+        recovery_codes=recovery_codes,
+    )
+    if wrong == "password":
+        raise ValidationFailed("the password is not correct", field="password", code="invalid_password")
+    if wrong == "code":
+        raise ValidationFailed("the code is not valid", field="code", code="invalid_mfa_token")
+
+
+def _relogin(ctx: ApiContext, req: falcon.Request, user: User, reason: str) -> sessions.TokenPair:
+    """Revoke every token of the user (this client's too) and start a fresh session for this client."""
+    sessions.logout_all(ctx, user, req, reason=reason)
+    return sessions.start(ctx, user, req)
 
 
 class SetupResource:
@@ -115,7 +126,18 @@ class SetupResource:
 
 
 class EnableResource:
-    @operation("Enable TOTP after one valid code", request=CodeIn, response=MfaState, auth="user", errors=(409,), tags=("auth",))
+    def __init__(self, ctx: ApiContext):
+        self.ctx = ctx
+
+    @operation(
+        "Enable TOTP after one valid code; answers with one-time recovery codes",
+        request=CodeIn,
+        response=MfaState,
+        auth="user",
+        errors=(409,),
+        tags=("auth",),
+        description="Every other session of the user is logged out; the answer carries a fresh token pair for this client.",
+    )
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         user = _user(req)
         body: CodeIn = read_json(req, CodeIn)
@@ -125,36 +147,94 @@ class EnableResource:
             raise Conflict("call /auth/mfa/setup first", code="mfa_not_set_up")
         if not body.value:
             raise ValidationFailed("code is required", field="code")
-        if not consume_code(user, body.value):
+        if not secondfactor.consume_code(user, body.value):
             audit.record("mfa_enable_failed", req, user_id=user.id, username=user.username)
             raise ValidationFailed("the code is not valid", field="code", code="invalid_mfa_token")
-        User.update(mfa_enabled=True, updated_at=utcnow()).where(User.id == user.id).execute()
+        with database.atomic():
+            User.update(mfa_enabled=True, updated_at=utcnow()).where(User.id == user.id).execute()
+            codes = secondfactor.new_recovery_codes(user, self.ctx.cfg.secrets.jwt_secret)
+        user.mfa_enabled = True
+        pair = _relogin(self.ctx, req, user, "mfa_enabled")
         audit.record("mfa_enabled", req, user_id=user.id, username=user.username)
-        ok(resp, MfaState(mfa_enabled=True, message="MFA is enabled; logins now need a code"))
+        ok(
+            resp,
+            MfaState(
+                mfa_enabled=True,
+                message="MFA is enabled; logins now need a code. Store the recovery codes now: they are shown once",
+                recovery_codes=codes,
+                recovery_codes_left=len(codes),
+                access_token=pair.access_token,
+                refresh_token=pair.refresh_token,
+                token_type="bearer",
+                expires_in=pair.expires_in,
+            ),
+        )
 
 
 class DisableResource:
-    @operation("Disable TOTP (a valid code or the password)", request=CodeIn, response=MfaState, auth="user", errors=(409,), tags=("auth",))
+    def __init__(self, ctx: ApiContext):
+        self.ctx = ctx
+
+    @operation(
+        "Disable TOTP: the password and a current code (or a recovery code)",
+        request=CodeIn,
+        response=MfaState,
+        auth="user",
+        errors=(409, 429),
+        tags=("auth",),
+        description="Wrong passwords and codes count toward the login lockout. Every session of the user is logged out; "
+        "the answer carries a fresh token pair for this client.",
+    )
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         user = _user(req)
         body: CodeIn = read_json(req, CodeIn)
         if not user.mfa_enabled:
             raise Conflict("MFA is not enabled", code="mfa_not_enabled")
-        if body.value:
-            good = consume_code(user, body.value)
-        elif body.password:
-            good = passwords.verify_password(body.password, user.password_hash)
-        else:
-            raise ValidationFailed("a code (or the password) is required", field="code")
-        if not good:
-            audit.record("mfa_disable_failed", req, user_id=user.id, username=user.username)
-            raise AppError("the code or password is not valid", code="invalid_mfa_token", status=400, details={"field": "code"})
-        User.update(mfa_enabled=False, mfa_secret=None, updated_at=utcnow()).where(User.id == user.id).execute()
+        _reconfirm(self.ctx, req, user, body, "mfa_disable")
+        with database.atomic():
+            User.update(mfa_enabled=False, mfa_secret=None, mfa_last_step=None, updated_at=utcnow()).where(User.id == user.id).execute()
+            secondfactor.drop_recovery_codes(user)
+        user.mfa_enabled, user.mfa_secret = False, None
+        pair = _relogin(self.ctx, req, user, "mfa_disabled")
         audit.record("mfa_disabled", req, user_id=user.id, username=user.username)
-        ok(resp, MfaState(mfa_enabled=False, message="MFA is disabled"))
+        ok(
+            resp,
+            MfaState(
+                mfa_enabled=False,
+                message="MFA is disabled; other sessions are logged out",
+                access_token=pair.access_token,
+                refresh_token=pair.refresh_token,
+                token_type="bearer",
+                expires_in=pair.expires_in,
+            ),
+        )
+
+
+class RecoveryCodesResource:
+    def __init__(self, ctx: ApiContext):
+        self.ctx = ctx
+
+    @operation(
+        "Make a new set of recovery codes (the old ones stop working): the password and a current TOTP code",
+        request=CodeIn,
+        response=RecoveryCodesOut,
+        auth="user",
+        errors=(409, 429),
+        tags=("auth",),
+    )
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        user = _user(req)
+        body: CodeIn = read_json(req, CodeIn)
+        if not user.mfa_enabled:
+            raise Conflict("MFA is not enabled", code="mfa_not_enabled")
+        _reconfirm(self.ctx, req, user, body, "mfa_recovery_codes", recovery_codes=False)
+        codes = secondfactor.new_recovery_codes(user, self.ctx.cfg.secrets.jwt_secret)
+        audit.record("mfa_recovery_codes_regenerated", req, user_id=user.id, username=user.username)
+        ok(resp, RecoveryCodesOut(recovery_codes=codes, message="new recovery codes; the old ones no longer work. They are shown once"))
 
 
 def register(app: falcon.App, ctx: ApiContext) -> None:
     app.add_route("/auth/mfa/setup", SetupResource(ctx))
-    app.add_route("/auth/mfa/enable", EnableResource())
-    app.add_route("/auth/mfa/disable", DisableResource())
+    app.add_route("/auth/mfa/enable", EnableResource(ctx))
+    app.add_route("/auth/mfa/disable", DisableResource(ctx))
+    app.add_route("/auth/mfa/recovery-codes", RecoveryCodesResource(ctx))

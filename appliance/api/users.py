@@ -2,7 +2,7 @@
 
 An admin cannot change their own role or disable themselves (409), so an
 appliance never loses its last admin by accident; disabling a user revokes
-every token they hold (accounts.set_active bumps their token generation).
+every token they hold, and so does a role change (accounts.set_active / set_role bump their token generation).
 """
 
 from __future__ import annotations
@@ -122,8 +122,7 @@ class UserResource:
         if user.id == who.user_id and ((body.role not in (None, user.role)) or body.is_active is False):
             raise Conflict("you cannot change your own role or disable yourself", code="cannot_modify_self")
         if body.role is not None and body.role != user.role:
-            accounts.set_role(user, body.role)
-            accounts.bump_generation(user, "role_changed")  # tokens carry the role claim: old ones must not outlive it
+            accounts.set_role(user, body.role)  # revokes the user's tokens: they carry the old role
             req.context.ctx.revocations_changed()
         if body.is_active is not None and body.is_active != user.is_active:
             accounts.set_active(user, body.is_active)

@@ -9,11 +9,11 @@ import time
 import pyotp
 import pytest
 
-from appliance.api.mfa import verify_code
 from appliance.api.server import QueueWarningFilter
 from appliance.api.stats import RateWindow
-from appliance.api.throttle import LoginGuard
 from appliance.db.models import AuditEvent
+from appliance.secondfactor import verify_code
+from appliance.throttle import LoginGuard
 from tests.api_support import AUTH, PASSWORD, bearer, client_for, login, register, user_token
 
 
@@ -153,7 +153,12 @@ def test_mfa_setup_enable_login_disable(client):
     assert data["user"]["mfa_enabled"] is True
     r = client.simulate_post("/auth/login", json={"username": "jack", "password": PASSWORD, "mfa_token": code})
     assert r.status_code == 401 and r.json["error"]["code"] == "invalid_mfa_token", "a TOTP code must work once"
-    assert client.simulate_post("/auth/mfa/disable", headers=bearer(data["access_token"]), json={"password": PASSWORD}).status_code == 200
+    r = client.simulate_post("/auth/mfa/disable", headers=bearer(data["access_token"]), json={"password": PASSWORD})
+    assert r.status_code == 400 and r.json["error"]["details"]["field"] == "code", "the password alone must not turn MFA off"
+    r = client.simulate_post(
+        "/auth/mfa/disable", headers=bearer(data["access_token"]), json={"password": PASSWORD, "code": totp.at(time.time() + 30)}
+    )
+    assert r.status_code == 200 and r.json["data"]["mfa_enabled"] is False
     login(client, "jack")
 
 
@@ -178,7 +183,8 @@ def test_users_admin_routes(client):
     r = client.simulate_patch(f"/api/users/{uid}", headers=bearer(admin), json={"is_active": False})
     assert r.status_code == 200 and r.json["data"]["user"]["is_active"] is False
     assert client.simulate_get("/api/protected", headers=bearer(kim)).status_code == 401  # disabled: tokens revoked
-    assert client.simulate_post("/auth/login", json={"username": "kim", "password": PASSWORD}).status_code == 403
+    r = client.simulate_post("/auth/login", json={"username": "kim", "password": PASSWORD})
+    assert r.status_code == 401 and r.json["error"]["code"] == "invalid_credentials"  # as a wrong password: no oracle
     assert client.simulate_patch("/api/users/1", headers=bearer(admin), json={"role": "user"}).status_code == 409
     assert client.simulate_patch(f"/api/users/{uid}", headers=bearer(admin), json={"role": "root"}).status_code == 400
 
@@ -210,7 +216,7 @@ def test_rate_window_and_queue_warning_filter():
 
 def test_a_totp_step_is_accepted_once_and_never_an_older_one(db):
     from appliance import accounts
-    from appliance.api.mfa import consume_code
+    from appliance.secondfactor import consume_code
 
     user = accounts.create_user("kim", None, "Correct-horse-9", rounds=10)
     secret = pyotp.random_base32()

@@ -9,6 +9,9 @@ is even checked. A successful login clears the account's counter (not the
 address's, so logging into one's own account cannot reset an attacker's
 address). Counters live in the database, so every worker and every host
 shares them. Time is a parameter (`now`, naive UTC) for tests.
+
+appliance.logins drives it for every check of a password or a second factor
+(login, password change, MFA changes), so all of them share one budget.
 """
 
 from __future__ import annotations
