@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 import falcon
@@ -25,12 +26,13 @@ import msgspec
 import orjson
 from msgspec import Meta
 
+from appliance import jsondepth
 from appliance.api.context import ApiContext
 from appliance.api.helpers import Page, ok, operation, paginate, read_json, read_query, require_user
 from appliance.api.tasks import SubmitOut, caller_of, task_links
 from appliance.db.models import DataRecord, Task, Upload
 from appliance.errors import BadRequest, NotFound, PayloadTooLarge, UnsupportedMediaType, ValidationFailed
-from appliance.queue import records, service
+from appliance.queue import quotas, records, service
 from appliance.queue.dataprocs import DATASET_RE, Rule
 from appliance.times import iso
 
@@ -91,18 +93,16 @@ class DataProcessing:
         request_media="multipart/form-data",
         response=ProcessingOut,
         auth="user",
-        errors=(400, 413, 415, 503),
+        errors=(400, 403, 404, 413, 415, 429, 503),
         tags=TAGS,
     )
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         caller = caller_of(req)
         cfg = self.ctx.cfg
-        limit = cfg.api.upload_max_bytes
         media = (req.content_type or "").split(";", 1)[0].strip().lower()
         if media != "multipart/form-data":
             raise UnsupportedMediaType("the body must be multipart/form-data", details={"content_type": (req.content_type or "")[:100]})
-        if req.content_length is not None and req.content_length > limit + 65536:
-            raise PayloadTooLarge(f"upload is larger than {limit} bytes", details={"limit": limit})
+        limit, too_large = self._limit(cfg, caller, req.content_length)
         upload_id = records.new_id()
         folder = cfg.path("uploads") / upload_id
         fields: dict[str, str] = {}
@@ -114,7 +114,7 @@ class DataProcessing:
                     if part.name == "file" and part.filename is not None:
                         if saved is not None:
                             raise BadRequest("only one file per upload", details={"field": "file"})
-                        saved = self._stream(part, folder, limit)
+                        saved = self._stream(part, folder, limit, too_large)
                     elif part.name in ("processing_type", "parameters"):
                         fields[part.name] = part.get_text() or ""
             except falcon.MediaMalformedError as exc:
@@ -124,6 +124,7 @@ class DataProcessing:
             ptype = fields.get("processing_type", "").strip()
             if not ptype:
                 raise ValidationFailed("processing_type is required", field="processing_type")
+            jsondepth.check(fields.get("parameters") or "{}", cfg.api.json_max_depth, field="parameters")
             try:
                 params = orjson.loads(fields.get("parameters") or "{}")
             except orjson.JSONDecodeError:
@@ -144,7 +145,29 @@ class DataProcessing:
         ok(resp, out, links=task_links(out["task_id"]))
 
     @staticmethod
-    def _stream(part: Any, folder: Any, limit: int) -> tuple[str, str, int, str]:
+    def _limit(cfg: Any, caller: service.Caller, length: int | None) -> tuple[int, Callable[[int], Exception]]:
+        """The most bytes this upload may have, and the error past it: [api] upload_max_bytes (413
+        payload_too_large), or what is left of the caller's upload quota when that is less (413 quota_exceeded)."""
+        limit = cfg.api.upload_max_bytes
+
+        def too_large(size: int) -> Exception:
+            return PayloadTooLarge(f"upload is larger than {limit} bytes", details={"limit": limit})
+
+        if length is not None and length > limit + 65536:  # the form's own parts may add a little
+            raise too_large(length)
+        budget = quotas.upload_budget(cfg, caller)
+        if budget is None:
+            return limit, too_large
+        quota, stored = budget
+        room = max(0, quota - stored)
+        if room == 0 or (length is not None and length > room + 65536):
+            raise quotas.upload_exceeded(quota, stored, length or 1)
+        if room >= limit:
+            return limit, too_large
+        return room, lambda size: quotas.upload_exceeded(quota, stored, size)
+
+    @staticmethod
+    def _stream(part: Any, folder: Any, limit: int, too_large: Callable[[int], Exception]) -> tuple[str, str, int, str]:
         folder.mkdir(parents=True, exist_ok=True)
         name = _safe_name(part.filename)
         path = folder / name
@@ -156,7 +179,7 @@ class DataProcessing:
                     break
                 size += len(chunk)
                 if size > limit:
-                    raise PayloadTooLarge(f"upload is larger than {limit} bytes", details={"limit": limit})
+                    raise too_large(size)
                 fh.write(chunk)
         return name, str(path), size, part.content_type or "application/octet-stream"
 
@@ -170,7 +193,7 @@ class BulkImport:
         request=BulkImportRequest,
         response=SubmitOut,
         auth="user",
-        errors=(400, 404, 503),
+        errors=(400, 404, 429, 503),
         tags=TAGS,
     )
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:

@@ -28,6 +28,7 @@ from typing import Annotated, Any
 import falcon
 import msgspec
 
+from appliance import jsondepth
 from appliance.api.context import Identity
 from appliance.errors import Forbidden, PayloadTooLarge, Unauthorized, UnsupportedMediaType, ValidationFailed, success_body
 
@@ -149,10 +150,11 @@ def _is_json(content_type: str | None) -> bool:
     return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
 
 
-def decode_json(data: bytes, kind: Any) -> Any:
-    """Decode and validate JSON bytes into `kind`; 400 naming the field on any problem."""
+def decode_json(data: bytes, kind: Any, max_depth: int = 64) -> Any:
+    """Decode and validate JSON bytes into `kind`; 400 naming the field on any problem (json_too_deep past `max_depth`)."""
     if not data.strip():
         data = b"{}"
+    jsondepth.check(data, max_depth)
     try:
         value = msgspec.json.decode(data, type=kind)
     except msgspec.ValidationError as exc:
@@ -174,7 +176,7 @@ def read_json(req: falcon.Request, kind: Any = None) -> Any:
         kind = op.request if op is not None and op.request is not None else dict
     if not _is_json(req.content_type):
         raise UnsupportedMediaType("the body must be application/json", details={"content_type": (req.content_type or "")[:100]})
-    return decode_json(read_body(req), kind)
+    return decode_json(read_body(req), kind, int(getattr(req.context, "json_max_depth", 64)))
 
 
 def read_query(req: falcon.Request, kind: Any = None) -> Any:

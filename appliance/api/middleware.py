@@ -73,6 +73,7 @@ class RequestIdMiddleware:
         req.context.request_id = rid
         req.context.rid_token = request_id.set(rid)
         req.context.max_body_bytes = self.ctx.cfg.api.max_body_bytes
+        req.context.json_max_depth = self.ctx.cfg.api.json_max_depth
         req.context.ctx = self.ctx
         resp.context.check_responses = self.ctx.check_responses
         resp.set_header("X-Request-ID", rid)

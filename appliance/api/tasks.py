@@ -178,6 +178,8 @@ class TaskTypeOut(msgspec.Struct, kw_only=True):
     description: str
     source: str
     schema: dict[str, Any]
+    admin_only: bool = False
+    admin_only_when: str | None = None  # which inputs only an administrator may submit
 
 
 class TasksQuery(Page, kw_only=True):
@@ -210,7 +212,7 @@ class Submit:
         request=SubmitRequest,
         response=SubmitOut,
         auth="user",
-        errors=(400, 503),
+        errors=(400, 403, 404, 429, 503),
         tags=TAGS,
     )
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
@@ -229,7 +231,7 @@ class Batch:
         request=BatchRequest,
         response=GroupOut,
         auth="user",
-        errors=(400, 503),
+        errors=(400, 403, 404, 429, 503),
         tags=TAGS,
     )
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
@@ -248,7 +250,7 @@ class Chain:
         request=ChainRequest,
         response=GroupOut,
         auth="user",
-        errors=(400, 503),
+        errors=(400, 403, 404, 429, 503),
         tags=TAGS,
     )
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
@@ -271,7 +273,7 @@ class ScheduleCreate:
     def __init__(self, ctx: ApiContext):
         self.ctx = ctx
 
-    @operation("Create a cron schedule", request=ScheduleRequest, response=ScheduleOut, auth="user", errors=(400,), tags=TAGS)
+    @operation("Create a cron schedule", request=ScheduleRequest, response=ScheduleOut, auth="user", errors=(400, 403, 404, 429), tags=TAGS)
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         caller = caller_of(req)
         body: ScheduleRequest = read_json(req, ScheduleRequest)
@@ -299,7 +301,7 @@ class ScheduleItem:
     def on_get(self, req: falcon.Request, resp: falcon.Response, schedule_id: int) -> None:
         ok(resp, schedules.get(self.ctx.cfg, caller_of(req), schedule_id))
 
-    @operation("Change a schedule", request=SchedulePatch, response=ScheduleOut, auth="user", errors=(400, 404), tags=TAGS)
+    @operation("Change a schedule", request=SchedulePatch, response=ScheduleOut, auth="user", errors=(400, 403, 404), tags=TAGS)
     def on_patch(self, req: falcon.Request, resp: falcon.Response, schedule_id: int) -> None:
         caller = caller_of(req)
         body: SchedulePatch = read_json(req, SchedulePatch)

@@ -29,7 +29,7 @@ from msgspec import Meta
 from appliance.db.models import Schedule, ScheduleRun, database
 from appliance.errors import NotFound, ValidationFailed
 from appliance.logs import fields
-from appliance.queue import records
+from appliance.queue import quotas, records
 from appliance.queue.registry import registry_for
 from appliance.times import UTC, iso, utcnow
 
@@ -134,6 +134,7 @@ def create(cfg: Any, caller: Any, req: ScheduleRequest | dict[str, Any], now: _d
     ttype = registry_for(cfg).get(req.task_type)
     ttype.parse(req.data)
     check_cron(req.schedule.expression, req.schedule.timezone)
+    quotas.check_schedules(cfg, caller)
     now = now or utcnow()
     s = Schedule.create(
         owner=caller.user_id,

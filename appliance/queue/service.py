@@ -24,7 +24,7 @@ from appliance import queue as queue_mod
 from appliance.db.models import Task, TaskGroup, TaskHistory, TaskLog, database
 from appliance.errors import AppError, Conflict, NotFound, ServiceUnavailable, ValidationFailed
 from appliance.logs import fields
-from appliance.queue import callbacks, groups, records
+from appliance.queue import callbacks, groups, quotas, records
 from appliance.queue.registry import field_of, registry_for
 from appliance.times import iso, parse_iso, utcnow
 
@@ -156,6 +156,7 @@ def submit(cfg: Any, caller: Caller, req: SubmitRequest | dict[str, Any], *, sch
     if isinstance(req, dict):
         req = parse(SubmitRequest, req)
     row = _prepare(cfg, caller, req)
+    quotas.check_pending(cfg, caller)
     row["queued_at"] = row["created_at"]
     if schedule_id is not None:
         row["schedule"] = schedule_id
@@ -174,6 +175,7 @@ def submit(cfg: Any, caller: Caller, req: SubmitRequest | dict[str, Any], *, sch
 
 def _group(cfg: Any, caller: Caller, kind: str, items: list[SubmitRequest], name: str, mode: str, strategy: str) -> dict[str, Any]:
     rows = [_prepare(cfg, caller, item, where=f"tasks[{i}].") for i, item in enumerate(items)]
+    quotas.check_pending(cfg, caller, len(rows))  # once for the whole group: all its tasks count
     gid = records.new_id()
     now = utcnow()
     for i, row in enumerate(rows):
