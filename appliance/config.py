@@ -65,7 +65,13 @@ class RateLimitZone(Section):
 def _default_zones() -> list[RateLimitZone]:
     return [
         RateLimitZone(
-            name="login", prefixes=["/auth/login", "/auth/register"], methods=["POST"], key="address", rate="5/m", burst=5, nodelay=True
+            name="login",
+            prefixes=["/auth/login", "/auth/register", "/status/login"],
+            methods=["POST"],
+            key="address",
+            rate="5/m",
+            burst=5,
+            nodelay=True,
         ),
         # 20/s per user with a burst of 60: a client that fires a batch of 50 parallel submits (the reference
         # design's own load test) is served whole, while a flood from one account is still cut at 20/s.
@@ -225,13 +231,30 @@ class RateLimitSettings(Section):
     ] = msgspec.field(default_factory=_default_zones)
 
 
+class AlertSettings(Section):
+    hold_seconds: Annotated[float, _h("a condition must last this long to fire, and be gone this long to resolve", ge=0, le=86400)] = 30.0
+    cpu_percent: Annotated[float, _h("host cpu % above which an alert fires; 0 turns it off", ge=0, le=100)] = 90.0
+    memory_percent: Annotated[float, _h("host memory % in use above which an alert fires; 0 turns it off", ge=0, le=100)] = 90.0
+    disk_free_percent: Annotated[float, _h("free % of the data dir's disk below which an alert fires; 0 turns it off", ge=0, le=100)] = 10.0
+    error_ratio: Annotated[float, _h("share of 5xx answers above which an alert fires (0.05 = 5 %); 0 turns it off", ge=0, le=1)] = 0.05
+    p99_ms: Annotated[float, _h("p99 latency of API answers in ms above which an alert fires; 0 turns it off", ge=0)] = 2000.0
+    queue_age_seconds: Annotated[float, _h("age of the oldest queued task above which an alert fires; 0 turns it off", ge=0)] = 300.0
+    login_failures_per_min: Annotated[float, _h("failed logins per minute above which an alert fires; 0 turns it off", ge=0)] = 30.0
+    process_failed: Annotated[bool, _h("alert when the supervisor gives a process up (crash loop)")] = True
+    store_unreachable: Annotated[bool, _h("alert when the database or Redis cannot be reached")] = True
+
+
 class MonitorSettings(Section):
     enabled: Annotated[bool, _h("run the monitor process (/status, /metrics)")] = True
     port: Annotated[int, _h("loopback port of the monitor", ge=1024, le=65535)] = 8190
-    sample_interval: Annotated[float, _h("seconds between process samples", gt=0, le=3600)] = 2.0
+    sample_interval: Annotated[
+        float, _h("seconds between samples of the status page's collectors (an hour of them is kept)", gt=0, le=3600)
+    ] = 2.0
     metrics_require_admin: Annotated[
         bool, _h("/metrics through the balancer needs an admin token; false also needs /metrics in [balancer] public_prefixes")
     ] = True
+    session_minutes: Annotated[int, _h("a /status login lasts this long (server-side), then asks again", ge=1, le=1440)] = 60
+    alerts: Annotated[AlertSettings, _h("alert thresholds, in [monitor.alerts]")] = msgspec.field(default_factory=AlertSettings)
 
 
 class SupervisorSettings(Section):
@@ -344,8 +367,18 @@ def _env_overrides(env: typing.Mapping[str, str], problems: list[str]) -> dict[s
         if section not in SECTIONS:
             problems.append(f"environment {name}: unknown section [{section}]; known: {', '.join(SECTIONS)}")
             continue
-        out.setdefault(section, {})[key] = _parse_env_value(raw)
+        table = out.setdefault(section, {})
+        if "__" in key:  # a nested table: APPLIANCE_MONITOR__ALERTS__CPU_PERCENT
+            sub, _, key = key.partition("__")
+            table = table.setdefault(sub, {}) if isinstance(table.get(sub, {}), dict) else table
+        table[key] = _parse_env_value(raw)
     return out
+
+
+def _subsection(field: msgspec.structs.FieldInfo) -> type[Section] | None:
+    """The Section class of a nested table field ([monitor.alerts]), else None."""
+    tp = typing.get_args(field.type)[0] if typing.get_origin(field.type) is Annotated else field.type
+    return tp if isinstance(tp, type) and issubclass(tp, Section) else None
 
 
 def _validate_section(where: str, name: str, cls: type[Section], raw: Any, problems: list[str]) -> Section | None:
@@ -358,6 +391,12 @@ def _validate_section(where: str, name: str, cls: type[Section], raw: Any, probl
         field = fields.get(key)
         if field is None:
             problems.append(f"{where}: [{name}] unknown key '{key}'; known keys: {', '.join(fields)}")
+            continue
+        nested = _subsection(field)
+        if nested is not None:  # e.g. [monitor.alerts]: validated key by key like a section
+            sub = _validate_section(where, f"{name}.{key}", nested, value, problems)
+            if sub is not None:
+                good[key] = sub
             continue
         try:
             good[key] = msgspec.convert(value, field.type, strict=True)
@@ -496,6 +535,16 @@ def render_sample() -> str:
         out.append(f"[{name}]")
         for field in msgspec.structs.fields(cls):
             text, default = _describe(field)
+            nested = _subsection(field)
+            if nested is not None:
+                out.append("")
+                out.append(f"# {text}")
+                out.append(f"[{name}.{field.name}]")
+                for sub in msgspec.structs.fields(nested):
+                    sub_text, sub_default = _describe(sub)
+                    out.append(f"# {sub_text}")
+                    out.append(tomli_w.dumps({sub.name: sub_default}).rstrip())
+                continue
             if isinstance(default, list) and default and isinstance(default[0], dict):
                 out.append(f"# {field.name}: {text}")
                 for item in default:
@@ -515,6 +564,12 @@ def render_markdown_table() -> str:
             continue
         for field in msgspec.structs.fields(cls):
             text, default = _describe(field)
+            nested = _subsection(field)
+            if nested is not None:
+                for sub in msgspec.structs.fields(nested):
+                    sub_text, sub_default = _describe(sub)
+                    rows.append(f"| `{name}.{field.name}.{sub.name}` | `{msgspec.json.encode(sub_default).decode()}` | {sub_text} |")
+                continue
             shown = (
                 "see appliance.toml"
                 if isinstance(default, list) and default and isinstance(default[0], dict)

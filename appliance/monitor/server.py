@@ -4,8 +4,8 @@ GET /metrics       text exposition read from the shared metrics directory
                    (appliance/metrics.py), i.e. every process of this host;
                    through the balancer only for admins (see _refuse_metrics).
 GET /health/ping   liveness for the balancer's health checks and the supervisor.
-The live status page (/status) is the next milestone; until then /status
-answers 404 in the error envelope rather than a half-made page.
+/status...         the status page, its login and its data (appliance/monitor/web.py),
+                   fed by the sampler thread (appliance/monitor/sampler.py).
 """
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ def _refuse_metrics(environ: dict[str, Any], cfg: Any, key: bytes) -> tuple[str,
     return None
 
 
-def make_app(cfg: Any, node_id: str) -> Any:
-    """The monitor's WSGI application."""
+def make_app(cfg: Any, node_id: str, site: Any = None) -> Any:
+    """The monitor's WSGI application; `site` serves /status (None: /status answers 404)."""
     import orjson
 
     key = identity.key_bytes(cfg.secrets.identity_key)
@@ -57,6 +57,8 @@ def make_app(cfg: Any, node_id: str) -> Any:
         path = environ.get("PATH_INFO", "")
         method = environ.get("REQUEST_METHOD", "GET")
         rid = environ.get("HTTP_X_REQUEST_ID")
+        if site is not None and (path == "/status" or path.startswith("/status/")):
+            return site(environ, start_response)
         if method not in ("GET", "HEAD"):
             start_response("405 Method Not Allowed", [*_JSON, ("Allow", "GET, HEAD")])
             return [error_body("method_not_allowed", f"{method} is not allowed here", request_id=rid)]
@@ -88,8 +90,16 @@ def serve(cfg: Any, index: int) -> int:
     metrics.prepare(cfg)
     from waitress.server import create_server
 
+    from appliance.db.connection import open_database
+    from appliance.monitor.sampler import Sampler
+    from appliance.monitor.web import StatusSite
+
     node_id = f"{cfg.server.node_name or socket.gethostname()}:monitor:{index}"
-    server = create_server(make_app(cfg, node_id), host="127.0.0.1", port=cfg.monitor.port, threads=2, ident="appliance-monitor")
+    db = open_database(cfg)
+    sampler = Sampler(cfg, db, cfg.path("run"))
+    sampler.start()
+    site = StatusSite(cfg, sampler, db)
+    server = create_server(make_app(cfg, node_id, site), host="127.0.0.1", port=cfg.monitor.port, threads=4, ident="appliance-monitor")
 
     def stop(signum: int, frame: Any) -> None:
         raise SystemExit(0)  # waitress's run() catches it and shuts its task threads down

@@ -1,8 +1,8 @@
 """The control socket: how `appliance status` asks the running supervisor what it runs.
 
 A unix stream socket at <data_dir>/run/control.sock, mode 0600 (only the
-appliance's user may ask). A client sends one line ("status") and reads one
-JSON document until the server closes. The server is a daemon thread that
+appliance's user may ask). A client sends one line ("status", or "processes" for the
+snapshot alone) and reads one JSON document until the server closes. The server is a daemon thread that
 reads the snapshot the arbiter's loop publishes each tick and adds what is
 costly to gather only on request: cpu and memory of each process (psutil),
 upstream health from balancer-state.json and the queue depth from the
@@ -109,8 +109,11 @@ class ControlServer:
     def _answer(self, conn: socket.socket) -> None:
         conn.settimeout(2.0)
         request = conn.recv(1024).decode("utf-8", "replace").strip()
+        if request == "processes":  # the monitor's sampler, every few seconds: the snapshot only, nothing costly
+            conn.sendall(json.dumps({**self.snapshot(), "now": time.time()}, default=str).encode())
+            return
         if request != "status":
-            conn.sendall(json.dumps({"error": f"unknown request {request[:40]!r}; known: status"}).encode())
+            conn.sendall(json.dumps({"error": f"unknown request {request[:40]!r}; known: status, processes"}).encode())
             return
         doc = dict(self.snapshot())
         rows = [dict(r) for r in doc.get("processes", [])]
@@ -129,15 +132,15 @@ class ControlServer:
         conn.sendall(json.dumps(doc, default=str).encode())
 
 
-def query(path: Path, timeout: float = 5.0) -> dict[str, Any]:
-    """Ask the supervisor on `path`; NotRunning when nothing answers."""
+def query(path: Path, timeout: float = 5.0, request: str = "status") -> dict[str, Any]:
+    """Ask the supervisor on `path` ("status", or "processes": the cheap snapshot); NotRunning when nothing answers."""
     if not path.exists():
         raise NotRunning(f"no control socket at {path}")
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         try:
             sock.connect(str(path))
-            sock.sendall(b"status\n")
+            sock.sendall(request.encode("ascii") + b"\n")
             chunks = []
             while True:
                 data = sock.recv(65536)
