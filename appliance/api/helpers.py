@@ -19,7 +19,6 @@ response Struct, so the document cannot drift from what is sent.
 from __future__ import annotations
 
 import functools
-import ipaddress
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from typing import Annotated, Any
 import falcon
 import msgspec
 
-from appliance import jsondepth
+from appliance import identity, jsondepth
 from appliance.api.context import Identity
 from appliance.errors import Forbidden, PayloadTooLarge, Unauthorized, UnsupportedMediaType, ValidationFailed, success_body
 
@@ -108,20 +107,24 @@ def require_admin(req: falcon.Request) -> Identity:
     return who
 
 
-_LOOPBACK = ("127.", "::1", "localhost")
-
-
 def client_address(req: falcon.Request) -> str:
-    """The client's address: the balancer's X-Forwarded-For last hop when it came through loopback."""
-    remote = req.remote_addr or ""
-    forwarded = req.get_header("X-Forwarded-For")
-    if forwarded and remote.startswith(_LOOPBACK):
-        last = forwarded.split(",")[-1].strip()
-        try:
-            return str(ipaddress.ip_address(last))
-        except ValueError:
-            pass
-    return remote[:64]
+    """The client's address: the balancer's signed X-Appliance-Client, else the socket peer.
+
+    X-Forwarded-For is never trusted here: any local process can send it. The
+    signed header needs the identity key, so a request that did not come through
+    the balancer is known only by its peer (lockout, audit, token families).
+    """
+    cached = getattr(req.context, "client_address", None)
+    if cached is not None:
+        return cached
+    address = None
+    signed = req.get_header(identity.CLIENT_HEADER)
+    ctx = getattr(req.context, "ctx", None)
+    if signed and ctx is not None:
+        address = identity.verify_client(signed, ctx.identity_key)
+    address = address or (req.remote_addr or "")[:64]
+    req.context.client_address = address
+    return address
 
 
 # --- bodies ---------------------------------------------------------------------------
