@@ -9,6 +9,12 @@ and decides what may travel to the other side:
     than 1.0/1.1, CONNECT, targets that are not origin-form. llhttp already
     refuses obs-fold, whitespace before the colon, bad header names and value
     characters, bare CR/LF and bad chunk sizes; its errors become ours.
+  * Host must be one valid authority (reg-name, IPv4 or [IPv6], optional port);
+    Connection may not name Content-Length, Transfer-Encoding or Host (dropping
+    them as hop-by-hop would turn the body into a second request).
+  * the request target's path is made canonical once (canonical_path): escapes of
+    unreserved characters are decoded; encoded '/', '\\' or NUL, raw backslashes,
+    dot segments and malformed escapes are refused.
   * limits: the request head (431) and body (413) sizes.
   * header roles: each lower-cased name has a role (forward, drop, capture), so
     hop-by-hop headers (Connection and what it names, Keep-Alive, TE, Trailer,
@@ -22,13 +28,26 @@ error_status_hint); an exception of any other type is a bug of ours.
 RequestFramer calls its handler three times per request: on_request(head),
 on_body(bytes) per body piece (chunked bodies arrive de-chunked) and
 on_request_end(). A pipelined request that arrives while the previous one is
-still being answered is held in a backlog and replayed by release().
+still being answered is held in a backlog and replayed by release(). A
+pipelined request that is refused does not cost the ones before it their
+answers: its ProtocolError waits in the backlog and release() raises it once
+they were answered (what nginx does).
+
+The framer knows where each message starts and ends and feeds llhttp one piece
+at a time: the head (up to its blank line), then the Content-Length body, or the
+chunked body line by line. Chunk-size lines are checked here (RFC 9112 7.1, with
+BWS in extensions, which llhttp refuses) and reach llhttp as plain "<hex>CRLF";
+chunk data, the CRLF after it and trailers are still checked by llhttp. After
+each piece the framer checks that llhttp agrees (a head ended, a body ended), so
+a disagreement is a 400, never a second reading of the same bytes.
 ResponseFramer does the same for upstream answers (on_response, on_body,
 on_response_end), skipping 1xx interim answers and bodies of HEAD/204/304.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from typing import Any, Protocol
 
 import httptools
@@ -66,6 +85,23 @@ NAME_CACHE_SIZE = 4096
 HEAD_CACHE_SIZE = 512
 HEAD_CACHE_MAX_BYTES = 4096
 _TOKEN_CHARS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-"
+# Connection may not name these: dropped as hop-by-hop, they would change where the message ends.
+_FRAMING_HEADERS = frozenset((b"content-length", b"transfer-encoding", b"host"))
+# Host (RFC 9112 3.2, RFC 3986 3.2.2): reg-name of unreserved characters, IPv4, or [IPv6]; an optional port.
+# Stricter than RFC 3986 on purpose: no sub-delims (',' ';' ...), no escapes, no userinfo.
+_HOST_VALUE = re.compile(rb"(?:[A-Za-z0-9._~-]{1,255}|\[([0-9A-Fa-f:.]{2,45})\])(?::[0-9]{1,5})?")
+# chunk = chunk-size [ chunk-ext ] CRLF; chunk-ext = *( BWS ";" BWS name [ BWS "=" BWS ( token / quoted-string ) ] )
+_TCHAR = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]"
+_CHUNK_LINE = re.compile(
+    rb"0*([0-9A-Fa-f]{1,16})(?:[ \t]*;[ \t]*%s+(?:[ \t]*=[ \t]*(?:%s+|\"(?:[\t !#-\[\]-~\x80-\xff]|\\[\t -~\x80-\xff])*\"))?)*\r\n"
+    % (_TCHAR, _TCHAR)
+)
+MAX_CHUNK_LINE = 4096  # a chunk-size line with its extensions
+# Where the framer is in the byte stream (RequestFramer._mode).
+_AT_HEAD, _IN_LENGTH_BODY, _AT_CHUNK_SIZE, _IN_CHUNK, _IN_TRAILER = range(5)
+_HEX = b"0123456789abcdefABCDEF"
+_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_REFUSED_ESCAPES = frozenset((0x2F, 0x5C, 0x00))  # '/', '\\', NUL: a worker decoding them would see another path
 _NAME_CACHES: dict[tuple[Any, ...], tuple[dict[bytes, int], dict[bytes, Any]]] = {}
 
 
@@ -186,17 +222,32 @@ class RequestFramer:
         self._body_size = 0
         self._connection = b""
         self._te_count = 0
+        self._mode = _AT_HEAD  # where the next byte belongs (see _consume)
+        self._left = 0  # bytes still due of a Content-Length body, or of a chunk with its CRLF
+        self._line = b""  # a chunk-size or trailer line not yet whole
+        self._tail = b""  # the last bytes of an unfinished head (its blank line may span two reads)
+        self._trailer_size = 0
+        self._completed: RequestHead | None = None  # the head llhttp finished during the last piece fed
+        self._upgrade_body = False  # llhttp skips the body of an Upgrade request: the framer delivers it
+        self._raw = False  # the current Content-Length body is delivered here, not by llhttp
         self.busy = False  # a request is being answered: hold later ones
         self._backlog: list[tuple[int, Any]] = []
         self.backlog_bytes = 0
         self.dead = False
+        self._deferred = False  # a refused pipelined request waits in the backlog behind good ones
 
     # -- input ------------------------------------------------------------------------
     def feed(self, data: bytes) -> None:
-        """Parse `data`; raise ProtocolError on bad framing (the framer is then dead)."""
+        """Parse `data`; raise ProtocolError on bad framing (the framer is then dead).
+
+        A ProtocolError of a request pipelined behind one being answered is not raised
+        here: release() raises it once the requests before it were answered.
+        """
         if self.dead:
+            if self._deferred:
+                return  # after a refused pipelined request nothing more is read
             raise ProtocolError("connection is in an error state")
-        at_boundary = not self._in_head and not self._in_body and not self.busy and not self._last
+        at_boundary = self._mode == _AT_HEAD and not self._in_head and not self.busy and not self._last
         if at_boundary:
             head = self._heads.get(data)
             if head is not None:
@@ -205,45 +256,166 @@ class RequestFramer:
                 self.busy = True
                 self.handler.on_request_end()
                 return
-        if self._in_head or not self._in_body:
-            # Bytes of a head still being read count against the head limit even
-            # before httptools hands them over (it buffers partial header lines).
-            self._head_size += len(data)
         self._began = 0
-        rest = None
         try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserCallbackError as exc:
+            self._consume(data)
+        except ProtocolError as exc:
             self.dead = True
-            inner = exc.__context__
-            if isinstance(inner, ProtocolError):
-                raise inner from None
-            raise (inner or exc) from None  # a bug of ours, not the peer's: let the server log it
-        except httptools.HttpParserUpgrade as exc:
-            # An Upgrade request was parsed as a plain one (Upgrade is hop-by-hop and
-            # dropped); go on with a fresh parser after it. CONNECT was refused earlier.
-            self._parser = httptools.HttpRequestParser(self)
-            offset = int(exc.args[0]) if exc.args else len(data)
-            rest = data[offset:]
-        except httptools.HttpParserError as exc:
+            if self.busy:  # the refused message comes after one still being answered: that one keeps its answer
+                self._defer(exc)
+                return
+            raise
+        except BaseException:
             self.dead = True
-            raise ProtocolError(str(exc) or "malformed request") from None
-        if rest is not None:
-            # Fed outside the except block: raised in there, a callback's error would get the
-            # upgrade as its __context__ (httptools hands the callback's error over that way).
-            if rest:
-                self.feed(rest)
-            return
-        if self._in_head and self._head_size > self.max_header_bytes:
-            self.dead = True
-            raise _too_large_head()
+            raise
         if at_boundary and self._began == 1 and not self._in_head and not self._in_body and len(data) <= HEAD_CACHE_MAX_BYTES:
             head = self._head
             if head is not None and head.keep_alive and not head.has_body and not head.expect:
                 _remember(self._heads, data, head)  # exactly this one whole request: the same bytes parse the same
 
+    def _consume(self, data: bytes) -> None:
+        """Feed llhttp piece by piece: a head, a Content-Length body, chunk-size lines, chunks, trailers."""
+        while data:
+            mode = self._mode
+            if mode == _AT_HEAD:
+                if self._last:
+                    return  # after a request that ends the connection nothing is read (nginx discards it too)
+                data = self._consume_head(data)
+            elif mode == _IN_LENGTH_BODY or mode == _IN_CHUNK:
+                left = self._left
+                piece, data = (data, b"") if len(data) <= left else (data[:left], data[left:])
+                self._left = left = left - len(piece)
+                if mode == _IN_CHUNK:
+                    self._llhttp(piece)  # chunk data, then its CRLF (checked by llhttp)
+                    if not left:
+                        self._mode = _AT_CHUNK_SIZE
+                elif self._raw:  # the body of an Upgrade request, which llhttp does not read
+                    self.on_body(piece)
+                    if not left:
+                        self.on_message_complete()
+                        self._end_of_message()
+                else:
+                    self._llhttp(piece)
+                    if not left:
+                        self._end_of_message()
+            else:  # a chunk-size line or a trailer line
+                i = data.find(b"\n")
+                if i < 0:
+                    self._line += data
+                    if len(self._line) > (MAX_CHUNK_LINE if mode == _AT_CHUNK_SIZE else self.max_header_bytes):
+                        raise ProtocolError("chunk-size line too long") if mode == _AT_CHUNK_SIZE else _too_large_head()
+                    return
+                line = self._line + data[: i + 1] if self._line else data[: i + 1]
+                data = data[i + 1 :]
+                self._line = b""
+                if mode == _AT_CHUNK_SIZE:
+                    self._chunk_size(line)
+                else:
+                    self._trailer_line(line)
+
+    def _consume_head(self, data: bytes) -> bytes:
+        """Feed llhttp what `data` holds of a head (up to its blank line); return the bytes after it."""
+        tail = self._tail
+        probe = tail + data if tail else data
+        i = probe.find(b"\r\n\r\n")
+        if i < 0:  # the head goes on in a later read
+            # Bytes of a head still being read count against the head limit even
+            # before httptools hands them over (it buffers partial header lines).
+            self._tail = probe[-3:]
+            self._head_size += len(data)
+            if self._head_size > self.max_header_bytes:
+                raise _too_large_head()
+            self._llhttp(data)
+            return b""
+        end = i + 4 - len(tail)
+        self._tail = b""
+        self._head_size += end
+        self._completed = None
+        upgraded = self._llhttp(data[:end])
+        head = self._completed
+        if head is None:
+            if self._in_head:  # llhttp read a blank line and no end of head: it and we disagree
+                raise ProtocolError("malformed request head")
+            return data[end:]  # blank lines before a request
+        if head.chunked:
+            if upgraded:
+                raise ProtocolError("an Upgrade request with a chunked body is not supported")
+            self._mode = _AT_CHUNK_SIZE
+        elif head.content_length > 0:
+            self._mode = _IN_LENGTH_BODY
+            self._left = head.content_length
+            self._raw = upgraded
+        elif self._in_body:
+            raise ProtocolError("malformed request head")  # llhttp did not end a message without a body
+        return data[end:]
+
+    def _chunk_size(self, line: bytes) -> None:
+        m = _CHUNK_LINE.fullmatch(line)
+        if m is None:
+            raise ProtocolError("malformed chunk-size line")
+        digits = m.group(1)
+        self._llhttp(digits + b"\r\n")  # extensions mean nothing to us and never travel on (bodies are re-chunked)
+        size = int(digits, 16)
+        if size:
+            self._mode = _IN_CHUNK
+            self._left = size + 2
+        else:
+            self._mode = _IN_TRAILER
+            self._trailer_size = 0
+
+    def _trailer_line(self, line: bytes) -> None:
+        self._trailer_size += len(line)
+        if self._trailer_size > self.max_header_bytes:
+            raise _too_large_head()
+        self._llhttp(line)
+        if line == b"\r\n":
+            self._end_of_message()
+
+    def _end_of_message(self) -> None:
+        """The framer counted the message's last byte: llhttp must have ended it too."""
+        self._mode = _AT_HEAD
+        self._raw = False
+        if self._in_body:
+            raise ProtocolError("malformed request body")
+
+    def _llhttp(self, data: bytes) -> bool:
+        """Feed one piece to llhttp; True when it was an Upgrade head (a fresh parser reads on)."""
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            inner = exc.__context__
+            if isinstance(inner, ProtocolError):
+                raise inner from None
+            raise (inner or exc) from None  # a bug of ours, not the peer's: let the server log it
+        except httptools.HttpParserUpgrade as exc:
+            offset = int(exc.args[0]) if exc.args else len(data)
+        except httptools.HttpParserError as exc:
+            raise ProtocolError(str(exc) or "malformed request") from None
+        else:
+            return False
+        # An Upgrade request was parsed as a plain one (Upgrade is hop-by-hop and dropped);
+        # a fresh parser reads what follows. CONNECT was refused earlier. Raised out here: in
+        # the except block an error would get the upgrade as its __context__.
+        self._parser = httptools.HttpRequestParser(self)
+        if offset != len(data):
+            raise ProtocolError("malformed request")  # heads are fed alone: llhttp cannot stop before the end
+        return True
+
+    def _defer(self, exc: ProtocolError) -> None:
+        """Hold `exc` behind the whole requests in the backlog; what the refused message delivered is dropped."""
+        backlog = self._backlog
+        while backlog and backlog[-1][0] != 2:
+            kind, arg = backlog.pop()
+            if kind == 1:
+                self.backlog_bytes -= len(arg)
+        backlog.append((3, exc))
+        self._deferred = True
+
     def release(self) -> None:
-        """The current request was answered: deliver held (pipelined) events up to the next request end."""
+        """The current request was answered: deliver held (pipelined) events up to the next request end.
+
+        Raises the ProtocolError of a refused pipelined request when it is next.
+        """
         self.busy = False
         backlog = self._backlog
         while backlog and not self.busy:
@@ -253,9 +425,11 @@ class RequestFramer:
             elif kind == 1:
                 self.backlog_bytes -= len(arg)
                 self.handler.on_body(arg)
-            else:
+            elif kind == 2:
                 self.busy = True
                 self.handler.on_request_end()
+            else:  # a refused pipelined request, now that the ones before it were answered
+                raise arg
 
     @property
     def idle(self) -> bool:
@@ -273,6 +447,7 @@ class RequestFramer:
         self._body_size = 0
         self._connection = b""
         self._te_count = 0
+        self._upgrade_body = False
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -322,6 +497,10 @@ class RequestFramer:
         elif role == _HOST:
             if head.host:
                 raise ProtocolError("repeated Host")
+            value = value.rstrip(b" \t")
+            m = _HOST_VALUE.fullmatch(value)
+            if m is None or (m.group(1) is not None and not _ipv6(m.group(1))):
+                raise ProtocolError("invalid Host")
             head.host = value
             head.headers.append((lname, value))
         elif role == _EXPECT:
@@ -342,7 +521,11 @@ class RequestFramer:
             self._last = True
         self._check(head)
         if self._connection:
+            if not _connection_named(self._connection).isdisjoint(_FRAMING_HEADERS):
+                raise ProtocolError("Connection may not name Content-Length, Transfer-Encoding or Host")
             _drop_connection_named(head.headers, self._connection)
+        self._upgrade_body = head.has_body and parser.should_upgrade()
+        self._completed = head
         if self.busy:
             self._backlog.append((0, head))
         else:
@@ -375,9 +558,13 @@ class RequestFramer:
                 url = rest[slash:] if slash >= 0 else b"/"
             else:
                 raise ProtocolError("request target must be a path")
-        head.target = url
         q = url.find(b"?")
-        head.path = url if q < 0 else url[:q]
+        path = url if q < 0 else url[:q]
+        if b"%" in path or b"/." in path or b"\\" in path:  # the one cheap check of the common case
+            path = canonical_path(path)
+            url = path if q < 0 else path + url[q:]
+        head.target = url
+        head.path = path
 
     def on_body(self, body: bytes) -> None:
         self._body_size += len(body)
@@ -390,6 +577,9 @@ class RequestFramer:
             self.handler.on_body(body)
 
     def on_message_complete(self) -> None:
+        if self._upgrade_body:  # llhttp ends an Upgrade request at its head; its body is still to come
+            self._upgrade_body = False
+            return
         self._in_body = False
         self._head_size = 0
         if self.busy:
@@ -399,11 +589,55 @@ class RequestFramer:
             self.handler.on_request_end()
 
 
+def _connection_named(connection: bytes) -> set[bytes]:
+    return {t.strip().lower() for t in connection.split(b",")} - {b"close", b"keep-alive", b""}
+
+
 def _drop_connection_named(headers: list[tuple[bytes, bytes]], connection: bytes) -> None:
-    """Remove the headers that the Connection header names (they are hop-by-hop)."""
-    named = {t.strip().lower() for t in connection.split(b",")} - {b"close", b"keep-alive", b""}
+    """Remove the headers that the Connection header names (they are hop-by-hop); framing headers stay."""
+    named = _connection_named(connection) - _FRAMING_HEADERS
     if named:
-        headers[:] = [(n, v) for n, v in headers if n.lower() not in named or n.lower() == b"host"]
+        headers[:] = [(n, v) for n, v in headers if n.lower() not in named]
+
+
+def _ipv6(text: bytes) -> bool:
+    try:
+        ipaddress.IPv6Address(text.decode("ascii"))
+    except ValueError:
+        return False
+    return True
+
+
+def canonical_path(path: bytes) -> bytes:
+    """The one path the balancer and the workers agree on, or ProtocolError (400).
+
+    Escapes of unreserved characters (ALPHA DIGIT - . _ ~) are decoded, other escapes
+    kept (hex in upper case); encoded '/', '\\' and NUL, raw backslashes, malformed
+    escapes and dot segments ("." or "..", encoded or not) are refused.
+    """
+    if b"\\" in path:
+        raise ProtocolError("backslash in the request path")
+    if b"%" in path:
+        parts = path.split(b"%")
+        out = [parts[0]]
+        for part in parts[1:]:
+            hx = part[:2]
+            if len(hx) != 2 or hx.translate(None, _HEX):
+                raise ProtocolError("malformed percent-escape in the request path")
+            c = int(hx, 16)
+            if c in _UNRESERVED:
+                out.append(bytes((c,)))
+            elif c in _REFUSED_ESCAPES:
+                raise ProtocolError("encoded '/', '\\' or NUL in the request path")
+            else:
+                out.append(b"%" + hx.upper())
+            out.append(part[2:])
+        path = b"".join(out)
+    if b"/." in path:
+        for segment in path.split(b"/"):
+            if segment == b"." or segment == b"..":
+                raise ProtocolError("dot segment in the request path")
+    return path
 
 
 class ResponseHead:

@@ -38,6 +38,7 @@ import re
 import time
 from typing import Any
 
+from appliance import identity
 from appliance.balancer import pool
 from appliance.balancer.framing import CAPTURE, DROP, REQUEST_ROLES, ProtocolError, RequestFramer, RequestHead, ResponseHead
 from appliance.balancer.picker import Group, Upstream
@@ -55,7 +56,13 @@ NEW_CONNECTION_GRACE = 1.0  # seconds a just-accepted connection has to send its
 IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"))
 
 # Headers the proxy replaces: captured (read, never forwarded) or dropped outright.
-IDENTITY_HEADERS = (b"x-appliance-identity", b"x-forwarded-user", b"x-remote-user")
+IDENTITY_HEADERS = (
+    identity.HEADER_LOWER.encode(),
+    identity.CLIENT_HEADER_LOWER.encode(),
+    b"x-forwarded-user",
+    b"x-remote-user",
+)
+CLIENT_LINES_MAX = 4096  # signed X-Appliance-Client lines kept, one per client address
 PROXY_ROLES: dict[bytes, int] = {
     **REQUEST_ROLES,
     b"x-request-id": CAPTURE,
@@ -93,6 +100,9 @@ _REASONS = {
 }
 _STATUS_LINES = {code: b"HTTP/1.1 %d %s\r\n" % (code, reason) for code, reason in _REASONS.items()}
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+# On every answer the balancer makes itself, as the api workers send them (appliance/api/middleware.py).
+SECURITY_LINES = b"x-content-type-options: nosniff\r\nx-frame-options: DENY\r\nreferrer-policy: no-referrer\r\n"
+ERROR_LINES = SECURITY_LINES + b"cache-control: no-store\r\n"
 _hexlify = binascii.hexlify
 _bisect = bisect.bisect_left
 _urandom = os.urandom
@@ -151,6 +161,8 @@ class Proxy:
         self.retries = b.retries
         self.retry_methods = IDEMPOTENT | {b"POST", b"PATCH"} if b.retry_non_idempotent else IDEMPOTENT
         self.trusted = [ipaddress.ip_network(n, strict=False) for n in b.trusted_proxies]
+        self.client_key = identity.key_bytes(cfg.secrets.identity_key)
+        self._client_lines: dict[str, bytes] = {}
         self.stats = Stats()
         self.access = AccessLog(b.access_log, process_log_format(cfg.logging.format))
         self.connections: set[ClientConnection] = set()
@@ -173,6 +185,26 @@ class Proxy:
             if addr and not self.is_trusted(addr):
                 return addr
         return peer
+
+    def client_line(self, address: str, peer: str) -> bytes:
+        """The signed X-Appliance-Client line for a client address: one HMAC per address, then a lookup.
+
+        An X-Forwarded-For hop that is no IP address (a trusted proxy passed it on) is not
+        signed: the line names the peer instead.
+        """
+        line = self._client_lines.get(address)
+        if line is None:
+            try:
+                canonical = str(ipaddress.ip_address(address))
+            except ValueError:
+                if address != peer:
+                    return self.client_line(peer, peer)
+                canonical = address  # a unix socket peer
+            line = b"%s: %s\r\n" % (identity.CLIENT_HEADER_LOWER.encode(), identity.sign_client(canonical, self.client_key).encode())
+            if len(self._client_lines) >= CLIENT_LINES_MAX:
+                self._client_lines.clear()  # many distinct addresses: start over rather than track ages
+            self._client_lines[address] = line
+        return line
 
     def factory(self) -> ClientConnection:
         return ClientConnection(self)
@@ -251,7 +283,9 @@ class ClientConnection(asyncio.Protocol):
         self.peer_trusted = p.is_trusted(self.peer)
         if not self.peer_trusted:
             ip = self.peer.encode("latin-1")
-            self.forwarded_lines = b"x-forwarded-for: " + ip + b"\r\nx-real-ip: " + ip + b"\r\n" + p.proto_line
+            self.forwarded_lines = (
+                b"x-forwarded-for: " + ip + b"\r\nx-real-ip: " + ip + b"\r\n" + p.proto_line + p.client_line(self.peer, self.peer)
+            )
         self.deadline = p.now + p.header_timeout
         self.opened = p.now
 
@@ -436,7 +470,7 @@ class ClientConnection(asyncio.Protocol):
         state = self.state
         if state == IDLE:
             # Answered already (e.g. a 401 given while the head was parsed): go on to the next request.
-            self.framer.release()
+            self.release_next()
             return
         if state == CLOSED:
             return
@@ -468,8 +502,17 @@ class ClientConnection(asyncio.Protocol):
         if self.peer_trusted:
             xff = head.captured.get(b"x-forwarded-for")
             ip = self.peer.encode("latin-1")
-            real = self.client_ip().encode("latin-1")
-            forwarded = b"x-forwarded-for: " + (xff + b", " + ip if xff else ip) + b"\r\nx-real-ip: " + real + b"\r\n" + p.proto_line
+            client = self.client_ip()
+            real = client.encode("latin-1")
+            forwarded = (
+                b"x-forwarded-for: "
+                + (xff + b", " + ip if xff else ip)
+                + b"\r\nx-real-ip: "
+                + real
+                + b"\r\n"
+                + p.proto_line
+                + p.client_line(client, self.peer)
+            )
         else:
             forwarded = self.forwarded_lines
         extra = b""
@@ -820,7 +863,14 @@ class ClientConnection(asyncio.Protocol):
         if self.reading_paused:
             self.resume_client_reading()
         if self.framer.busy:
+            self.release_next()
+
+    def release_next(self) -> None:
+        """Go on to the next pipelined request, or answer the refusal of it (400 and close)."""
+        try:
             self.framer.release()
+        except ProtocolError as exc:
+            self.client_error(exc)
 
     def _log(self, status: int) -> None:
         p = self.p
@@ -870,4 +920,4 @@ class ClientConnection(asyncio.Protocol):
 def _error_head(status: int, length: int, request_id: bytes, extra: bytes) -> bytes:
     line = _STATUS_LINES.get(status) or b"HTTP/1.1 %d Error\r\n" % status
     rid = b"x-request-id: " + request_id + b"\r\n" if request_id else b""
-    return line + b"content-type: application/json\r\ncontent-length: %d\r\n" % length + rid + extra + b"\r\n"
+    return line + b"content-type: application/json\r\ncontent-length: %d\r\n" % length + ERROR_LINES + rid + extra + b"\r\n"

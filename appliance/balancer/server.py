@@ -35,7 +35,7 @@ from appliance import metrics
 from appliance.balancer import certs, upstreams
 from appliance.balancer.framing import ProtocolError, RequestFramer, RequestHead
 from appliance.balancer.listeners import close_listeners
-from appliance.balancer.proxy import NEW_CONNECTION_GRACE, Proxy
+from appliance.balancer.proxy import ERROR_LINES, NEW_CONNECTION_GRACE, SECURITY_LINES, Proxy
 from appliance.errors import error_body
 from appliance.roles import EXIT_BOOT_FAILURE
 
@@ -131,8 +131,8 @@ class RedirectConnection(asyncio.Protocol):
         except ProtocolError as exc:
             body = error_body(exc.code, exc.message)
             self.transport.write(
-                b"HTTP/1.1 %d Bad Request\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
-                % (exc.status, len(body))
+                b"HTTP/1.1 %d Bad Request\r\ncontent-type: application/json\r\ncontent-length: %d\r\n%sconnection: close\r\n\r\n"
+                % (exc.status, len(body), ERROR_LINES)
                 + body
             )
             self.transport.close()
@@ -145,7 +145,11 @@ class RedirectConnection(asyncio.Protocol):
             port = b"" if self.https_port == 443 else b":%d" % self.https_port
             location = b"https://" + (host or b"localhost") + port + head.target
         self.transport.write(
-            b"HTTP/1.1 308 Permanent Redirect\r\nlocation: " + location + b"\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+            b"HTTP/1.1 308 Permanent Redirect\r\nlocation: "
+            + location
+            + b"\r\ncontent-length: 0\r\n"
+            + SECURITY_LINES
+            + b"connection: close\r\n\r\n"
         )
         self.transport.close()
 

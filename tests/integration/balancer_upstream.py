@@ -6,7 +6,9 @@ Endpoints: /health/ping, /whoami (name and the headers it received), /hang
 reset instead), /hits (how many /split requests this upstream saw), /junk (an
 answer followed by bytes that are no answer), /double (two answers to one request),
 POST /upload (reads the body as it comes, answers its size and sha256),
-/status (as if it were the monitor). Keep-alive, threads, no buffering of bodies.
+/status (as if it were the monitor), /seen (every request this upstream parsed, but
+/seen and /health/ping: method, path, X-Appliance-Client). Keep-alive, threads, no
+buffering of bodies.
 """
 
 from __future__ import annotations
@@ -28,6 +30,14 @@ class Handler(BaseHTTPRequestHandler):
 
     def log_message(self, fmt: str, *args: object) -> None:
         pass
+
+    seen: list[dict[str, object]] = []
+
+    def parse_request(self) -> bool:
+        ok = super().parse_request()
+        if ok and not self.path.startswith(("/seen", "/health/ping")):
+            Handler.seen.append({"method": self.command, "path": self.path, "client": self.headers.get("X-Appliance-Client")})
+        return ok
 
     def _json(self, status: int, data: object) -> None:
         body = json.dumps(data).encode()
@@ -75,6 +85,8 @@ class Handler(BaseHTTPRequestHandler):
         if url.path == "/double":  # two answers to one request, in one send
             self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfirstHTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecond")
             return
+        if url.path == "/seen":
+            return self._json(200, {"node": self.name, "seen": Handler.seen})
         if url.path == "/hits":
             return self._json(200, {"node": self.name, "split": Handler.split_hits})
         return self._json(404, {"status": "error", "error": {"code": "not_found", "message": url.path}})
