@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Makes sure PostgreSQL and Redis run on loopback for the integration tests, and
 # writes the URLs the tests use to .ci/test-env (sourced by .ci/run).
-# Installs the Debian packages when missing; creates a test role with a freshly
+# Installs the Debian packages when missing (also chromium, chromium-driver and prometheus's promtool for
+# the status page's browser and /metrics tests); creates a test role with a freshly
 # generated password through the local socket as the postgres OS user; never
 # weakens the server's authentication. Exits non-zero when a server cannot be reached.
 set -euo pipefail
@@ -10,6 +11,10 @@ cd "$(dirname "$0")/.."
 need_apt=()
 command -v pg_lsclusters >/dev/null 2>&1 || need_apt+=(postgresql)
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
+# The status page's browser test (headless Chromium driven by selenium, no browser download) and promtool for /metrics.
+command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || need_apt+=(chromium-driver)
+command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "installing: ${need_apt[*]}"
   apt-get update -qq

@@ -23,6 +23,7 @@ from typing import Any
 import peewee as pw
 
 from appliance.db.models import Task, TaskHistory, TaskLog, database
+from appliance.queue import quotas
 from appliance.times import utcnow
 
 log = logging.getLogger(__name__)
@@ -221,8 +222,9 @@ def _task_from(values: tuple[Any, ...]) -> Task:
     return task
 
 
-def claim(task_id: str, attempt: int, worker_id: str) -> Task | None:
-    """queued/retrying -> running for exactly this attempt; the task row, or None when someone else won.
+def claim(task_id: str, attempt: int, worker_id: str, max_running: int = 0) -> Task | None:
+    """queued/retrying -> running for exactly this attempt; the task row, or None when someone else won
+    (or, with `max_running`, when the task's owner already has that many tasks running: the fair share).
 
     The hot path of every task: one hand-written statement, UPDATE ... RETURNING the row (or UPDATE
     then SELECT on an SQLite older than 3.35), because building it with peewee's query builder and
@@ -231,7 +233,10 @@ def claim(task_id: str, attempt: int, worker_id: str) -> Task | None:
     now = utcnow()
     db = database.obj
     sql = _CLAIM_SET.format(p=db.param)
-    params = (worker_id, Task.started_at.db_value(now), task_id, attempt - 1)
+    params: tuple[Any, ...] = (worker_id, Task.started_at.db_value(now), task_id, attempt - 1)
+    if max_running > 0:
+        sql += quotas.claim_condition(db.param)
+        params += (max_running,)
     if _returning(db):
         rows = db.execute_sql(sql + _RETURNING, params).fetchall()  # fetch all: SQLite commits when the statement completes
         if not rows:

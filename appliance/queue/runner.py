@@ -5,7 +5,10 @@ How it works:
    queued/retrying to running only for that attempt and only when no cancel was
    requested, so duplicate or stale messages (a reaper's requeue racing the
    original, a cancelled task) are dropped here: a queued task that was
-   cancelled never runs.
+   cancelled never runs. With [queue] user_max_running set, the claim also
+   fails while the task's owner has that many tasks running; such a task goes
+   back on the queue with a short delay (appliance.queue.quotas), so one user's
+   backlog cannot hold every worker slot while others wait.
 2. The task type's function runs with a TaskContext. Success stores the result;
    TaskCancelled (raised at a progress/cancellation point) records cancelled;
    any other exception is logged with its traceback into the task log and the
@@ -31,7 +34,7 @@ from typing import Any
 from appliance import queue as queue_mod
 from appliance.db.models import Task
 from appliance.logs import fields
-from appliance.queue import callbacks, groups, records
+from appliance.queue import callbacks, groups, quotas, records
 from appliance.queue.context import TaskCancelled, TaskContext
 from appliance.queue.registry import registry_for
 from appliance.times import iso, utcnow
@@ -84,8 +87,11 @@ def execute(task_id: str, attempt: int, priority: int = 5) -> None:
         queue_mod.enqueue(cfg, task_id, attempt, row.priority if row else priority)
         return
     wid = worker_id()
-    task = records.claim(task_id, attempt, wid)
+    cap = cfg.queue.user_max_running if cfg is not None else 0
+    task = records.claim(task_id, attempt, wid, cap)
     if task is None:
+        if cap and _hold_back(cfg, task_id, attempt, cap):
+            return
         log.debug("message dropped", extra=fields(task_id=task_id, attempt=attempt))
         return
     with _running_lock:
@@ -95,6 +101,19 @@ def execute(task_id: str, attempt: int, priority: int = 5) -> None:
     finally:
         with _running_lock:
             running.pop(task_id, None)
+
+
+def _hold_back(cfg: Any, task_id: str, attempt: int, cap: int) -> bool:
+    """Fair share: a task not claimed because its owner has `cap` tasks running goes back on the
+    queue a moment later, and this slot takes the next message (another owner's)."""
+    row = quotas.held_back(task_id, attempt)
+    if row is None:
+        return False
+    eta = quotas.defer(row, attempt, cap)
+    if eta is not None:
+        queue_mod.enqueue(cfg, task_id, attempt, row.priority, eta)
+        log.debug("task held back: its owner is at the running cap", extra=fields(task_id=task_id, owner=row.owner_id, cap=cap))
+    return True
 
 
 def _progress_hook(cfg: Any, task: Any) -> Any:

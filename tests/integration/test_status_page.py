@@ -1,0 +1,200 @@
+"""/status through a real `appliance run`: who gets in, who gets data, and which forms are refused.
+
+One appliance (balancer, api worker, task worker, scheduler, monitor) serves the
+whole module; each test uses its own client address (127.0.0.x) so the login
+lockout and the login rate-limit zone of one test do not touch another.
+"""
+
+from __future__ import annotations
+
+import http.client
+import itertools
+import re
+import urllib.parse
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.integration.supervised import Appliance, wait_until
+
+pytestmark = pytest.mark.slow
+
+ADMIN, ADMIN_PW = "root", "Root-pass-123"
+USER, USER_PW = "alice", "Alice-pass-123"
+DATA = ["/status/api/snapshot", "/status/api/history", "/status/api/history?since=0", "/status/api/tasks/abc/logs"]
+_addresses = itertools.count(10)
+
+
+class Browser:
+    """A minimal cookie-keeping client from one loopback source address (what a browser would send)."""
+
+    def __init__(self, port: int):
+        self.port = port
+        self.source = f"127.0.0.{next(_addresses)}"
+        self.cookies: dict[str, str] = {}
+
+    def request(self, method: str, path: str, form: dict | None = None, headers: dict | None = None) -> tuple[int, dict, str]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30, source_address=(self.source, 0))
+        h = {"Host": f"127.0.0.1:{self.port}", **(headers or {})}
+        if self.cookies:
+            h["Cookie"] = "; ".join(f"{k}={v}" for k, v in self.cookies.items())
+        body = None
+        if form is not None:
+            body = urllib.parse.urlencode(form)
+            h["Content-Type"] = "application/x-www-form-urlencoded"
+        try:
+            conn.request(method, path, body=body, headers=h)
+            resp = conn.getresponse()
+            text = resp.read().decode("utf-8", "replace")
+            for name, value in resp.getheaders():
+                if name.lower() == "set-cookie":
+                    key, _, rest = value.partition("=")
+                    val = rest.split(";")[0]
+                    if "Max-Age=0" in value:
+                        self.cookies.pop(key, None)
+                    else:
+                        self.cookies[key] = val
+            return (
+                resp.status,
+                {k.lower(): v for k, v in resp.getheaders()} | {"set-cookie-all": resp.msg.get_all("Set-Cookie") or []},
+                text,
+            )
+        finally:
+            conn.close()
+
+    def form_token(self) -> str:
+        status, _, text = self.request("GET", "/status")
+        assert status == 200
+        return re.search(r'name="csrf" value="([^"]+)"', text).group(1)
+
+    def login(self, username: str, password: str, **extra: str) -> tuple[int, dict, str]:
+        return self.request("POST", "/status/login", {"username": username, "password": password, "csrf": self.form_token(), **extra})
+
+
+@pytest.fixture(scope="module")
+def appliance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Appliance]:
+    app = Appliance(tmp_path_factory.mktemp("status"), api_workers=1, task_workers=1, monitor=True)
+    app.start()
+    for name, pw, admin in ((ADMIN, ADMIN_PW, True), (USER, USER_PW, False), ("demoted", "Demoted-pass-123", True)):
+        r = app.cli("user", "create", name, *(["--admin"] if admin else []), "--password-stdin", stdin=pw + "\n")
+        assert r.returncode == 0, r.stderr
+    yield app
+    app.stop()
+
+
+def _refused_everywhere(b: Browser) -> None:
+    for path in DATA:
+        status, headers, text = b.request("GET", path)
+        assert status == 401, (path, status, text)
+        assert '"login_required"' in text and "processes" not in text
+        assert headers["content-type"] == "application/json"
+
+
+def test_anonymous_and_forged_cookies_get_the_form_and_no_data(appliance: Appliance) -> None:
+    b = Browser(appliance.port)
+    status, headers, text = b.request("GET", "/status")
+    assert status == 200 and 'action="/status/login"' in text and "processes" not in text
+    assert "default-src 'none'" in headers["content-security-policy"]
+    _refused_everywhere(b)
+    b.cookies["appliance_status"] = "forged-" + "A" * 40
+    _refused_everywhere(b)
+    status, _, text = b.request("GET", "/status")
+    assert status == 200 and 'id="login-form"' in text
+
+
+def test_wrong_password_and_non_admins_are_refused(appliance: Appliance) -> None:
+    b = Browser(appliance.port)
+    status, _, text = b.login(ADMIN, "wrong-password-1")
+    assert status == 401 and "invalid username or password" in text and 'id="login-error"' in text
+    assert "appliance_status" not in b.cookies
+    status, _, text = b.login(USER, USER_PW)
+    assert status == 403 and "for administrators" in text
+    assert "appliance_status" not in b.cookies
+    _refused_everywhere(b)
+
+
+def test_admin_login_rotates_the_session_and_sets_strict_cookies(appliance: Appliance) -> None:
+    b = Browser(appliance.port)
+    b.cookies["appliance_status"] = "fixated-by-an-attacker-" + "x" * 30
+    status, headers, _ = b.login(ADMIN, ADMIN_PW)
+    assert status == 303 and headers["location"] == "/status"
+    session_cookie = next(c for c in headers["set-cookie-all"] if c.startswith("appliance_status="))
+    for flag in ("HttpOnly", "SameSite=Strict", "Path=/status"):
+        assert flag in session_cookie
+    assert "Secure" not in session_cookie  # plain HTTP here; behind TLS the cookie is Secure and __Host- named
+    assert not b.cookies["appliance_status"].startswith("fixated")
+    status, _, text = b.request("GET", "/status")
+    assert status == 200 and 'id="processes"' in text and 'action="/status/logout"' in text
+    snap = wait_until(lambda: (r := b.request("GET", "/status/api/snapshot"))[0] == 200 and '"rows"' in r[2] and r[2], timeout=20)
+    assert snap and '"role":"api"' in snap and '"overview"' in snap
+    status, _, text = b.request("GET", "/status/api/history?since=0")
+    assert status == 200 and '"points"' in text
+    status, _, _ = b.request("GET", "/status/api/history?since=soon")
+    assert status == 400
+
+
+def test_cross_site_and_tokenless_posts_fail(appliance: Appliance) -> None:
+    b = Browser(appliance.port)
+    assert b.login(ADMIN, ADMIN_PW)[0] == 303
+    page = b.request("GET", "/status")[2]
+    csrf = re.search(r'name="csrf" value="([^"]+)"', page).group(1)
+    evil = {"Origin": "https://evil.example", "Sec-Fetch-Site": "cross-site"}
+    assert b.request("POST", "/status/logout", {"csrf": csrf}, headers=evil)[0] == 403
+    assert b.request("POST", "/status/logout", {"csrf": csrf}, headers={"Origin": "https://evil.example"})[0] == 403
+    assert b.request("POST", "/status/logout", {"csrf": "guessed"})[0] == 403
+    assert b.request("POST", "/status/logout", {})[0] == 403
+    assert b.request("GET", "/status/api/snapshot")[0] == 200  # none of those logged the admin out
+    # A cross-site login post: SameSite keeps the pre-login cookie home, so the token cannot match.
+    other = Browser(appliance.port)
+    token = other.form_token()
+    other.cookies.clear()
+    assert other.request("POST", "/status/login", {"username": ADMIN, "password": ADMIN_PW, "csrf": token})[0] == 403
+    assert other.request("POST", "/status/login", {"username": ADMIN, "password": ADMIN_PW, "csrf": token}, headers=evil)[0] == 403
+    assert "appliance_status" not in other.cookies
+    # GET on the form endpoints and other methods on the page are refused.
+    assert b.request("GET", "/status/logout")[0] == 405
+    assert b.request("DELETE", "/status")[0] == 405
+
+
+def test_logout_ends_the_session_on_the_server(appliance: Appliance) -> None:
+    b = Browser(appliance.port)
+    assert b.login(ADMIN, ADMIN_PW)[0] == 303
+    sid = b.cookies["appliance_status"]
+    csrf = re.search(r'name="csrf" value="([^"]+)"', b.request("GET", "/status")[2]).group(1)
+    status, headers, _ = b.request("POST", "/status/logout", {"csrf": csrf})
+    assert status == 303 and headers["location"] == "/status"
+    assert "appliance_status" not in b.cookies
+    b.cookies["appliance_status"] = sid  # replaying the old cookie: dead on the server
+    _refused_everywhere(b)
+
+
+def test_a_demoted_admin_loses_the_page_at_the_next_poll(appliance: Appliance) -> None:
+    b = Browser(appliance.port)
+    assert b.login("demoted", "Demoted-pass-123")[0] == 303
+    assert b.request("GET", "/status/api/snapshot")[0] == 200
+    r = appliance.cli("user", "set-role", "demoted", "user")
+    assert r.returncode == 0, r.stderr
+    _refused_everywhere(b)
+
+
+def test_the_login_form_shares_the_login_rate_limit_zone(appliance: Appliance) -> None:
+    b = Browser(appliance.port)
+    # A new user name each time, so no account lockout; 12 stays below the address lockout (20): any 429 is the zone's.
+    answers = [b.login(f"nobody{i}", "Nobody-pass-123") for i in range(12)]
+    limited = [text for status, _, text in answers if status == 429]
+    assert limited and all('"rate_limited"' in text for text in limited), [a[0] for a in answers]
+
+
+def test_static_assets_are_vendored_and_small(appliance: Appliance) -> None:
+    b = Browser(appliance.port)
+    total = 0
+    for name in ("status.css", "status.js"):
+        status, headers, text = b.request("GET", f"/status/static/{name}")
+        assert status == 200 and headers["x-content-type-options"] == "nosniff"
+        total += len(text.encode())
+        assert "http://" not in text.replace("http://www.w3.org/2000/svg", "") and "https://" not in text
+    total += len((Path(__file__).parents[2] / "appliance/monitor/static/status.html").read_bytes())
+    assert total < 250 * 1024
+    assert b.request("GET", "/status/static/../../config.py")[0] in (400, 404)  # the balancer refuses dot segments itself
+    assert b.request("GET", "/status/static/secrets.toml")[0] == 404
