@@ -116,3 +116,20 @@ def test_version_and_help() -> None:
     for args in (["--help"], ["init", "--help"], ["user", "create", "--help"], ["check", "--help"]):
         r = run(*args)
         assert r.returncode == 0 and "usage:" in r.stdout
+
+
+def test_migrate_refuses_user_names_that_clash_ignoring_case(tmp_path: Path) -> None:
+    from appliance import db
+    from appliance.config import load_config
+    from appliance.db.models import User
+    from tests.conftest import write_config
+
+    cfg_path = write_config(tmp_path / "clash")
+    handle = db.open_database(load_config(cfg_path, env={}))
+    db.migrations.migrate(handle, target=2)  # a database from before names were unique ignoring case
+    first = User.create(username="Dana", email="d1@example.com", password_hash="x").id
+    second = User.create(username="dana", email="d2@example.com", password_hash="x").id
+    handle.close()
+    r = run("migrate", "--config", str(cfg_path))
+    assert r.returncode == 1
+    assert f"'Dana' (id {first})" in r.stderr and f"'dana' (id {second})" in r.stderr and "rename" in r.stderr
