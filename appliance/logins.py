@@ -180,9 +180,10 @@ def reconfirm(
     """Check what a logged-in user presents again: None when all of it is right, else "password" or "code".
 
     The password is checked first (a recovery code is not spent on a wrong
-    password); `code` may be a TOTP code or a recovery code and is spent when
-    right (with recovery_codes=False only a TOTP code is). Raises LoginRefused 429 while the account or address is locked; each
-    wrong answer counts toward that lockout and is audited as `<action>_failed`.
+    password); `code` may be a TOTP code or a recovery code (only a TOTP code
+    with recovery_codes=False) and is spent when right. Raises LoginRefused 429
+    while the account or address is locked; each wrong answer counts toward
+    that lockout and is audited as `<action>_failed`.
     """
     audit = audit or database_audit(address)
     t, at = _clock(now)
@@ -192,11 +193,11 @@ def reconfirm(
     if password is not None and not passwords.verify_password(password, user.password_hash):
         _count_failure(g, name, address, at, audit, f"{action}_failed", user, "bad_password")
         return "password"
-    if code is not None and not (
-        secondfactor.consume_second_factor(user, code, cfg.secrets.jwt_secret, at=t)
-        if recovery_codes
-        else secondfactor.consume_code(user, code, at=t)
-    ):
+    if recovery_codes:
+        code_ok = code is None or secondfactor.consume_second_factor(user, code, cfg.secrets.jwt_secret, at=t) is not None
+    else:
+        code_ok = code is None or secondfactor.consume_code(user, code, at=t)
+    if not code_ok:
         _count_failure(g, name, address, at, audit, f"{action}_failed", user, "bad_mfa_token")
         return "code"
     return None
