@@ -13,7 +13,9 @@ raises ConfigError and nothing starts.
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 import tomllib
 import typing
 from pathlib import Path
@@ -167,6 +169,16 @@ class QueueSettings(Section):
     callback_timeout: Annotated[float, _h("seconds per callback POST", gt=0, le=600)] = 5.0
     callback_retries: Annotated[int, _h("extra tries of a failing callback", ge=0, le=20)] = 3
     history_days: Annotated[int, _h("days database_cleanup keeps by default", ge=1, le=36500)] = 30
+    audit_retention_days: Annotated[
+        int, _h("days of audit events database_cleanup always keeps, whatever its `days` (admins' included)", ge=1, le=36500)
+    ] = 90
+    callback_allow: Annotated[
+        list[str],
+        _h(
+            "CIDRs and host names task callbacks may reach although internal (loopback, private, link-local... "
+            "are refused by default), e.g. ['10.1.2.0/24', 'hooks.internal']"
+        ),
+    ] = []
     user_max_pending: Annotated[
         int, _h("queued + running tasks one user may have (429 quota_exceeded beyond); 0 means no quota; admins are exempt", ge=0)
     ] = 200
@@ -429,6 +441,22 @@ def _check_relations(cfg: Config, where: str, problems: list[str]) -> None:
         problems.append(f"{where}: [balancer] auth_subrequest_url is required when auth_mode = 'subrequest'")
     if cfg.balancer.auth_mode == "callable" and ":" not in cfg.balancer.auth_callable:
         problems.append(f"{where}: [balancer] auth_callable must be 'module:function' when auth_mode = 'callable'")
+    for entry in cfg.queue.callback_allow:
+        if not _is_cidr(entry) and not _HOST_NAME_RE.fullmatch(entry):
+            problems.append(
+                f"{where}: [queue] callback_allow entry {entry!r} is invalid; allowed: a CIDR (10.0.0.0/8, fd00::/8) or a host name"
+            )
+
+
+_HOST_NAME_RE = re.compile(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?")
+
+
+def _is_cidr(entry: str) -> bool:
+    try:
+        ipaddress.ip_network(entry, strict=False)
+    except ValueError:
+        return False
+    return True
 
 
 def _is_host_port(addr: str) -> bool:

@@ -1,15 +1,21 @@
 """The built-in task types that do real work: sample, sleep, database_cleanup, report.
 
-- sample: echoes its data (and the previous chain step's result), optionally
-  taking `duration` seconds in `steps` progress steps; `fail_times` makes the
-  first N attempts fail (to exercise retries); `noop` skips progress writes
-  (the benchmark's task).
+- sample: echoes its data: the result holds every field it was given (known
+  and unknown, e.g. {"test": "health_check"}) at its top level and again under
+  `echo`, with `attempt` and the previous chain step's result. Known fields
+  are validated: `duration` seconds in `steps` progress steps; `fail_times`
+  makes the first N attempts fail (to exercise retries); `noop` skips progress
+  writes (the benchmark's task).
 - sleep: sleeps `seconds`, checking for cancellation every 0.2 s unless
-  `uninterruptible` (which only a forced cancel stops).
-- database_cleanup: deletes task history, task logs, node heartbeats and audit
-  events older than `days` in batches of `batch_size` rows per transaction.
-- report: task statistics over a period and API statistics from the shared
-  metrics (requests, errors) and audit events.
+  `uninterruptible` (which only a forced cancel stops). Longer than
+  SLEEP_ANYONE seconds is for administrators only (it holds a worker slot).
+- database_cleanup (administrators only): deletes task history, task logs,
+  node heartbeats and audit events older than `days` in batches of
+  `batch_size` rows per transaction; audit events younger than [queue]
+  audit_retention_days are kept whatever `days` says.
+- report (administrators only): task statistics over a period, over every
+  user, and API statistics from the shared metrics (requests, errors) and
+  audit events.
 """
 
 from __future__ import annotations
@@ -36,22 +42,28 @@ class SampleInput(msgspec.Struct, kw_only=True):
     payload: Any = None
 
 
-@task_type("sample", schema=SampleInput, description="echoes its data; optional duration with progress")
-def sample(ctx: Any, data: SampleInput) -> dict[str, Any]:
-    if data.noop:
+# what sample's result says itself; an input field of the same name is still in `echo`
+_SAMPLE_OWN = ("echo", "attempt", "previous_result")
+
+
+@task_type("sample", schema=SampleInput, description="echoes its data; optional duration with progress", keep_unknown_fields=True)
+def sample(ctx: Any, data: dict[str, Any]) -> dict[str, Any]:
+    if data["noop"]:
         return {"ok": True}
-    if ctx.attempt <= data.fail_times:
-        raise RuntimeError(f"sample failure on attempt {ctx.attempt} (fail_times={data.fail_times})")
+    if ctx.attempt <= data["fail_times"]:
+        raise RuntimeError(f"sample failure on attempt {ctx.attempt} (fail_times={data['fail_times']})")
     ctx.log(f"sample started (attempt {ctx.attempt})")
-    if data.duration > 0:
-        step = data.duration / data.steps
-        for i in range(1, data.steps + 1):
+    steps = data["steps"]
+    if data["duration"] > 0:
+        step = data["duration"] / steps
+        for i in range(1, steps + 1):
             ctx.sleep(step)
-            ctx.progress(100.0 * i / data.steps, f"step {i} of {data.steps}")
+            ctx.progress(100.0 * i / steps, f"step {i} of {steps}")
     else:
         ctx.progress(100.0, "done")
     ctx.log("sample finished")
-    out: dict[str, Any] = {"echo": msgspec.to_builtins(data), "attempt": ctx.attempt}
+    out: dict[str, Any] = {k: v for k, v in data.items() if k not in _SAMPLE_OWN}
+    out.update(echo=data, attempt=ctx.attempt)
     if ctx.previous_result is not None:
         out["previous_result"] = ctx.previous_result
     return out
@@ -62,7 +74,20 @@ class SleepInput(msgspec.Struct, kw_only=True):
     uninterruptible: bool = False
 
 
-@task_type("sleep", schema=SleepInput, description="sleeps for `seconds` (cancellable unless uninterruptible)")
+SLEEP_ANYONE = 60.0  # seconds of sleep any user may ask for
+
+
+def _long_sleep(data: SleepInput) -> bool:
+    """longer than 60 seconds"""
+    return data.seconds > SLEEP_ANYONE
+
+
+@task_type(
+    "sleep",
+    schema=SleepInput,
+    description="sleeps for `seconds` (cancellable unless uninterruptible); over 60 s administrators only",
+    admin_only_when=_long_sleep,
+)
 def sleep(ctx: Any, data: SleepInput) -> dict[str, Any]:
     start = time.monotonic()
     ctx.log(f"sleeping {data.seconds}s")
@@ -90,22 +115,34 @@ def _delete_older(model: Any, column: Any, cutoff: _dt.datetime, batch: int, ctx
             total += model.delete().where(model.id.in_(ids)).execute()
 
 
-@task_type("database_cleanup", schema=CleanupInput, description="deletes history, logs, heartbeats and audit rows older than N days")
+AUDIT_RETENTION_DEFAULT = 90  # days; [queue] audit_retention_days
+
+
+@task_type(
+    "database_cleanup",
+    schema=CleanupInput,
+    description="deletes history, logs, heartbeats and audit rows older than N days (audit rows: never below the retention floor)",
+    admin_only=True,
+)
 def database_cleanup(ctx: Any, data: CleanupInput) -> dict[str, Any]:
     days = data.days if data.days is not None else (ctx.cfg.queue.history_days if ctx.cfg else 30)
-    cutoff = utcnow() - _dt.timedelta(days=days)
+    now = utcnow()
+    cutoff = now - _dt.timedelta(days=days)
+    # the audit trail outlives any one cleanup request, an administrator's included
+    audit_days = max(days, ctx.cfg.queue.audit_retention_days if ctx.cfg else AUDIT_RETENTION_DEFAULT)
+    audit_cutoff = now - _dt.timedelta(days=audit_days)
     deleted: dict[str, int] = {}
     deleted["task_history"] = _delete_older(TaskHistory, TaskHistory.at, cutoff, data.batch_size, ctx)
     ctx.progress(25, "task history pruned")
     deleted["task_logs"] = _delete_older(TaskLog, TaskLog.at, cutoff, data.batch_size, ctx)
     ctx.progress(50, "task logs pruned")
-    deleted["audit_events"] = _delete_older(AuditEvent, AuditEvent.at, cutoff, data.batch_size, ctx)
+    deleted["audit_events"] = _delete_older(AuditEvent, AuditEvent.at, audit_cutoff, data.batch_size, ctx)
     ctx.progress(75, "audit events pruned")
-    hb_cutoff = utcnow() - _dt.timedelta(minutes=data.heartbeat_minutes)
+    hb_cutoff = now - _dt.timedelta(minutes=data.heartbeat_minutes)
     # a live node's row is never older than heartbeat_minutes, whatever `days` says
     deleted["node_heartbeats"] = NodeHeartbeat.delete().where(NodeHeartbeat.last_heartbeat < min(hb_cutoff, cutoff)).execute()
-    ctx.log(f"cleanup older than {days} days: {deleted}")
-    return {"cutoff": iso(cutoff), "deleted": deleted}
+    ctx.log(f"cleanup older than {days} days (audit events older than {audit_days} days): {deleted}")
+    return {"cutoff": iso(cutoff), "audit_cutoff": iso(audit_cutoff), "deleted": deleted}
 
 
 class ReportInput(msgspec.Struct, kw_only=True):
@@ -135,7 +172,7 @@ def _api_statistics() -> dict[str, Any]:
         return {}
 
 
-@task_type("report", schema=ReportInput, description="task and API statistics over a period")
+@task_type("report", schema=ReportInput, description="task and API statistics over a period, over every user", admin_only=True)
 def report(ctx: Any, data: ReportInput) -> dict[str, Any]:
     end = utcnow()
     start = end - _dt.timedelta(hours=data.hours)

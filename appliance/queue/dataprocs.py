@@ -27,16 +27,25 @@ import orjson
 from msgspec import Meta
 
 from appliance.db.models import DataRecord, Upload, database
-from appliance.queue.registry import task_type
+from appliance.errors import NotFound
+from appliance.queue.registry import owner_rights, task_type
 
 DATASET_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"
 MAX_REASONS = 100
 
 
-def _upload_path(upload_id: str) -> tuple[str, int]:
+def owned_upload(upload_id: str, user_id: int | None, admin: bool, field: str = "upload_id") -> Upload:
+    """The upload when the caller may read it (its owner or an admin), else NotFound: ids are no oracle."""
     up = Upload.get_or_none(Upload.id == upload_id)
-    if up is None:
-        raise ValueError(f"upload {upload_id!r} does not exist")
+    if up is None or not (admin or (user_id is not None and up.owner_id == user_id)):
+        raise NotFound(f"no uploaded file {upload_id!r}", details={"field": field})
+    return up
+
+
+def _upload_path(upload_id: str, ctx: Any) -> tuple[str, int]:
+    """Path and size of an upload the task's owner may read (checked again here: submit was a while ago)."""
+    user_id, admin = owner_rights(ctx.owner_id)
+    up = owned_upload(upload_id, user_id, admin)
     return up.path, up.size
 
 
@@ -144,11 +153,18 @@ def _lines(fh: Any, encoding: str, seen: list[int]) -> Iterator[str]:
         yield raw.decode(encoding, errors="replace")
 
 
+def _profile_access(data: CsvProfileInput, user_id: int | None, admin: bool) -> None:
+    owned_upload(data.upload_id, user_id, admin, "data.upload_id")
+
+
 @task_type(
-    "csv_profile", schema=CsvProfileInput, description="profiles an uploaded CSV file: rows, columns, types, nulls, min/max/mean, distinct"
+    "csv_profile",
+    schema=CsvProfileInput,
+    description="profiles an uploaded CSV file: rows, columns, types, nulls, min/max/mean, distinct",
+    access=_profile_access,
 )
 def csv_profile(ctx: Any, data: CsvProfileInput) -> dict[str, Any]:
-    path, size = _upload_path(data.upload_id)
+    path, size = _upload_path(data.upload_id, ctx)
     seen = [0]
     columns: list[_Column] = []
     rows = 0
@@ -261,8 +277,8 @@ def check_record(record: Any, rules: list[Rule]) -> str | None:
     return None
 
 
-def _file_records(upload_id: str) -> Iterator[Any]:
-    path, _ = _upload_path(upload_id)
+def _file_records(upload_id: str, ctx: Any) -> Iterator[Any]:
+    path, _ = _upload_path(upload_id, ctx)
     with open(path, "rb") as fh:
         head = fh.read(1).lstrip()
         fh.seek(0)
@@ -276,9 +292,14 @@ def _file_records(upload_id: str) -> Iterator[Any]:
                     yield orjson.loads(line)
 
 
-@task_type("bulk_import", schema=BulkImportInput, description="validates records and stores them in a dataset")
+def _import_access(data: BulkImportInput, user_id: int | None, admin: bool) -> None:
+    if data.source_file_id is not None:
+        owned_upload(data.source_file_id, user_id, admin, "data.source_file_id")
+
+
+@task_type("bulk_import", schema=BulkImportInput, description="validates records and stores them in a dataset", access=_import_access)
 def bulk_import(ctx: Any, data: BulkImportInput) -> dict[str, Any]:
-    source = iter(data.records) if data.records is not None else _file_records(data.source_file_id or "")
+    source = iter(data.records) if data.records is not None else _file_records(data.source_file_id or "", ctx)
     total_hint = len(data.records) if data.records is not None else 0
     imported = skipped = failed = 0
     reasons: list[dict[str, Any]] = []

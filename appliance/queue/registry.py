@@ -18,9 +18,24 @@ as Python files in `[queue] tasks_dir`, each declaring its types with the
         ctx.progress(50, "half way")
         return {"path": data.path}
 
-Submit validates input with `TaskType.parse` (a ValidationFailed naming the
-field on bad input); the runner parses again before running, so a task row
-whose schema changed since submit fails cleanly instead of crashing a worker.
+Who may run a type: `admin_only=True` reserves it for administrators;
+`admin_only_when=predicate(parsed_input) -> bool` reserves only some inputs
+(the predicate's docstring says which, in the 403 message); `access=check(parsed
+input, user_id, admin)` is the type's own check of what the input refers to
+(e.g. an upload the caller must own), raising an AppError (404 so ids are no
+oracle).
+
+`TaskType.admit` is the one admission check: every way a task enters (submit,
+batch, chain, data processing, bulk import, schedule create/update and each
+firing of a schedule) calls it with the caller. It validates the input with
+`parse` (a ValidationFailed naming the field on bad input), then applies the
+three rules above (a Forbidden naming the task type). The runner only parses
+again before running, so a task row whose schema changed since submit fails
+cleanly instead of crashing a worker.
+
+`keep_unknown_fields=True` hands the task a dict instead of the Struct: the
+input as sent, with the schema's fields validated and defaulted (`sample`
+echoes fields it does not know).
 """
 
 from __future__ import annotations
@@ -35,7 +50,8 @@ from typing import Any
 import msgspec
 
 from appliance import plugins
-from appliance.errors import BadRequest, ValidationFailed
+from appliance.db.models import User
+from appliance.errors import BadRequest, Forbidden, ValidationFailed
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +70,45 @@ class TaskType:
     description: str = ""
     source: str = "builtin"
     extra: dict[str, Any] = field(default_factory=dict)
+    admin_only: bool = False
+    admin_only_when: Callable[[Any], bool] | None = None
+    access: Callable[[Any, int | None, bool], None] | None = None
+    keep_unknown_fields: bool = False
 
     def __call__(self, ctx: Any, data: Any) -> Any:
         return self.func(ctx, data)
+
+    def admit(self, data: Any, user_id: int | None, admin: bool, where: str = "") -> Any:
+        """The one admission check of a task entering: parse, who may run it, what it may touch.
+
+        `where` prefixes field names (e.g. "tasks[2]."); returns the parsed input.
+        """
+        if not admin and self.admin_only:  # before parsing: the input of such a type is none of the caller's business
+            self._forbid("", where)
+        parsed = self.parse(data, where=f"{where}data")
+        if not admin:
+            why = self.admin_reason(parsed)
+            if why is not None:
+                self._forbid(why, where)
+        if self.access is not None:
+            self.access(parsed, user_id, admin)
+        return parsed
+
+    def _forbid(self, why: str, where: str) -> None:
+        raise Forbidden(
+            f"task type {self.name!r}{why} may only be run by an administrator",
+            code="admin_only_task_type",
+            details={"task_type": self.name, "field": f"{where}task_type"},
+        )
+
+    def admin_reason(self, parsed: Any) -> str | None:
+        """None when anyone may run this input, else the words the 403 adds after the type's name."""
+        if self.admin_only:
+            return ""
+        if self.admin_only_when is not None and self.admin_only_when(parsed):
+            note = _first_line(self.admin_only_when)
+            return f" ({note})" if note else " with this input"
+        return None
 
     def parse(self, data: Any, where: str = "data") -> Any:
         """Validate task input against the schema; raise ValidationFailed naming the field."""
@@ -67,11 +119,14 @@ class TaskType:
         if self.schema is None:
             return data
         try:
-            return msgspec.convert(data, self.schema, strict=False)
+            parsed = msgspec.convert(data, self.schema, strict=False)
         except msgspec.ValidationError as exc:
             name = field_of(str(exc))
             shown = f"{where}.{name}" if name else where
             raise ValidationFailed(f"invalid {shown}: {exc}", field=shown) from None
+        if self.keep_unknown_fields:
+            return {**data, **msgspec.to_builtins(parsed)}
+        return parsed
 
     def json_schema(self) -> dict[str, Any]:
         if self.schema is None:
@@ -80,6 +135,18 @@ class TaskType:
             return msgspec.json.schema(self.schema)
         except Exception:  # a schema msgspec cannot describe still validates
             return {"type": "object"}
+
+
+def owner_rights(owner_id: int | None) -> tuple[int | None, bool]:
+    """(user id, admin now) of the owner of a task or schedule; no owner is the system (a task it made itself)."""
+    if owner_id is None:
+        return None, True
+    user = User.select(User.role, User.is_active).where(User.id == owner_id).first()
+    return owner_id, bool(user is not None and user.is_active and user.role == "admin")
+
+
+def _first_line(func: Any) -> str:
+    return (getattr(func, "__doc__", None) or "").strip().split("\n")[0]
 
 
 def field_of(message: str) -> str | None:
@@ -98,11 +165,29 @@ def field_of(message: str) -> str | None:
     return None
 
 
-def task_type(name: str, schema: type | None = None, description: str = "") -> Callable[[Callable[..., Any]], TaskType]:
-    """Decorator declaring a task type (used by built-ins and operator modules alike)."""
+def task_type(
+    name: str,
+    schema: type | None = None,
+    description: str = "",
+    *,
+    admin_only: bool = False,
+    admin_only_when: Callable[[Any], bool] | None = None,
+    access: Callable[[Any, int | None, bool], None] | None = None,
+    keep_unknown_fields: bool = False,
+) -> Callable[[Callable[..., Any]], TaskType]:
+    """Decorator declaring a task type (used by built-ins and operator modules alike); see the module docstring."""
 
     def wrap(func: Callable[..., Any]) -> TaskType:
-        return TaskType(name=name, func=func, schema=schema, description=description or (func.__doc__ or "").strip().split("\n")[0])
+        return TaskType(
+            name=name,
+            func=func,
+            schema=schema,
+            description=description or _first_line(func),
+            admin_only=admin_only,
+            admin_only_when=admin_only_when,
+            access=access,
+            keep_unknown_fields=keep_unknown_fields,
+        )
 
     return wrap
 
@@ -138,7 +223,14 @@ class Registry:
 
     def describe(self) -> list[dict[str, Any]]:
         return [
-            {"name": t.name, "description": t.description, "source": t.source, "schema": t.json_schema()}
+            {
+                "name": t.name,
+                "description": t.description,
+                "source": t.source,
+                "schema": t.json_schema(),
+                "admin_only": t.admin_only,
+                "admin_only_when": (_first_line(t.admin_only_when) or "some inputs") if t.admin_only_when else None,
+            }
             for t in sorted(self._types.values(), key=lambda t: t.name)
         ]
 

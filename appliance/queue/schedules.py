@@ -11,6 +11,9 @@ the task and moves next_run_at forward. Several schedulers (on one host or
 many) may tick at once; exactly one insert succeeds per slot, the others hit
 the unique index and move on. After downtime only the latest missed slot
 fires (once), and next_run_at becomes the first slot after `now`.
+Each firing admits its task with the owner's rights of that moment (they may
+have been demoted since the schedule was made): a refused slot leaves a failed
+task saying why, and the schedule is deactivated.
 Time is a parameter: tests pass `now` instead of waiting for the clock.
 """
 
@@ -27,10 +30,10 @@ from croniter import croniter
 from msgspec import Meta
 
 from appliance.db.models import Schedule, ScheduleRun, database
-from appliance.errors import NotFound, ValidationFailed
+from appliance.errors import AppError, NotFound, ValidationFailed
 from appliance.logs import fields
 from appliance.queue import quotas, records
-from appliance.queue.registry import registry_for
+from appliance.queue.registry import owner_rights, registry_for
 from appliance.times import UTC, iso, utcnow
 
 log = logging.getLogger(__name__)
@@ -132,7 +135,7 @@ def create(cfg: Any, caller: Any, req: ScheduleRequest | dict[str, Any], now: _d
     if isinstance(req, dict):
         req = _parse(ScheduleRequest, req)
     ttype = registry_for(cfg).get(req.task_type)
-    ttype.parse(req.data)
+    ttype.admit(req.data, caller.user_id, caller.admin)
     check_cron(req.schedule.expression, req.schedule.timezone)
     quotas.check_schedules(cfg, caller)
     now = now or utcnow()
@@ -182,8 +185,9 @@ def update(
         patch = _parse(SchedulePatch, patch)
     s = _visible(caller, schedule_id)
     now = now or utcnow()
+    # a changed schedule is admitted again, whatever changed: its owner may have lost the right since
+    registry_for(cfg).get(s.task_type).admit(s.data if patch.data is None else patch.data, caller.user_id, caller.admin)
     if patch.data is not None:
-        registry_for(cfg).get(s.task_type).parse(patch.data)
         s.data = patch.data
     if patch.schedule is not None:
         check_cron(patch.schedule.expression, patch.schedule.timezone)
@@ -227,20 +231,23 @@ def tick(cfg: Any, now: _dt.datetime | None = None) -> list[str]:
 def _fire(cfg: Any, s: Schedule, now: _dt.datetime) -> str | None:
     from appliance.queue import service
 
+    user_id, admin = owner_rights(s.owner_id)
     slot = latest_slot(s.expression, s.timezone, now)
     if slot < s.next_run_at:
         slot = s.next_run_at  # next_run_at itself is due (clock rounding); fire that slot
     nxt = next_slot(s.expression, s.timezone, max(now, slot))
     row: dict[str, Any] | None = None
+    refused: AppError | None = None
     try:
         with database.atomic():
             ScheduleRun.insert(schedule=s.id, slot=slot, fired_at=now).execute()
-            reg = registry_for(cfg)
-            ttype = reg.get(s.task_type)
-            ttype.parse(s.data)
+            try:
+                registry_for(cfg).get(s.task_type).admit(s.data, user_id, admin)
+            except AppError as exc:
+                refused = exc
             row = {
                 "id": records.new_id(),
-                "task_type": ttype.name,
+                "task_type": s.task_type,
                 "owner": s.owner_id,
                 "status": "queued",
                 "priority": s.priority,
@@ -250,16 +257,23 @@ def _fire(cfg: Any, s: Schedule, now: _dt.datetime) -> str | None:
                 "queued_at": now,
                 "schedule": s.id,
             }
+            if refused is not None:
+                error = f"schedule {s.id} may not run: {refused.message}; the schedule was deactivated"
+                row.update(status="failed", queued_at=None, finished_at=now, error=error[:2000], error_code=refused.code)
             records.insert_tasks([row])
             ScheduleRun.update(task_id=row["id"]).where((ScheduleRun.schedule == s.id) & (ScheduleRun.slot == slot)).execute()
             iterations = s.iterations + 1
-            active = not (s.max_iterations and iterations >= s.max_iterations)
+            active = refused is None and not (s.max_iterations and iterations >= s.max_iterations)
             Schedule.update(iterations=Schedule.iterations + 1, last_run_at=now, next_run_at=nxt, active=active, updated_at=now).where(
                 Schedule.id == s.id
             ).execute()
     except pw.IntegrityError:
         # Another scheduler fired this slot: its transaction also moved next_run_at.
         log.debug("slot already fired elsewhere", extra=fields(schedule_id=s.id, slot=iso(slot)))
+        return None
+    if refused is not None:
+        records.add_history(row["id"], "failed", row["error"], at=now)
+        log.warning("schedule refused", extra=fields(schedule_id=s.id, slot=iso(slot), task_id=row["id"], code=refused.code))
         return None
     records.add_history(row["id"], "queued", f"schedule {s.id} slot {iso(slot)}", at=now)
     log.info("schedule fired", extra=fields(schedule_id=s.id, slot=iso(slot), task_id=row["id"]))

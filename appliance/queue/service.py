@@ -106,9 +106,11 @@ def _prepare(cfg: Any, caller: Caller, req: SubmitRequest, where: str = "") -> d
         if where:
             exc.details["field"] = f"{where}task_type"
         raise
-    ttype.parse(req.data, where=f"{where}data")
+    ttype.admit(req.data, caller.user_id, caller.admin, where=where)  # who may run it, on what: the one check
     retry = req.retry_config or RetryConfig(max_retries=cfg.queue.default_max_retries)
-    cbs = callbacks.check_callbacks(msgspec.to_builtins(req.callbacks) if req.callbacks else None, where=f"{where}callbacks")
+    cbs = callbacks.check_callbacks(
+        msgspec.to_builtins(req.callbacks) if req.callbacks else None, where=f"{where}callbacks", policy=callbacks.policy_of(cfg)
+    )
     cbs = {k: v for k, v in cbs.items() if v}
     eta = None
     if req.eta:

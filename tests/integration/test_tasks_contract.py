@@ -1,7 +1,8 @@
-"""Contract tests of the task layer on both backends (SQLite+SqliteHuey, PostgreSQL+Redis), without worker processes.
+"""Contract tests of the task layer on both backends (SQLite+SqliteHuey, PostgreSQL+Redis).
 
 The API runs in-process; queue messages are taken off the real queue and executed
-in this process where a test needs a task to run (`run_next`).
+in this process where a test needs a task to run (`run_next`). The reference
+design's own health check (`sample` echoes its data) runs on a real worker process.
 """
 
 from __future__ import annotations
@@ -259,3 +260,22 @@ def test_cleanup_and_report_do_real_work(tenv):
     out = tenv.status(rep)["result"]
     assert out["tasks"]["by_status"]["succeeded"] == 2 and out["tasks"]["success_rate"] == 1.0
     assert service.stats(tenv.cfg, service.SYSTEM)["overview"]["completed"] == 3
+
+
+def test_sample_echoes_its_data_like_the_reference_health_check(tenv):
+    """API.md: sample echoes its data; the reference's health check submits {"test": "health_check"}."""
+    tenv.start()
+    r = tenv.post("/tasks/submit", {"task_type": "sample", "data": {"test": "health_check"}})
+    assert r.status_code == 200, r.text
+    s = tenv.wait(r.json["data"]["task_id"])
+    assert s["status"] == "succeeded", s
+    assert s["result"]["test"] == "health_check" and s["result"]["echo"]["test"] == "health_check"
+    # known fields still work and are validated, unknown ones of any JSON shape come back as sent
+    data = {"duration": 0.2, "steps": 2, "test_id": 7, "nested": {"a": [1, None]}, "attempt": "mine"}
+    s = tenv.wait(tenv.submit("sample", data))
+    assert s["status"] == "succeeded" and s["progress"]["percentage"] == 100.0
+    assert s["result"]["test_id"] == 7 and s["result"]["nested"] == {"a": [1, None]}
+    assert s["result"]["attempt"] == 1 and s["result"]["echo"]["attempt"] == "mine"  # its own fields win at the top
+    assert s["result"]["echo"]["duration"] == 0.2 and s["result"]["echo"]["steps"] == 2
+    r = tenv.post("/tasks/submit", {"task_type": "sample", "data": {"test": "health_check", "duration": "long"}})
+    assert r.status_code == 400 and r.json["error"]["details"]["field"] == "data.duration"

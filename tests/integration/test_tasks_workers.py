@@ -8,18 +8,15 @@ the work.
 from __future__ import annotations
 
 import datetime as dt
-import http.server
 import os
 import signal
-import threading
 import time
 
-import orjson
 import psutil
 import pytest
 
 from appliance.db.models import Schedule, ScheduleRun, Task
-from appliance.queue import callbacks, schedules, service
+from appliance.queue import schedules, service
 from appliance.times import parse_iso, utcnow
 from tests.integration import test_tasks_support as support
 
@@ -236,48 +233,6 @@ def test_schedule_fires_once_per_slot_with_two_schedulers(tenv):
     assert tenv.wait(tasks[0].id)["status"] == "succeeded"
     view = tenv.get(f"/tasks/schedules/{sch['schedule_id']}").json["data"]
     assert parse_iso(view["next_run_at"]) > utcnow() - dt.timedelta(seconds=1) and view["iterations"] == len(runs)
-
-
-class _Receiver(http.server.BaseHTTPRequestHandler):
-    got: list = []
-
-    def do_POST(self):
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        self.got.append((self.path, self.headers.get(callbacks.SIGNATURE_HEADER), body))
-        self.send_response(500 if self.path == "/flaky" and len([g for g in self.got if g[0] == "/flaky"]) == 1 else 204)
-        self.end_headers()
-
-    def log_message(self, *args):
-        pass
-
-
-def test_callbacks_arrive_signed(tenv):
-    _Receiver.got = []
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Receiver)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    base = f"http://127.0.0.1:{server.server_address[1]}"
-    try:
-        tenv.start()
-        ok_id = tenv.submit("sample", {"duration": 0.4, "steps": 2},
-                            callbacks={"progress_url": f"{base}/progress", "completion_url": f"{base}/flaky"})  # fmt: skip
-        bad_id = tenv.submit("sample", {"fail_times": 3}, callbacks={"error_url": f"{base}/error"})
-        tenv.wait(ok_id)
-        tenv.wait(bad_id)
-        deadline = time.monotonic() + 10
-        while {p for p, _, _ in _Receiver.got} != {"/progress", "/flaky", "/error"} or len(
-            [g for g in _Receiver.got if g[0] == "/flaky"]
-        ) < 2:
-            assert time.monotonic() < deadline, _Receiver.got
-            time.sleep(0.05)
-    finally:
-        server.shutdown()
-    secret = tenv.cfg.secrets.callback_secret
-    for path, sig, body in _Receiver.got:
-        assert callbacks.verify(secret, body, sig), path
-    bodies = {p: orjson.loads(b) for p, _, b in _Receiver.got}
-    assert bodies["/flaky"]["task_id"] == ok_id and bodies["/flaky"]["status"] == "succeeded" and bodies["/flaky"]["result"]["attempt"] == 1
-    assert bodies["/error"]["task_id"] == bad_id and bodies["/error"]["status"] == "failed"
-    assert bodies["/progress"]["progress"]["percentage"] in (50.0, 100.0)
 
 
 def test_sigterm_finishes_running_tasks_then_exits_0(tenv):

@@ -6,8 +6,8 @@ import datetime as dt
 
 import pytest
 
-from appliance.errors import BadRequest, ValidationFailed
-from appliance.queue import callbacks, huey_priority, schedules
+from appliance.errors import BadRequest, Forbidden, ValidationFailed
+from appliance.queue import huey_priority, schedules
 from appliance.queue.dataprocs import Rule, _Column, check_record
 from appliance.queue.reaper import parse_worker_id
 from appliance.queue.registry import build_registry, field_of
@@ -54,6 +54,50 @@ def test_operator_task_types_load_from_a_directory(tmp_path):
     with pytest.raises(ValidationFailed) as err:
         t.parse({"n": 1, "x": 2})
     assert err.value.details["field"] == "data.x"
+
+
+def test_task_types_declare_who_may_run_them():
+    reg = build_registry("")
+    for name in ("database_cleanup", "report"):
+        with pytest.raises(Forbidden) as err:
+            reg.get(name).admit({"days": 0}, user_id=7, admin=False, where="tasks[1].")
+        assert err.value.status == 403 and err.value.code == "admin_only_task_type"
+        assert err.value.details == {"task_type": name, "field": "tasks[1].task_type"} and repr(name) in err.value.message
+        reg.get(name).admit({}, user_id=1, admin=True)
+    sleep = reg.get("sleep")
+    sleep.admit({"seconds": 60}, user_id=7, admin=False)  # a minute is anyone's
+    with pytest.raises(Forbidden) as err:
+        sleep.admit({"seconds": 60.5}, user_id=7, admin=False)
+    assert "longer than 60 seconds" in err.value.message
+    sleep.admit({"seconds": 3600}, user_id=1, admin=True)
+    kinds = {t["name"]: (t["admin_only"], t["admin_only_when"]) for t in reg.describe()}
+    assert kinds["database_cleanup"] == (True, None) and kinds["sample"] == (False, None)
+    assert kinds["sleep"] == (False, "longer than 60 seconds")
+
+
+def test_operator_task_types_can_be_admin_only(tmp_path):
+    (tmp_path / "ops.py").write_text(
+        "from appliance.queue.registry import task_type\n"
+        "@task_type('purge', admin_only=True)\ndef purge(ctx, data):\n    return {}\n"
+        "def big(data):\n    return data.get('n', 0) > 10\n"
+        "@task_type('count', admin_only_when=big)\ndef count(ctx, data):\n    return {}\n"
+    )
+    reg = build_registry(str(tmp_path))
+    with pytest.raises(Forbidden):
+        reg.get("purge").admit({}, user_id=3, admin=False)
+    reg.get("count").admit({"n": 10}, user_id=3, admin=False)
+    with pytest.raises(Forbidden) as err:
+        reg.get("count").admit({"n": 11}, user_id=3, admin=False)
+    assert "with this input" in err.value.message
+
+
+def test_sample_keeps_fields_it_does_not_know_and_validates_those_it_does():
+    sample = build_registry("").get("sample")
+    parsed = sample.parse({"test": "health_check", "duration": 0.5})
+    assert parsed["test"] == "health_check" and parsed["duration"] == 0.5 and parsed["steps"] == 5
+    with pytest.raises(ValidationFailed) as err:
+        sample.parse({"test": "health_check", "duration": "long"})
+    assert err.value.details["field"] == "data.duration"
 
 
 def test_priority_one_is_most_urgent_in_huey():
@@ -121,18 +165,6 @@ def test_bad_cron_is_a_400_naming_the_field(expr, tz, field):
     with pytest.raises(ValidationFailed) as err:
         schedules.check_cron(expr, tz)
     assert err.value.details["field"] == field
-
-
-def test_callback_signature_and_urls():
-    body = b'{"a":1}'
-    sig = callbacks.sign("s" * 32, body)
-    assert sig.startswith("sha256=") and callbacks.verify("s" * 32, body, sig)
-    assert not callbacks.verify("t" * 32, body, sig)
-    assert callbacks.check_callbacks({"completion_url": "https://x.example/cb"}) == {"completion_url": "https://x.example/cb"}
-    for bad in ("file:///etc/passwd", "ftp://x/", "http://", "javascript:alert(1)"):
-        with pytest.raises(ValidationFailed) as err:
-            callbacks.check_callbacks({"error_url": bad})
-        assert err.value.details["field"] == "callbacks.error_url"
 
 
 def test_validation_rules():
