@@ -23,6 +23,7 @@ from appliance.monitor.history import History
 log = logging.getLogger(__name__)
 
 HISTORY_SECONDS = 3600.0
+RECENT_RESTART = 120.0  # seconds a restarted process stays marked (amber) on the page
 
 
 def _safe(fn: Any, *args: Any) -> Any:
@@ -46,11 +47,15 @@ def overview(sample: dict[str, Any]) -> list[dict[str, Any]]:
         roles.setdefault(r["role"], []).append(r)
     for role, members in roles.items():
         down = [f"{role}[{m['index']}] {m['state']}" for m in members if m.get("state") not in ("up", "draining")]
-        level = "green" if not down else ("red" if len(down) == len(members) else "amber")
+        recent = [
+            f"{role}[{m['index']}] restarted {int(m['uptime'])} s ago"
+            for m in members
+            if (m.get("restarts") or 0) > 0 and m.get("uptime") is not None and m["uptime"] < RECENT_RESTART
+        ]
+        level = "red" if down and len(down) == len(members) else ("amber" if down or recent else "green")
         restarts = sum(m.get("restarts") or 0 for m in members)
-        lines.append(
-            {"name": role, "level": level, "reason": "; ".join(down), "detail": f"{len(members)} process(es), {restarts} restart(s)"}
-        )
+        reason = "; ".join(down + recent)
+        lines.append({"name": role, "level": level, "reason": reason, "detail": f"{len(members)} process(es), {restarts} restart(s)"})
     if "error" in sample.get("processes", {}):
         lines.append({"name": "supervisor", "level": "red", "reason": sample["processes"]["error"], "detail": ""})
     db = sample.get("database", {})

@@ -4,6 +4,7 @@
   "use strict";
   var POLL_MS = 2000, HOUR = 3600, SVG = "http://www.w3.org/2000/svg";
   var points = [], since = 0;
+  var LABELS = { e4xx: "4xx", e5xx: "5xx", ok_min: "ok", fail_min: "failed", login_fail_min: "failed", lockouts_min: "locks" };
 
   function $(id) { return document.getElementById(id); }
   function el(tag, attrs, text) {
@@ -59,7 +60,9 @@
   // One SVG line chart of `keys` over the last hour; y from 0 to the largest value seen.
   function chart(id, keys, scale) {
     var svg = $(id), W = 320, H = 120, L = 30, B = 14, T = 6;
-    var now = points.length ? points[points.length - 1].t : Date.now() / 1000, t0 = now - HOUR;
+    // The x axis spans the history there is (at least 5 min, at most the hour kept), so a fresh start is readable.
+    var now = points.length ? points[points.length - 1].t : Date.now() / 1000;
+    var span = points.length ? Math.min(HOUR, Math.max(300, now - points[0].t)) : HOUR, t0 = now - span;
     var max = 0;
     points.forEach(function (p) { keys.forEach(function (k) { var v = p[k]; if (typeof v === "number") max = Math.max(max, v * (scale || 1)); }); });
     max = max > 0 ? max * 1.1 : 1;
@@ -68,18 +71,20 @@
     frag.appendChild(el("svg:line", { "class": "axis", x1: L, y1: T, x2: L, y2: H - B }));
     frag.appendChild(el("svg:text", { x: 2, y: T + 8 }, fmt(max)));
     frag.appendChild(el("svg:text", { x: 2, y: H - B }, "0"));
-    frag.appendChild(el("svg:text", { x: L, y: H - 2 }, "-60 min"));
+    frag.appendChild(el("svg:text", { x: L, y: H - 2 }, "-" + Math.round(span / 60) + " min"));
     frag.appendChild(el("svg:text", { x: W - 24, y: H - 2 }, "now"));
     keys.forEach(function (k, i) {
       var d = "", pen = "M";
       points.forEach(function (p) {
         var v = p[k];
         if (typeof v !== "number") { pen = "M"; return; }
-        var x = L + (W - L) * (p.t - t0) / HOUR, y = (H - B) - (H - B - T) * (v * (scale || 1)) / max;
+        if (p.t < t0) return;
+        var x = L + (W - L) * (p.t - t0) / span, y = (H - B) - (H - B - T) * (v * (scale || 1)) / max;
         d += pen + x.toFixed(1) + " " + y.toFixed(1) + " ";
         pen = "L";
       });
       frag.appendChild(el("svg:path", { "class": "s" + i, d: d.trim() || "M0 0", "data-series": k }));
+      if (keys.length > 1) frag.appendChild(el("svg:text", { "class": "legend t" + i, x: W - 40 * (keys.length - i), y: T + 8 }, LABELS[k] || k));
     });
     svg.replaceChildren(frag);
     svg.setAttribute("data-points", String(points.length));
@@ -121,7 +126,10 @@
     rows($("processes"), procs, function (p) {
       var bad = p.state !== "up" && p.state !== "draining";
       return [p.role, p.index, p.pid, { text: p.state, cls: bad ? "state-bad" : "state-up" }, p.restarts, ago(p.uptime), fmt(p.cpu), mb(p.rss), mb(p.pss), p.threads, p.open_files];
-    }, function (p) { return p.state === "up" || p.state === "draining" ? "" : "bad"; });
+    }, function (p) {
+      if (p.state !== "up" && p.state !== "draining") return "bad";
+      return p.restarts > 0 && p.uptime !== null && p.uptime < 120 ? "warn restarted" : "";
+    });
 
     var sec = s.security || {};
     $("security-now").textContent = sec.error ? sec.error : ("locked accounts " + sec.locked_accounts + ", locked addresses " + sec.locked_addresses +
