@@ -15,8 +15,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from appliance import __version__
-
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
 
@@ -65,7 +63,38 @@ def _read_password_stdin() -> str:
 
 
 def cmd_version(args: argparse.Namespace) -> int:
-    print(f"appliance {__version__}")
+    import json
+
+    from appliance import buildinfo
+
+    doc = buildinfo.info()
+    print(json.dumps(doc, indent=2) if args.json else buildinfo.render(doc))
+    return EXIT_OK
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    from appliance import backup
+
+    cfg = _load(args)
+    try:
+        backup.create(cfg, Path(args.file), with_secrets=args.with_secrets, progress=backup.Progress(quiet=args.quiet))
+    except backup.BackupError as exc:
+        raise CliError(str(exc)) from None
+    return EXIT_OK
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from appliance import backup, config
+
+    if args.data_dir:
+        data_dir = Path(args.data_dir)
+    else:
+        cfg_path = Path(args.config) if args.config else config.default_config_path()
+        data_dir = _load(args).data_dir if cfg_path.exists() else cfg_path.parent
+    try:
+        backup.restore(Path(args.file), data_dir, progress=backup.Progress(quiet=args.quiet))
+    except backup.BackupError as exc:
+        raise CliError(str(exc)) from None
     return EXIT_OK
 
 
@@ -259,8 +288,23 @@ def build_parser() -> argparse.ArgumentParser:
         _add_config(c)
     p.set_defaults(func=cmd_user)
 
-    p = sub.add_parser("version", help="print the version")
+    p = sub.add_parser("version", help="print the version, commit, build date, Python and bundled dependencies")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
     p.set_defaults(func=cmd_version)
+
+    p = sub.add_parser("backup", help="write one archive of the database, queue, uploads and config (while running is fine)")
+    _add_config(p)
+    p.add_argument("file", metavar="FILE", help="the archive to write (tar.gz, mode 0600)")
+    p.add_argument("--with-secrets", action="store_true", help="also include secrets.toml and the TLS key")
+    p.add_argument("--quiet", action="store_true", help="no progress on standard error")
+    p.set_defaults(func=cmd_backup)
+
+    p = sub.add_parser("restore", help="replace the data dir with a backup archive (the appliance must be stopped)")
+    _add_config(p)
+    p.add_argument("file", metavar="FILE", help="the archive written by `appliance backup`")
+    p.add_argument("--data-dir", metavar="DIR", help="data directory to restore into (default: the config file's)")
+    p.add_argument("--quiet", action="store_true", help="no progress on standard error")
+    p.set_defaults(func=cmd_restore)
 
     p = sub.add_parser("_child")  # internal: how the supervisor starts a role
     p.add_argument("role")

@@ -1,0 +1,178 @@
+"""`appliance backup` / `appliance restore` against a real running appliance, on SQLite and on PostgreSQL."""
+
+from __future__ import annotations
+
+import io
+import json
+import stat
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from tests.integration.supervised import Appliance, http_json, wait_until
+
+PASSWORD = "a-long-password-1"
+
+
+def _appliance(tmp: Path, engine: str, request: pytest.FixtureRequest) -> Appliance:
+    sections = {}
+    if engine == "postgresql":
+        sections["database"] = {"url": request.getfixturevalue("pg_url"), "max_connections": 4}
+    return Appliance(tmp, api_workers=1, task_workers=1, **sections)
+
+
+def _login(app: Appliance, name: str) -> str:
+    status, body = http_json(app.port, "POST", "/auth/login", {"username": name, "password": PASSWORD})
+    assert status == 200, body
+    return body["data"]["access_token"]
+
+
+def _user(app: Appliance, name: str) -> None:
+    result = app.cli("user", "create", name, "--password-stdin", stdin=PASSWORD + "\n")
+    assert result.returncode == 0, result.stderr
+
+
+def _users(app: Appliance) -> str:
+    result = app.cli("user", "list")
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def _members(archive: Path) -> dict[str, bytes]:
+    with tarfile.open(archive, "r:gz") as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+
+
+@pytest.mark.slow
+def test_round_trip_while_running(tmp_path, engine, request):
+    app = _appliance(tmp_path, engine, request).start()
+    try:
+        _user(app, "bob")
+        token = _login(app, "bob")
+        status, body = http_json(app.port, "POST", "/tasks/submit", {"task_type": "sample", "data": {"n": 42}}, token)
+        assert status in (200, 201, 202), body
+        task_id = body["data"]["task_id"]
+        assert wait_until(
+            lambda: http_json(app.port, "GET", f"/tasks/status/{task_id}", token=token)[1]["data"]["status"] == "succeeded", 60
+        )
+        upload = app.data / "uploads" / "u1" / "rows.csv"
+        upload.parent.mkdir(parents=True)
+        upload.write_text("a,b\n1,2\n")
+
+        archive = tmp_path / "backups" / "one.tar.gz"
+        result = app.cli("backup", str(archive))  # while it runs
+        assert result.returncode == 0, result.stderr
+        assert "backup complete" in result.stderr
+        assert stat.S_IMODE(archive.stat().st_mode) == 0o600
+        files = _members(archive)
+        manifest = json.loads(files["manifest.json"])
+        assert manifest["engine"] == engine and manifest["format"] == "appliance-backup"
+        assert "secrets.toml" not in files and "appliance.toml" in files and "uploads/u1/rows.csv" in files
+        assert ("database.pgdump" in files) == (engine == "postgresql")
+        assert ("appliance.db" in files) == (engine == "sqlite")
+        assert "queue.db" in files and not any(name.startswith("run/") for name in files)
+
+        refused = app.cli("restore", str(archive))
+        assert refused.returncode == 1 and "while the appliance runs" in refused.stderr, refused.stderr
+        assert (app.data / "appliance.toml").exists()
+        _user(app, "carol")  # after the backup: gone once it is restored
+    finally:
+        assert app.stop() == 0
+
+    result = app.cli("restore", str(archive))
+    assert result.returncode == 0, result.stderr
+    kept = [p for p in tmp_path.iterdir() if p.name.startswith("data.before-restore-")]
+    assert len(kept) == 1, list(tmp_path.iterdir())
+    assert (kept[0] / "appliance.toml").exists() and (kept[0] / "secrets.toml").exists()
+    if engine == "postgresql":
+        assert (kept[0] / "database.pgdump").stat().st_size > 0  # the replaced database is kept too
+    users = _users(app)
+    assert "bob" in users and "carol" not in users
+    assert (app.data / "uploads" / "u1" / "rows.csv").read_text() == "a,b\n1,2\n"
+
+    app.start(wait=False)  # its log goes on after the first run's lines
+    app.wait_for("appliance is up", timeout=90, after=1)
+    try:
+        token = _login(app, "bob")
+        status, body = http_json(app.port, "GET", f"/tasks/status/{task_id}", token=token)
+        assert status == 200 and body["data"]["status"] == "succeeded", body
+    finally:
+        assert app.stop() == 0
+
+
+@pytest.mark.slow
+def test_restore_into_a_fresh_data_dir(tmp_path):
+    app = Appliance(tmp_path, api_workers=1, task_workers=1)
+    assert app.cli("migrate").returncode == 0
+    _user(app, "dora")
+    archive = tmp_path / "b.tar.gz"
+    assert app.cli("backup", str(archive), "--with-secrets", "--quiet").returncode == 0
+    assert "secrets.toml" in _members(archive)
+    fresh = tmp_path / "elsewhere" / "data"
+    result = app.cli("restore", str(archive), "--data-dir", str(fresh))
+    assert result.returncode == 0, result.stderr
+    assert (fresh / "secrets.toml").read_bytes() == (app.data / "secrets.toml").read_bytes()
+    assert stat.S_IMODE(fresh.stat().st_mode) == 0o700
+    listed = app.cli("user", "list", "--config", str(fresh / "appliance.toml"))
+    assert "dora" in listed.stdout, listed.stderr
+
+
+def _rewrite(archive: Path, target: Path, change) -> Path:
+    files = _members(archive)
+    change(files)
+    with tarfile.open(target, "w:gz") as tar:
+        for name, body in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(body)
+            tar.addfile(info, io.BytesIO(body))
+    return target
+
+
+def test_damaged_and_foreign_archives_are_refused_and_nothing_changes(tmp_path):
+    app = Appliance(tmp_path, api_workers=1, task_workers=1)
+    assert app.cli("migrate").returncode == 0
+    _user(app, "erin")
+    good = tmp_path / "good.tar.gz"
+    assert app.cli("backup", str(good), "--quiet").returncode == 0
+    before = sorted(p.name for p in tmp_path.iterdir())
+
+    raw = bytearray(good.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    (tmp_path / "flipped.tar.gz").write_bytes(bytes(raw))
+    (tmp_path / "truncated.tar.gz").write_bytes(bytes(raw[: len(raw) // 3]))
+    (tmp_path / "text.tar.gz").write_text("not an archive")
+
+    def tamper(files):
+        files["appliance.toml"] += b"\n# changed\n"
+
+    def foreign(files):
+        del files["manifest.json"]
+
+    def extra(files):
+        files["run/evil"] = b"x"
+
+    def newer(files):
+        doc = json.loads(files["manifest.json"])
+        doc["format_version"] = 99
+        files["manifest.json"] = json.dumps(doc).encode()
+
+    cases = {
+        "flipped.tar.gz": "damaged",
+        "truncated.tar.gz": "damaged",
+        "text.tar.gz": "damaged or not a tar.gz",
+        _rewrite(good, tmp_path / "tampered.tar.gz", tamper).name: "checksum of 'appliance.toml' does not match",
+        _rewrite(good, tmp_path / "foreign.tar.gz", foreign).name: "not an appliance backup",
+        _rewrite(good, tmp_path / "extra.tar.gz", extra).name: "does not list",
+        _rewrite(good, tmp_path / "newer.tar.gz", newer).name: "backup format 99",
+    }
+    db_bytes = (app.data / "appliance.db").read_bytes()
+    for name, problem in cases.items():
+        result = app.cli("restore", str(tmp_path / name))
+        assert result.returncode == 1, (name, result.stdout, result.stderr)
+        assert problem in result.stderr, (name, result.stderr)
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".tar.gz")) == sorted(
+        n for n in before if not n.endswith(".tar.gz")
+    )
+    assert (app.data / "appliance.db").read_bytes() == db_bytes
+    assert "erin" in _users(app)
