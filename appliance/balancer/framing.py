@@ -19,7 +19,8 @@ and decides what may travel to the other side:
   * header roles: each lower-cased name has a role (forward, drop, capture), so
     hop-by-hop headers (Connection and what it names, Keep-Alive, TE, Trailer,
     Upgrade, Proxy-*) never pass, and headers the proxy replaces (X-Forwarded-*,
-    X-Request-ID, identity headers) are captured instead of forwarded. The proxy
+    X-Request-ID, identity headers) are captured instead of forwarded; names with
+    '_' are dropped (a WSGI server would read them as their '-' spelling). The proxy
     extends the role table once at start; nothing is decided twice per header.
 
 Every refusal is a ProtocolError carrying the 4xx to answer with (h11's
@@ -472,7 +473,9 @@ class RequestFramer:
     def _learn(self, name: bytes) -> tuple[bytes, int, int]:
         """(lower-case name, role, bytes of ": \r\n" and name) of a name as spelled; remembered for the next request."""
         lname = name.lower()
-        role = DROP if lname.startswith(self.drop_prefixes) else self.roles.get(lname, FORWARD)
+        # A name with '_' is dropped (nginx's default): CGI/WSGI servers read "X_User" as "X-User",
+        # so it could stand in for a header this proxy replaces.
+        role = DROP if lname.startswith(self.drop_prefixes) or b"_" in lname else self.roles.get(lname, FORWARD)
         known = (lname, role, len(name) + 4)
         if len(self._names) < NAME_CACHE_SIZE:  # clients choose names: bounded
             self._names[name] = known

@@ -117,6 +117,15 @@ def test_redirect_listener_answers_308(tls_stack) -> None:
         answer = sock.recv(4096)
     assert answer.startswith(b"HTTP/1.1 308")
     assert b"location: https://example.com:%d/api/x?y=1\r\n" % s.port in answer
+    for line in (b"x-content-type-options: nosniff", b"x-frame-options: DENY", b"referrer-policy: no-referrer"):
+        assert line + b"\r\n" in answer
+    # A Host that is no authority never becomes a Location; the refusal carries the headers too.
+    for bad in (b"evil.com/x", b"a@evil.com", b"a, b"):
+        with socket.create_connection(("127.0.0.1", s.redirect), timeout=5) as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: " + bad + b"\r\n\r\n")
+            answer = sock.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 400") and b"location" not in answer.lower(), answer
+        assert b"cache-control: no-store\r\n" in answer and b"x-content-type-options: nosniff\r\n" in answer
 
 
 def test_init_self_signed_writes_private_key_and_config(tmp_path: Path) -> None:

@@ -1,7 +1,7 @@
 """The balancer's HTTP framing against a corpus of valid and smuggling requests, plus a fuzz target.
 
 Each corpus file under corpus/valid and corpus/invalid starts with "# key: value"
-lines, then the message; literal newlines in the file are ignored and escapes
+lines (a "# source:" line says where a case came from, see corpus/SOURCES.md), then the message; literal newlines in the file are ignored and escapes
 (\\r\\n, \\x00) are decoded, so every byte of a vector is visible. Each file is
 replayed whole, byte by byte, line by line and in random chunks: framing must
 not depend on how the bytes arrive.
@@ -28,6 +28,7 @@ from appliance.balancer.framing import (
     RequestFramer,
     ResponseFramer,
     ResponseHead,
+    canonical_path,
 )
 
 CORPUS = Path(__file__).parent / "corpus"
@@ -93,7 +94,7 @@ INVALID = sorted((CORPUS / "invalid").glob("*.http"))
 
 
 def test_corpus_is_there() -> None:
-    assert len(VALID) >= 10 and len(INVALID) >= 40
+    assert len(VALID) >= 40 and len(INVALID) >= 95
 
 
 @pytest.mark.parametrize("path", VALID, ids=lambda p: p.stem)
@@ -505,3 +506,92 @@ def test_a_remembered_request_after_blank_lines_leaves_no_head_bytes_counted() -
     framer.feed(split[:-4])  # a head still coming: 133 bytes counted, not 1,033
     framer.feed(split[-4:])
     assert [h.path for h in framer.handler.heads] == [b"/a", b"/b"]
+
+
+# -- issue 10: framing holes -------------------------------------------------------------------------
+
+
+def test_a_refused_pipelined_request_waits_behind_the_one_being_answered() -> None:
+    rec = Recorder()
+    framer = RequestFramer(rec)
+    # The second request's head and body start are good; its chunk-size line is not.
+    framer.feed(
+        b"POST /a HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhi"
+        b"POST /b HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\nzz\r\n"
+    )
+    assert [h.path for h in rec.heads] == [b"/a"] and rec.ends == 1 and bytes(rec.bodies[0]) == b"hi"
+    assert framer.backlog_bytes == 0  # nothing of the refused request is ever delivered
+    framer.feed(b"more bytes after it are not read")
+    with pytest.raises(ProtocolError) as err:
+        framer.release()
+    assert err.value.status == 400 and [h.path for h in rec.heads] == [b"/a"]
+    # A refusal within the request still being received is raised at once.
+    with pytest.raises(ProtocolError):
+        RequestFramer(Recorder()).feed(b"POST /a HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n")
+
+
+@pytest.mark.parametrize(
+    ("target", "canonical"),
+    [
+        (b"/auth/logi%6e", b"/auth/login"),
+        (b"/%61pi/protected", b"/api/protected"),
+        (b"/a%2D%2e%5f%7E%30", b"/a-._~0"),
+        (b"/a%20b%c3%a9", b"/a%20b%C3%A9"),
+        (b"/.well-known/x/..y/.z.", b"/.well-known/x/..y/.z."),
+        (b"/100%25", b"/100%25"),  # an escaped '%' stays escaped: never decoded twice
+    ],
+)
+def test_canonical_path_decodes_unreserved_escapes_only(target: bytes, canonical: bytes) -> None:
+    assert canonical_path(target) == canonical
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        b"/a%2fb",
+        b"/a%2Fb",
+        b"/a%5cb",
+        b"/a%00",
+        b"/a\\b",
+        b"/api/%2e%2e/x",
+        b"/api/%2E./x",
+        b"/a/./b",
+        b"/a/..",
+        b"/a/.",
+        b"/a%",
+        b"/a%4",
+        b"/a%g0",
+        b"/a%+1",
+    ],
+)
+def test_canonical_path_refuses(target: bytes) -> None:
+    with pytest.raises(ProtocolError) as err:
+        canonical_path(target)
+    assert err.value.status == 400
+
+
+def test_the_canonical_path_is_the_target_sent_on_and_the_query_is_kept() -> None:
+    rec = replay(b"GET /%61pi/x?next=%2e%2e%2f HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert rec.heads[0].path == b"/api/x" and rec.heads[0].target == b"/api/x?next=%2e%2e%2f"
+
+
+def test_an_upstream_connection_header_never_drops_its_framing_headers() -> None:
+    rec = ResponseRecorder()
+    ResponseFramer(rec).feed(b"HTTP/1.1 200 OK\r\nConnection: Content-Length, X-Hop\r\nContent-Length: 2\r\nX-Hop: 1\r\n\r\nok")
+    assert rec.heads[0].headers == [(b"Content-Length", b"2")] and bytes(rec.body) == b"ok"
+
+
+def test_chunk_bodies_split_anywhere_arrive_whole() -> None:
+    data = b'POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5 ; a = "b;c"\r\nhello\r\n0\r\nX-T: 1\r\n\r\n'
+    for cut in range(1, len(data)):
+        rec = replay(data, [data[:cut], data[cut:]])
+        assert bytes(rec.bodies[0]) == b"hello" and rec.ends == 1, cut
+
+
+def test_a_chunk_size_line_longer_than_the_limit_is_refused() -> None:
+    from appliance.balancer import framing
+
+    head = b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5;" + b"a" * framing.MAX_CHUNK_LINE
+    with pytest.raises(ProtocolError) as err:
+        replay(head, [head[:100], head[100:]])
+    assert err.value.status == 400
