@@ -1,9 +1,9 @@
 """Public health endpoints: /health/ping, /health/status, /health/nodes.
 
 /health/ping never touches the database (the balancer's active check calls it
-every few seconds). /health/status times a `SELECT 1`, the queue's depth and a
-Redis PING; the database failing makes the answer "unhealthy" with 503, the
-others "degraded". Every check opens what it needs per call, so the status
+every few seconds). /health/status times a `SELECT 1`, the queue's depth (the
+queue is opened at start, not by the first check) and a Redis PING; the
+database failing makes the answer "unhealthy" with 503, the others "degraded". Every check opens what it needs per call, so the status
 recovers by itself as soon as the database is back. /health/nodes reads the
 heartbeats the supervisor's children write (appliance.db.models.NodeHeartbeat).
 """
@@ -194,6 +194,10 @@ class StatusResource:
     def __init__(self, ctx: ApiContext):
         self.ctx = ctx
         self.checks = HealthChecks(ctx)
+        # The first queue check of a process imports huey (and redis with it) and opens the queue: ~150 ms on
+        # SQLite, paid by the first /health/status of every worker. Done here, off any request, it costs a request
+        # what the check itself costs (a COUNT, well under a millisecond).
+        threading.Thread(target=self.checks.queue, name="queue-warmup", daemon=True).start()
 
     @operation(
         "Health of this node: database, queue, Redis and system",
