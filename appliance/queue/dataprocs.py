@@ -15,19 +15,17 @@ first 100 listed); stop ends at the first bad record, keeping what was stored.
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import re
 from collections.abc import Iterator
 from typing import Annotated, Any, Literal
 
 import msgspec
-import orjson
 from msgspec import Meta
 
 from appliance.db.models import DataRecord, Upload, database
 from appliance.errors import NotFound
+from appliance.queue import datalimits, jsonstream, patterns
 from appliance.queue.registry import owner_rights, task_type
 
 DATASET_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"
@@ -147,10 +145,19 @@ def _kind(v: str) -> str:
     return "string"
 
 
-def _lines(fh: Any, encoding: str, seen: list[int]) -> Iterator[str]:
-    for raw in fh:
-        seen[0] += len(raw)
+def _lines(fh: Any, encoding: str, seen: list[int], max_bytes: int) -> Iterator[str]:
+    for raw in datalimits.bounded_lines(fh, max_bytes, seen):
         yield raw.decode(encoding, errors="replace")
+
+
+def _limits(ctx: Any) -> Any:
+    """The config whose [queue] limits apply (a context built outside a worker has none: the defaults)."""
+    cfg = getattr(ctx, "cfg", None)
+    if cfg is None:
+        from appliance.config import Config
+
+        cfg = Config()
+    return cfg
 
 
 def _profile_access(data: CsvProfileInput, user_id: int | None, admin: bool) -> None:
@@ -170,8 +177,9 @@ def csv_profile(ctx: Any, data: CsvProfileInput) -> dict[str, Any]:
     rows = 0
     ragged = 0
     next_report = 0.0
+    cfg = _limits(ctx)
     with open(path, "rb") as fh:
-        reader = csv.reader(_lines(fh, data.encoding, seen), delimiter=data.delimiter)
+        reader = datalimits.csv_rows(_lines(fh, data.encoding, seen, cfg.queue.data_max_record_bytes), cfg, data.delimiter)
         for record in reader:
             if not columns:
                 names = record if data.has_header else [f"column_{i + 1}" for i in range(len(record))]
@@ -213,7 +221,7 @@ class Rule(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max: float | None = None
     min_length: int | None = None
     max_length: int | None = None
-    pattern: str | None = None
+    pattern: Annotated[str, Meta(max_length=patterns.MAX_PATTERN)] | None = None
     choices: list[Any] | None = None
 
 
@@ -231,8 +239,8 @@ class BulkImportInput(msgspec.Struct, kw_only=True):
         for rule in self.validation_rules:
             if rule.pattern is not None:
                 try:
-                    re.compile(rule.pattern)
-                except re.error as exc:
+                    patterns.compile_pattern(rule.pattern)
+                except patterns.PatternError as exc:
                     raise ValueError(f"validation rule for {rule.field}: bad pattern: {exc}") from None
 
 
@@ -270,7 +278,7 @@ def check_record(record: Any, rules: list[Rule]) -> str | None:
                 return f"{r.field}: shorter than {r.min_length}"
             if r.max_length is not None and len(v) > r.max_length:
                 return f"{r.field}: longer than {r.max_length}"
-        if r.pattern is not None and (not isinstance(v, str) or not re.fullmatch(r.pattern, v)):
+        if r.pattern is not None and (not isinstance(v, str) or not patterns.fullmatch(r.pattern, v)):
             return f"{r.field}: does not match {r.pattern}"
         if r.choices is not None and v not in r.choices:
             return f"{r.field}: not one of the allowed values"
@@ -279,17 +287,17 @@ def check_record(record: Any, rules: list[Rule]) -> str | None:
 
 def _file_records(upload_id: str, ctx: Any) -> Iterator[Any]:
     path, _ = _upload_path(upload_id, ctx)
-    with open(path, "rb") as fh:
-        head = fh.read(1).lstrip()
+    cfg = _limits(ctx)
+    longest, depth = cfg.queue.data_max_record_bytes, cfg.api.json_max_depth
+    with open(path, "rb") as fh:  # every reader holds one record at a time, at most `longest` bytes
+        head = fh.read(4096).lstrip()[:1]
         fh.seek(0)
         if path.lower().endswith(".csv"):
-            yield from csv.DictReader(io.TextIOWrapper(fh, encoding="utf-8", errors="replace"))
+            yield from datalimits.csv_dicts((raw.decode("utf-8", "replace") for raw in datalimits.bounded_lines(fh, longest)), cfg)
         elif head == b"[":
-            yield from orjson.loads(fh.read())
+            yield from jsonstream.array_records(fh, longest, depth)
         else:
-            for line in fh:
-                if line.strip():
-                    yield orjson.loads(line)
+            yield from jsonstream.line_records(fh, longest, depth)
 
 
 def _import_access(data: BulkImportInput, user_id: int | None, admin: bool) -> None:

@@ -129,3 +129,76 @@ def test_bulk_import_from_an_uploaded_file(tenv):
     assert tenv.status(r.json["data"]["task_id"])["result"]["imported"] == 7
     assert tenv.get("/api/data/nums").json["metadata"]["total"] == 8
     assert tenv.post("/api/data/bulk-import", {"dataset": "nums", "source_file_id": up}, who="bob").status_code == 404
+
+
+def _failed_naming(env, task_id, setting):
+    s = env.status(task_id)
+    assert s["status"] == "failed", s
+    assert s["error"]["code"] == "limit_exceeded" and setting in s["error"]["message"], s["error"]
+    return s["error"]["message"]
+
+
+def test_csv_profile_caps_columns_field_size_and_line_length(tenv):
+    # a 1 MB line of commas: a million columns, each of which used to get its own profile (about 0.5 GB)
+    r = upload(tenv, b"," * 1_000_000 + b"\n1\n")
+    assert run_next(tenv) == r.json["data"]["task_id"]
+    assert "1000001 columns" in _failed_naming(tenv, r.json["data"]["task_id"], "[queue] csv_max_columns")
+    # one quoted field larger than the field cap (its line is within the record cap)
+    r = upload(tenv, b'a,b\n1,"' + b"x" * 300_000 + b'"\n')
+    run_next(tenv)
+    _failed_naming(tenv, r.json["data"]["task_id"], "[queue] csv_max_field_bytes")
+    # 2 MB without a newline is never held whole
+    r = upload(tenv, b"a" * 2_000_000)
+    run_next(tenv)
+    _failed_naming(tenv, r.json["data"]["task_id"], "[queue] data_max_record_bytes")
+    # within the caps all is as before
+    r = upload(tenv, b"a,b\n" + b"1,2\n" * 10)
+    run_next(tenv)
+    assert tenv.status(r.json["data"]["task_id"])["result"]["columns"] == 2
+
+
+def _file(env, name: str, content: bytes, upload_id: str) -> str:
+    path = env.cfg.path(name)
+    path.write_bytes(content)
+    Upload.create(id=upload_id, owner=env.user_ids["alice"], filename=name, path=str(path), size=len(content))
+    return upload_id
+
+
+def _import(env, source: str, **extra) -> dict:
+    r = env.post("/api/data/bulk-import", {"dataset": "streamed", "source_file_id": source, "batch_size": 100, **extra})
+    assert r.status_code == 200, r.text
+    assert run_next(env) == r.json["data"]["task_id"]
+    return env.status(r.json["data"]["task_id"])
+
+
+def test_bulk_import_reads_a_json_array_file_one_record_at_a_time(tenv):
+    records = [{"n": i, "text": "x" * (i % 500), "nested": {"list": [i, None, True]}} for i in range(3000)]
+    s = _import(tenv, _file(tenv, "big.json", b"  \n" + orjson.dumps(records), "arr1"))
+    assert s["status"] == "succeeded" and s["result"]["imported"] == 3000, s
+    stored = tenv.get("/api/data/streamed", params={"per_page": 1, "page": 2999}).json["data"][0]["data"]
+    assert stored == records[2998]
+    # one element larger than the record cap ends the task naming the cap
+    tenv.cfg.queue.data_max_record_bytes = 65536
+    s = _import(tenv, _file(tenv, "long.json", b'[{"a": 1}, "' + b"y" * 200_000 + b'"]', "arr2"))
+    _failed_naming(tenv, s["task_id"], "[queue] data_max_record_bytes")
+    s = _import(tenv, _file(tenv, "deep.json", b"[" + b"[" * 100 + b"]" * 100 + b"]", "arr3"))
+    _failed_naming(tenv, s["task_id"], "[api] json_max_depth")
+    s = _import(tenv, _file(tenv, "bad.json", b'[{"a": 1}, nope]', "arr4"))
+    assert s["status"] == "failed" and "not a valid array" in s["error"]["message"], s
+    s = _import(tenv, _file(tenv, "long.jsonl", b'{"a": 1}\n' + b" " * 70_000 + b"\n", "lines1"))
+    _failed_naming(tenv, s["task_id"], "[queue] data_max_record_bytes")
+
+
+def test_user_patterns_cannot_backtrack(tenv):
+    # (a+)+$ against "a" * 40 + "b" takes Python's re longer than anyone waits; RE2 answers at once
+    values = [{"v": "a" * 40 + "b"}, {"v": "a" * 5000}, {"v": "ab"}]
+    rules = [{"field": "v", "pattern": "(a+)+$"}]
+    r = tenv.post("/api/data/bulk-import", {"dataset": "re", "records": values, "validation_rules": rules})
+    assert r.status_code == 200, r.text
+    run_next(tenv)
+    res = tenv.status(r.json["data"]["task_id"])["result"]
+    assert res["imported"] == 1 and res["skipped"] == 2, res
+    # constructs that need backtracking are refused at submit, naming the rule
+    for pattern in (r"(a)\1", "(?=a)a", "x" * 1001):
+        r = tenv.post("/api/data/bulk-import", {"dataset": "re", "records": [], "validation_rules": [{"field": "v", "pattern": pattern}]})
+        assert r.status_code == 400, (pattern, r.text)
