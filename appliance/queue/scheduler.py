@@ -5,7 +5,8 @@ SIGTERM/SIGINT, then exits 0. Any number of schedulers may run (on one host
 or many): each slot fires exactly once because firing inserts the unique
 (schedule, slot) ScheduleRun row in the same transaction as the task (see
 appliance.queue.schedules). The reaper does not run here: it runs in every
-worker (appliance.queue.worker), where the queue is consumed.
+worker (appliance.queue.worker), where the queue is consumed. The upload
+retention sweep (appliance.queue.retention) does: one scheduler runs per host.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from appliance.logs import fields
-from appliance.queue import records, schedules
+from appliance.queue import records, retention, schedules
 from appliance.times import utcnow
 
 log = logging.getLogger(__name__)
@@ -28,12 +29,14 @@ TICK = 1.0
 def run(cfg: Any, stop: threading.Event, clock: Callable[[], Any] = utcnow, interval: float = TICK) -> int:
     """Tick until `stop` is set; returns the number of tasks fired."""
     fired = 0
+    housekeeping = retention.Sweeper(cfg)  # one scheduler per host: the one place expired uploads are removed
     while not stop.is_set():
         try:
             fired += len(schedules.tick(cfg, clock()))
             records.flush()
         except Exception:
             log.exception("scheduler tick failed; trying again")
+        housekeeping()
         stop.wait(interval)
     return fired
 

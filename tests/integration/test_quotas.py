@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import os
+import time
+from pathlib import Path
+
 import orjson
+import pytest
 
 from appliance.db.models import Schedule, Task, Upload
+from appliance.queue import retention
+from appliance.times import utcnow
 from tests.integration import test_tasks_support as support
 from tests.integration.test_data_api import upload
+from tests.integration.test_tasks_contract import run_next
 
 tenv = support.tenv  # the fixture
 
@@ -108,3 +117,54 @@ def test_json_nested_too_deep_is_400_everywhere(tenv):
 
 def _deep_text(depth: int, prefix: str = '{"task_type": "sample", "data": {"v": ') -> bytes:
     return prefix.encode() + b"[" * depth + b"]" * depth + b"}" * (prefix.count("{"))
+
+
+def _age(upload_id: str, hours: float) -> None:
+    Upload.update(created_at=utcnow() - dt.timedelta(hours=hours)).where(Upload.id == upload_id).execute()
+
+
+def test_processed_uploads_are_removed_after_the_retention(tenv):
+    tenv.cfg.api.upload_retention_hours = 24
+    tenv.cfg.api.user_upload_quota_bytes = 3000
+    done = upload(tenv, b"a\n" + b"1\n" * 1000).json["data"]
+    run_next(tenv)  # processed
+    waiting = upload(tenv, b"a\n2\n", who="bob").json["data"]  # its task has not run yet
+    recent = upload(tenv, b"a\n3\n", who="bob").json["data"]
+    run_next(tenv)
+    run_next(tenv)
+    Task.update(status="queued").where(Task.id == waiting["task_id"]).execute()
+    for up in (done, waiting):
+        _age(up["upload"]["upload_id"], 25)
+    _age(recent["upload"]["upload_id"], 23)
+    assert upload(tenv, b"a\n" + b"4\n" * 1000).json["error"]["code"] == "quota_exceeded"
+    orphan = tenv.cfg.path("uploads") / ("0" * 32)  # a folder whose upload never got its row (cut off mid-stream)
+    orphan.mkdir(parents=True)
+    (orphan / "part.csv").write_bytes(b"x")
+    old = time.time() - 25 * 3600
+    os.utime(orphan, (old, old))
+    folder = Path(Upload.get_by_id(done["upload"]["upload_id"]).path).parent
+
+    result = retention.sweep(tenv.cfg)
+
+    assert result == {"uploads": 1, "bytes": 2002, "orphans": 1}, result
+    assert {u.id for u in Upload.select()} == {waiting["upload"]["upload_id"], recent["upload"]["upload_id"]}
+    assert not folder.exists() and not orphan.exists()
+    assert Path(Upload.get_by_id(waiting["upload"]["upload_id"]).path).exists()
+    assert upload(tenv, b"a\n" + b"4\n" * 1000).status_code == 200  # the quota counts what is stored
+    tenv.cfg.api.upload_retention_hours = 0
+    _age(recent["upload"]["upload_id"], 10_000)
+    assert retention.sweep(tenv.cfg)["uploads"] == 0  # 0 keeps uploads
+
+
+@pytest.mark.slow
+def test_the_scheduler_process_removes_expired_uploads(tenv):
+    up = upload(tenv, b"a\n1\n").json["data"]
+    run_next(tenv)
+    _age(up["upload"]["upload_id"], 48)
+    path = Path(Upload.get_by_id(up["upload"]["upload_id"]).path)
+    tenv.start("scheduler")
+    deadline = time.monotonic() + 20
+    while Upload.get_or_none(Upload.id == up["upload"]["upload_id"]) is not None:
+        assert time.monotonic() < deadline, tenv.logs()
+        time.sleep(0.1)
+    assert not path.exists()
