@@ -343,8 +343,14 @@ class RequestFramer:
                 raise ProtocolError("an Upgrade request with a chunked body is not supported")
             self._mode = _AT_CHUNK_SIZE
         elif head.content_length > 0:
+            size = head.content_length
+            if not upgraded and len(data) - end >= size:  # the common case: the whole body came with its head
+                self._llhttp(data[end : end + size])
+                if self._in_body:
+                    raise ProtocolError("malformed request body")
+                return data[end + size :]
             self._mode = _IN_LENGTH_BODY
-            self._left = head.content_length
+            self._left = size
             self._raw = upgraded
         elif self._in_body:
             raise ProtocolError("malformed request head")  # llhttp did not end a message without a body
