@@ -20,7 +20,12 @@ Connection lifecycle (ClientConnection.state):
   or drops the connection before answering.
 * Timeouts are deadlines (`self.deadline`) checked by the server's sweeper a
   few times a second, so the request path only stores a number.
-* Pipelined requests wait in the framer until the answer before them is done.
+* Pipelined requests wait in the framer until the answer before them is done;
+  one the framer refused is answered (400, then close) only after them.
+* Every request sent upstream carries X-Forwarded-For/-Proto/-Host, X-Real-IP and
+  X-Appliance-Client: the client address (the peer, or the rightmost untrusted
+  X-Forwarded-For hop behind trusted proxies) signed with the identity key, made once
+  per address (Proxy.client_line). What the client sent under these names is dropped.
 
 Everything computed once per process lives on `Proxy`; per request the path
 below reads top to bottom: parse, admit, pick, write, stream, count, log.
