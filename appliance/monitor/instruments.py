@@ -20,6 +20,11 @@ def _get() -> dict[str, Any]:
     return _made
 
 
+def start() -> None:
+    """Make the families exist (appliance_alerts_firing 0) before the first alert."""
+    _get()["firing"].set(0)
+
+
 def alert(name: str, state: str, firing: int) -> None:
     """Count one alert transition and set how many fire now."""
     m = _get()

@@ -15,7 +15,7 @@ import threading
 import time
 from typing import Any
 
-from appliance.monitor import stores
+from appliance.monitor import instruments, stores
 from appliance.monitor.alerts import Alerts
 from appliance.monitor.collectors import HostCollector, ProcessCollector, TrafficCollector
 from appliance.monitor.history import History
@@ -129,8 +129,6 @@ class Sampler(threading.Thread):
 
     def _count_alert(self, name: str, state: str) -> None:
         try:
-            from appliance.monitor import instruments
-
             instruments.alert(name, state, len(self.alerts.firing))
         except Exception:  # metrics must not stop the alerts
             log.debug("alert metric failed", exc_info=True)
@@ -177,6 +175,10 @@ class Sampler(threading.Thread):
         return self._latest
 
     def run(self) -> None:
+        try:
+            instruments.start()
+        except Exception:  # metrics must not stop the sampling
+            log.debug("alert metrics unavailable", exc_info=True)
         while not self._stop.is_set():
             try:
                 self.sample_once()

@@ -47,8 +47,21 @@ def _refuse_metrics(environ: dict[str, Any], cfg: Any, key: bytes) -> tuple[str,
     return None
 
 
-def make_app(cfg: Any, node_id: str, site: Any = None) -> Any:
-    """The monitor's WSGI application; `site` serves /status (None: /status answers 404)."""
+def conventional_exposition(sampler: Any = None, db: Any = None) -> Any:
+    """A callable giving /metrics' text: every process's families plus the conventional ones (exposition.py)."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    from appliance.monitor.exposition import ConventionalCollector
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry)
+    registry.register(ConventionalCollector(MultiProcessCollector(None), sampler, db))
+    return lambda: generate_latest(registry)
+
+
+def make_app(cfg: Any, node_id: str, site: Any = None, exposition: Any = None) -> Any:
+    """The monitor's WSGI application; `site` serves /status (None: /status answers 404); `exposition` makes /metrics."""
     import orjson
 
     key = identity.key_bytes(cfg.secrets.identity_key)
@@ -69,7 +82,7 @@ def make_app(cfg: Any, node_id: str, site: Any = None) -> Any:
                 start_response(status, _JSON)
                 return [error_body(code, message, request_id=rid)]
             try:
-                body = metrics.exposition()
+                body = (exposition or metrics.exposition)()
             except Exception:  # a torn metrics file must not take the monitor down
                 log.exception("reading metrics failed")
                 start_response("503 Service Unavailable", _JSON)
@@ -99,7 +112,13 @@ def serve(cfg: Any, index: int) -> int:
     sampler = Sampler(cfg, db, cfg.path("run"))
     sampler.start()
     site = StatusSite(cfg, sampler, db)
-    server = create_server(make_app(cfg, node_id, site), host="127.0.0.1", port=cfg.monitor.port, threads=4, ident="appliance-monitor")
+    server = create_server(
+        make_app(cfg, node_id, site, conventional_exposition(sampler, db)),
+        host="127.0.0.1",
+        port=cfg.monitor.port,
+        threads=4,
+        ident="appliance-monitor",
+    )
 
     def stop(signum: int, frame: Any) -> None:
         raise SystemExit(0)  # waitress's run() catches it and shuts its task threads down
