@@ -166,7 +166,9 @@ class _PinnedHTTPS(_PinnedHTTP):
         self.sock = _tls.wrap_socket(self.sock, server_hostname=self.host)
 
 
-def _post_once(url: str, body: bytes, secret: str, event: str, timeout: float, policy: addresses.Policy) -> int:
+def _post_once(
+    url: str, body: bytes, secret: str, event: str, timeout: float, policy: addresses.Policy, resolver: addresses.Resolver
+) -> int:
     """One POST to the vetted address of the URL's host; the answer's status. Raises _Permanent or OSError."""
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -174,7 +176,7 @@ def _post_once(url: str, body: bytes, secret: str, event: str, timeout: float, p
     https = parts.scheme == "https"
     port = parts.port or (443 if https else 80)
     try:
-        targets = addresses.resolve(parts.hostname, port, policy)
+        targets = addresses.resolve(parts.hostname, port, policy, resolver)
     except addresses.Refused as exc:
         raise _Permanent(f"refused: {exc} (allow it with [queue] callback_allow)") from None
     timestamp = str(int(time.time()))
@@ -212,13 +214,24 @@ def _post_once(url: str, body: bytes, secret: str, event: str, timeout: float, p
 
 
 def post(
-    url: str, body: bytes, secret: str, event: str, timeout: float, retries: int, policy: addresses.Policy, backoff: float = 0.5
+    url: str,
+    body: bytes,
+    secret: str,
+    event: str,
+    timeout: float,
+    retries: int,
+    policy: addresses.Policy,
+    backoff: float = 0.5,
+    resolver: addresses.Resolver = socket.getaddrinfo,
 ) -> str | None:
-    """POST once plus up to `retries` more times; None when the receiver answered 2xx, else why it failed."""
+    """POST once plus up to `retries` more times; None when the receiver answered 2xx, else why it failed.
+
+    `resolver` (getaddrinfo's signature) is asked once per try; the POST goes to an address it gave and vet passed.
+    """
     problem = ""
     for attempt in range(retries + 1):
         try:
-            status = _post_once(url, body, secret, event, timeout, policy)
+            status = _post_once(url, body, secret, event, timeout, policy, resolver)
             if 200 <= status < 300:
                 return None
             problem = f"HTTP {status}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import http.server
 import re
+import socket
 import threading
 import time
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any
 import orjson
 import pytest
 
-from appliance.queue import callbacks
+from appliance.queue import addresses, callbacks
 from tests import procs
 from tests.integration import test_tasks_support as support
 
@@ -193,3 +194,22 @@ def test_a_redirect_is_a_failed_delivery_not_followed(make_env, receivers):
     line = wait_for(lambda: task_log(env, tid, "completion callback"), env)
     assert "not delivered: HTTP 307: redirects are not followed" in line, line
     assert [g["path"] for g in rx.got] == ["/redirect"]  # once: no retry, and /landed never asked
+
+
+def test_the_post_goes_to_the_address_that_was_vetted(receivers):
+    """One resolution per try, and the connection goes to its answer: a second DNS answer (rebinding) is never asked for."""
+    rx = receivers()
+    asked: list[str] = []
+
+    def resolver(host, port, *args, **kw):  # a DNS answer for a name the system resolver does not know
+        asked.append(host)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))]
+
+    url = f"http://hooks.rebind.test:{rx.port}/done"
+    allow = addresses.Policy.from_entries(["127.0.0.1/32"])
+    assert callbacks.post(url, b"{}", "s" * 32, "completion", 5.0, 0, allow, resolver=resolver) is None
+    assert asked == ["hooks.rebind.test"] and rx.got[0]["headers"]["Host"] == f"hooks.rebind.test:{rx.port}"
+    # the same name answering with loopback under the default policy: refused, nothing sent, not retried
+    why = callbacks.post(url, b"{}", "s" * 32, "completion", 5.0, 3, addresses.Policy(), resolver=resolver)
+    assert why == "refused: hooks.rebind.test resolves to 127.0.0.1, a loopback address (allow it with [queue] callback_allow)"
+    assert len(rx.got) == 1 and asked == ["hooks.rebind.test"] * 2

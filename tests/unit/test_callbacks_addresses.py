@@ -227,3 +227,13 @@ def test_signature_binds_timestamp_url_and_body():
     assert not callbacks.verify(secret, url, body, "1700000001", sig, now=1700000100)
     assert not callbacks.verify(secret, url, body, "1700000000", sig, now=1700000000 + callbacks.REPLAY_WINDOW + 1)  # a replay
     assert not callbacks.verify(secret, url, body, "soon", sig) and not callbacks.verify(secret, url, body, "1700000000", "")
+
+
+def test_callback_allow_entries_are_checked_when_the_config_loads(make_config):
+    from appliance.config import ConfigError
+
+    cfg = make_config(queue={"callback_allow": ["127.0.0.1/32", "10.0.0.0/8", "fd00::/8", "hooks.internal", "localhost"]})
+    assert addresses.policy_for(cfg.queue.callback_allow).allows_name("HOOKS.internal")
+    with pytest.raises(ConfigError) as err:
+        make_config(queue={"callback_allow": ["10.0.0.0/33", "bad name!"]})
+    assert len(err.value.problems) == 2 and all("[queue] callback_allow entry" in p for p in err.value.problems)
