@@ -185,8 +185,12 @@ def update(
         patch = _parse(SchedulePatch, patch)
     s = _visible(caller, schedule_id)
     now = now or utcnow()
-    # a changed schedule is admitted again, whatever changed: its owner may have lost the right since
-    registry_for(cfg).get(s.task_type).admit(s.data if patch.data is None else patch.data, caller.user_id, caller.admin)
+    ttype = registry_for(cfg).get(s.task_type)
+    if s.active if patch.active is None else patch.active:
+        # an active schedule is admitted again, whatever changed: its owner may have lost the right since
+        ttype.admit(s.data if patch.data is None else patch.data, caller.user_id, caller.admin)
+    elif patch.data is not None:
+        ttype.parse(patch.data)  # switching it off (or editing it while off) is anyone's; turning it on admits it
     if patch.data is not None:
         s.data = patch.data
     if patch.schedule is not None:

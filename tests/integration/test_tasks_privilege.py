@@ -62,6 +62,13 @@ def test_schedules_of_admin_only_types_are_refused_to_users(tenv):
     patch = tenv.client.simulate_patch(f"/tasks/schedules/{sid}", json={"data": {"seconds": 90}}, headers=tenv.headers["alice"])
     _forbidden(patch, "sleep")
     assert Schedule.get_by_id(sid).data == {"seconds": 30}
+    # switched off, a schedule enters no task: editing it is allowed; switching it on is admitted again
+    off = tenv.client.simulate_patch(
+        f"/tasks/schedules/{sid}", json={"active": False, "data": {"seconds": 90}}, headers=tenv.headers["alice"]
+    )
+    assert off.status_code == 200 and off.json["data"]["data"] == {"seconds": 90}
+    _forbidden(tenv.client.simulate_patch(f"/tasks/schedules/{sid}", json={"active": True}, headers=tenv.headers["alice"]), "sleep")
+    assert not Schedule.get_by_id(sid).active
     assert Schedule.select().count() == 1
 
 
