@@ -10,11 +10,13 @@ from __future__ import annotations
 import http.client
 import itertools
 import re
+import ssl
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trustme
 
 from tests.integration.supervised import Appliance, wait_until
 
@@ -29,13 +31,19 @@ _addresses = itertools.count(10)
 class Browser:
     """A minimal cookie-keeping client from one loopback source address (what a browser would send)."""
 
-    def __init__(self, port: int):
+    def __init__(self, port: int, tls: ssl.SSLContext | None = None):
         self.port = port
+        self.tls = tls
         self.source = f"127.0.0.{next(_addresses)}"
         self.cookies: dict[str, str] = {}
 
     def request(self, method: str, path: str, form: dict | None = None, headers: dict | None = None) -> tuple[int, dict, str]:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30, source_address=(self.source, 0))
+        if self.tls is not None:
+            conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+                "127.0.0.1", self.port, timeout=30, source_address=(self.source, 0), context=self.tls
+            )
+        else:
+            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30, source_address=(self.source, 0))
         h = {"Host": f"127.0.0.1:{self.port}", **(headers or {})}
         if self.cookies:
             h["Cookie"] = "; ".join(f"{k}={v}" for k, v in self.cookies.items())
@@ -198,3 +206,35 @@ def test_static_assets_are_vendored_and_small(appliance: Appliance) -> None:
     assert total < 250 * 1024
     assert b.request("GET", "/status/static/../../config.py")[0] in (400, 404)  # the balancer refuses dot segments itself
     assert b.request("GET", "/status/static/secrets.toml")[0] == 404
+
+
+def test_behind_tls_the_cookies_are_secure_and_host_bound(tmp_path: Path) -> None:
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    app = Appliance(tmp_path, api_workers=1, task_workers=0, monitor=True, balancer={"tls_cert": "cert.pem", "tls_key": "key.pem"})
+    cert.cert_chain_pems[0].write_to_path(app.data / "cert.pem")
+    for pem in cert.cert_chain_pems[1:]:
+        pem.write_to_path(app.data / "cert.pem", append=True)
+    cert.private_key_pem.write_to_path(app.data / "key.pem")
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    app.start()
+    try:
+        assert app.cli("user", "create", ADMIN, "--admin", "--password-stdin", stdin=ADMIN_PW + "\n").returncode == 0
+        b = Browser(app.port, tls=ctx)
+        status, headers, _ = b.request("GET", "/status")
+        assert status == 200
+        (pre,) = headers["set-cookie-all"]
+        assert pre.startswith("__Host-appliance_status_login=") and "; Secure" in pre and "Path=/;" in pre
+        status, headers, _ = b.login(ADMIN, ADMIN_PW)
+        assert status == 303
+        session = next(c for c in headers["set-cookie-all"] if c.startswith("__Host-appliance_status="))
+        for flag in ("HttpOnly", "SameSite=Strict", "Secure", "Path=/"):
+            assert flag in session
+        assert b.request("GET", "/status/api/snapshot")[0] == 200
+        # The same id without the __Host- prefix (what a plain-HTTP page of a sibling host could set) is not a session.
+        sid = b.cookies.pop("__Host-appliance_status")
+        b.cookies["appliance_status"] = sid
+        assert b.request("GET", "/status/api/snapshot")[0] == 401
+    finally:
+        app.stop()

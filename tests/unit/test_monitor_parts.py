@@ -120,3 +120,17 @@ def test_cookie_flags() -> None:
     env = {"HTTP_COOKIE": "a=1; __Host-appliance_status=abc; appliance_status=plain"}
     assert read_cookie(env, "appliance_status", secure=True) == "abc"
     assert read_cookie(env, "appliance_status", secure=False) == "plain"
+
+
+def test_the_login_address_is_the_balancers_signed_word_or_the_socket_peer(make_config) -> None:
+    from appliance import identity
+    from appliance.monitor.web import StatusSite
+
+    cfg = make_config()
+    site = StatusSite(cfg, sampler=None, db=None)
+    key = identity.key_bytes(cfg.secrets.identity_key)
+    peer = {"REMOTE_ADDR": "127.0.0.1"}
+    assert site._address({**peer, "HTTP_X_APPLIANCE_CLIENT": identity.sign_client("203.0.113.7", key)}) == "203.0.113.7"
+    forged = identity.sign_client("203.0.113.7", b"not-the-key" * 4)
+    assert site._address({**peer, "HTTP_X_APPLIANCE_CLIENT": forged}) == "127.0.0.1"
+    assert site._address(peer) == "127.0.0.1"
