@@ -66,6 +66,7 @@ def create_app(cfg: Any, *, index: int = 0, db: Any = None, check_responses: boo
     app.router_options.converters["int"] = BoundedIntConverter
     app.req_options.strip_url_path_trailing_slash = True
     app.req_options.auto_parse_qs_csv = False
+    app.req_options.media_handlers[falcon.MEDIA_JSON] = middleware.json_media(cfg.api.json_max_depth)
     handlers.install(app)
     for module, required in ROUTE_MODULES:
         if not required and not _present(module):

@@ -285,3 +285,25 @@ def test_malformed_json_never_5xx(db_config, db):
         assert r.json["status"] in ("success", "error")
 
     run()
+
+
+def test_json_nested_past_the_bound_is_400_on_every_parser(db_config, db):
+    """read_json routes and operators' routes reading req.get_media() alike: 400 json_too_deep, never 500."""
+    from appliance.api.app import create_app
+
+    app = create_app(db_config)
+
+    class Echo:
+        def on_post(self, req, resp):
+            resp.media = {"got": type(req.get_media()).__name__}
+
+    app.add_route("/echo", Echo())
+    client = falcon.testing.TestClient(app)
+    headers = {"Content-Type": "application/json"}
+    for depth in (65, 255, 100_000):
+        body = b"[" * depth + b"]" * depth
+        err = _envelope_error(client.simulate_post("/echo", body=body, headers=headers), 400, "json_too_deep")
+        assert err["details"] == {"limit": 64, "current": depth, "setting": "api.json_max_depth"}
+        _envelope_error(client.simulate_post("/auth/login", body=b'{"username": ' + body + b"}", headers=headers), 400, "json_too_deep")
+    assert client.simulate_post("/echo", body=b"[" * 64 + b"]" * 64, headers=headers).json == {"got": "list"}
+    assert client.simulate_post("/echo", body=b'["' + b"[" * 500 + b'"]', headers=headers).json == {"got": "list"}
