@@ -11,6 +11,7 @@ from __future__ import annotations
 import http.server
 import re
 import socket
+import ssl
 import threading
 import time
 from pathlib import Path
@@ -29,7 +30,7 @@ README = Path(__file__).resolve().parents[2] / "README.md"
 class Receiver:
     """A loopback HTTP server that records every request; paths choose the answer."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
         self.got: list[dict[str, Any]] = []
         receiver = self
 
@@ -56,8 +57,10 @@ class Receiver:
                 pass
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        if tls is not None:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
         self.port = self.server.server_address[1]
-        self.base = f"http://127.0.0.1:{self.port}"
+        self.base = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def paths(self, path: str) -> list[dict[str, Any]]:
@@ -72,8 +75,8 @@ class Receiver:
 def receivers():
     made: list[Receiver] = []
 
-    def make() -> Receiver:
-        made.append(Receiver())
+    def make(tls: ssl.SSLContext | None = None) -> Receiver:
+        made.append(Receiver(tls))
         return made[-1]
 
     yield make
@@ -213,3 +216,29 @@ def test_the_post_goes_to_the_address_that_was_vetted(receivers):
     why = callbacks.post(url, b"{}", "s" * 32, "completion", 5.0, 3, addresses.Policy(), resolver=resolver)
     assert why == "refused: hooks.rebind.test resolves to 127.0.0.1, a loopback address (allow it with [queue] callback_allow)"
     assert len(rx.got) == 1 and asked == ["hooks.rebind.test"] * 2
+
+
+def test_https_callbacks_check_the_certificate_against_the_name(receivers, tmp_path, monkeypatch):
+    """Connecting to the vetted address keeps TLS honest: SNI and the certificate check use the URL's name."""
+    from appliance.balancer.certs import make_self_signed
+
+    cert, key = make_self_signed("hooks.tls.test")
+    (tmp_path / "cert.pem").write_bytes(cert)
+    (tmp_path / "key.pem").write_bytes(key)
+    server_names: list[str | None] = []
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    tls.sni_callback = lambda sock, name, ctx: server_names.append(name)
+    rx = receivers(tls)
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "cert.pem"))  # this test's CA: the self-signed certificate
+    monkeypatch.setattr(callbacks, "_tls", None)  # the client context is made once per process: make it again
+
+    def resolver(host, port, *args, **kw):
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))]
+
+    allow = addresses.Policy.from_entries(["127.0.0.1/32"])
+    good = f"https://hooks.tls.test:{rx.port}/done"
+    assert callbacks.post(good, b"{}", "s" * 32, "completion", 5.0, 0, allow, resolver=resolver) is None
+    assert server_names == ["hooks.tls.test"] and rx.got[0]["headers"]["Host"] == f"hooks.tls.test:{rx.port}"
+    why = callbacks.post(f"https://other.tls.test:{rx.port}/done", b"{}", "s" * 32, "completion", 5.0, 0, allow, resolver=resolver)
+    assert why is not None and "CERTIFICATE_VERIFY_FAILED" in why and len(rx.got) == 1, why
