@@ -65,6 +65,22 @@ def check_pending(cfg: Any, caller: Any, adding: int = 1) -> None:
         raise QuotaExceeded("queue.user_max_pending", limit, current, adding, "too many queued and running tasks")
 
 
+def pending_refusal(cfg: Any, user_id: int | None, admin: bool) -> QuotaExceeded | None:
+    """What check_pending would raise for one more task of this owner (a schedule's slot), else None."""
+    try:
+        check_pending(cfg, _Owner(user_id, admin))
+    except QuotaExceeded as exc:
+        return exc
+    return None
+
+
+class _Owner:
+    __slots__ = ("user_id", "admin")
+
+    def __init__(self, user_id: int | None, admin: bool):
+        self.user_id, self.admin = user_id, admin
+
+
 def check_schedules(cfg: Any, caller: Any) -> None:
     """Refuse one more schedule past [queue] user_max_schedules."""
     limit = cfg.queue.user_max_schedules

@@ -242,6 +242,7 @@ def _fire(cfg: Any, s: Schedule, now: _dt.datetime) -> str | None:
     nxt = next_slot(s.expression, s.timezone, max(now, slot))
     row: dict[str, Any] | None = None
     refused: AppError | None = None
+    skipped: AppError | None = None
     try:
         with database.atomic():
             ScheduleRun.insert(schedule=s.id, slot=slot, fired_at=now).execute()
@@ -249,6 +250,7 @@ def _fire(cfg: Any, s: Schedule, now: _dt.datetime) -> str | None:
                 registry_for(cfg).get(s.task_type).admit(s.data, user_id, admin)
             except AppError as exc:
                 refused = exc
+            skipped = quotas.pending_refusal(cfg, user_id, admin) if refused is None else None  # the slot only
             row = {
                 "id": records.new_id(),
                 "task_type": s.task_type,
@@ -264,6 +266,9 @@ def _fire(cfg: Any, s: Schedule, now: _dt.datetime) -> str | None:
             if refused is not None:
                 error = f"schedule {s.id} may not run: {refused.message}; the schedule was deactivated"
                 row.update(status="failed", queued_at=None, finished_at=now, error=error[:2000], error_code=refused.code)
+            elif skipped is not None:
+                error = f"schedule {s.id} slot {iso(slot)} skipped: {skipped.message}"
+                row.update(status="failed", queued_at=None, finished_at=now, error=error[:2000], error_code=skipped.code)
             records.insert_tasks([row])
             ScheduleRun.update(task_id=row["id"]).where((ScheduleRun.schedule == s.id) & (ScheduleRun.slot == slot)).execute()
             iterations = s.iterations + 1
@@ -275,9 +280,13 @@ def _fire(cfg: Any, s: Schedule, now: _dt.datetime) -> str | None:
         # Another scheduler fired this slot: its transaction also moved next_run_at.
         log.debug("slot already fired elsewhere", extra=fields(schedule_id=s.id, slot=iso(slot)))
         return None
-    if refused is not None:
+    if refused is not None or skipped is not None:
         records.add_history(row["id"], "failed", row["error"], at=now)
-        log.warning("schedule refused", extra=fields(schedule_id=s.id, slot=iso(slot), task_id=row["id"], code=refused.code))
+        code = (refused or skipped).code  # type: ignore[union-attr]
+        log.warning(
+            "schedule refused" if refused else "schedule slot skipped",
+            extra=fields(schedule_id=s.id, slot=iso(slot), task_id=row["id"], code=code),
+        )
         return None
     records.add_history(row["id"], "queued", f"schedule {s.id} slot {iso(slot)}", at=now)
     log.info("schedule fired", extra=fields(schedule_id=s.id, slot=iso(slot), task_id=row["id"]))

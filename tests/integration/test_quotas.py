@@ -11,7 +11,7 @@ import orjson
 import pytest
 
 from appliance.db.models import Schedule, Task, Upload
-from appliance.queue import retention
+from appliance.queue import retention, schedules
 from appliance.times import utcnow
 from tests.integration import test_tasks_support as support
 from tests.integration.test_data_api import upload
@@ -168,3 +168,20 @@ def test_the_scheduler_process_removes_expired_uploads(tenv):
         assert time.monotonic() < deadline, tenv.logs()
         time.sleep(0.1)
     assert not path.exists()
+
+
+def test_a_schedule_slot_is_skipped_while_its_owner_is_at_the_pending_quota(tenv):
+    tenv.cfg.queue.user_max_pending = 2
+    body = {"task_type": "sample", "schedule": {"type": "cron", "expression": "* * * * *"}}
+    sid = tenv.post("/tasks/schedule", body).json["data"]["schedule_id"]
+    now = utcnow()
+    fired = []
+    for minute in range(1, 5):  # nothing runs the tasks: they stay queued
+        fired += schedules.tick(tenv.cfg, now + dt.timedelta(minutes=minute))
+    assert len(fired) == 2, fired
+    tasks = list(Task.select().where(Task.schedule == sid).order_by(Task.created_at))
+    assert [t.status for t in tasks] == ["queued", "queued", "failed", "failed"]
+    assert tasks[2].error_code == "quota_exceeded" and "user_max_pending" in tasks[2].error
+    assert Schedule.get_by_id(sid).active  # skipped slots, not a refused schedule
+    Task.update(status="succeeded").where(Task.id == tasks[0].id).execute()
+    assert len(schedules.tick(tenv.cfg, now + dt.timedelta(minutes=6))) == 1
