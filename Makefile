@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 DATA ?= appliance-data
 PYTEST_ARGS ?=
 
-.PHONY: install run test lint format docs bench clean
+.PHONY: install run test lint format docs bench clean binary test-e2e
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,7 +33,23 @@ docs: $(STAMP)
 	$(BIN)/python scripts/gen_config_docs.py
 
 test: lint
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest --ignore=tests/e2e $(PYTEST_ARGS)
+
+# The one-file executable dist/appliance (PyInstaller, packaging/appliance.spec), and the tests
+# that run it: tests/e2e, then a host without Python (packaging/bare-host-smoke.sh).
+BUILD_STAMP := $(VENV)/.build-installed
+
+$(BUILD_STAMP): $(STAMP)
+	$(BIN)/pip install -q -e '.[build]'
+	@touch $@
+
+binary: $(BUILD_STAMP)
+	$(BIN)/python packaging/build.py
+
+test-e2e: $(STAMP)
+	@test -x dist/appliance || $(MAKE) binary
+	$(BIN)/pytest tests/e2e $(PYTEST_ARGS)
+	$(BIN)/python packaging/bare-host-smoke.py dist/appliance
 
 bench: $(STAMP)
 	@command -v wrk >/dev/null && command -v nginx >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk nginx >/dev/null)

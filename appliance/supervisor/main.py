@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from appliance import heartbeat, metrics
+from appliance import heartbeat, metrics, onefile
 from appliance.logs import setup_logging
 from appliance.supervisor.arbiter import Arbiter, Settings
 from appliance.supervisor.channel import Channel
@@ -129,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     fmt = getattr(args, "log_format", None) or cfg.logging.format
     setup_logging("supervisor", fmt, cfg.logging.level)
+    onefile.detach_group()  # one-file binary: a signal to the whole group reaches us once, through the bootloader
     lock = DataDirLock(run_dir(cfg) / "appliance.lock")
     try:
         lock.acquire()
@@ -136,6 +137,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"appliance: {exc}", file=sys.stderr)
         return EXIT_FAIL
     try:
+        onefile.sweep_stale(run_dir(cfg))  # the unpacked dir of a one-file start that was SIGKILLed
         return _run_locked(cfg, cfg.source, fmt)
     finally:
         lock.release()
@@ -162,7 +164,7 @@ def _run_locked(cfg: Any, source: str, fmt: str) -> int:
         lambda c: appliance_kinds(c, fmt),
         Settings.from_config(cfg, rdir, fmt, url),
         listeners=listeners,
-        notifier=Notifier(),
+        notifier=Notifier(onefile.notify_env()),
         reload_config=lambda: load(source),
         settings_for=lambda c: Settings.from_config(c, rdir, fmt, url),
         on_dead=metrics.mark_dead,

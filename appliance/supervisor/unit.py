@@ -29,6 +29,14 @@ def exec_start(config: Path, executable: str | None = None) -> str:
     return shlex.join([*base, "run", "--config", str(config)])
 
 
+def notify_access(executable: str | None) -> str:
+    """`all` for the one-file binary: its main PID is PyInstaller's bootloader, and READY=1 comes from the
+    supervisor, its child (children never see NOTIFY_SOCKET). `main` when systemd starts this interpreter."""
+    if executable or getattr(sys, "frozen", False):
+        return "all"
+    return "main"
+
+
 def render(cfg: Any, *, user: str = "appliance", executable: str | None = None, config: Path | None = None) -> str:
     data_dir = cfg.data_dir
     config = config or Path(cfg.source)
@@ -47,7 +55,7 @@ def render(cfg: Any, *, user: str = "appliance", executable: str | None = None, 
         "",
         "[Service]",
         "Type=notify",
-        "NotifyAccess=main",
+        f"NotifyAccess={notify_access(executable)}",
         f"User={user}",
         f"Group={user}",
         f"WorkingDirectory={data_dir}",
