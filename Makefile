@@ -36,7 +36,7 @@ test: lint
 	$(BIN)/pytest --ignore=tests/e2e $(PYTEST_ARGS)
 
 # The one-file executable dist/appliance (PyInstaller, packaging/appliance.spec), and the tests
-# that run it: tests/e2e, then a host without Python (packaging/bare-host-smoke.sh).
+# that run it: tests/e2e, then a host without Python (packaging/bare-host-smoke.py).
 BUILD_STAMP := $(VENV)/.build-installed
 
 $(BUILD_STAMP): $(STAMP)

@@ -97,7 +97,7 @@ class Host:
         base = free_port_block(8)
         self.port = base
         self.env = {
-            "PATH": "/usr/local/bin:/usr/bin:/bin",
+            "PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
             "HOME": "/root",
             "LANG": "C.UTF-8",
             "TMPDIR": "/tmp",
