@@ -101,6 +101,7 @@ MAX_CHUNK_LINE = 4096  # a chunk-size line with its extensions
 # Where the framer is in the byte stream (RequestFramer._mode).
 _AT_HEAD, _IN_LENGTH_BODY, _AT_CHUNK_SIZE, _IN_CHUNK, _IN_TRAILER = range(5)
 _HEX = b"0123456789abcdefABCDEF"
+_CR_LF = (b"\r", b"\n")
 _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 _REFUSED_ESCAPES = frozenset((0x2F, 0x5C, 0x00))  # '/', '\\', NUL: a worker decoding them would see another path
 _NAME_CACHES: dict[tuple[Any, ...], tuple[dict[bytes, int], dict[bytes, Any]]] = {}
@@ -316,6 +317,14 @@ class RequestFramer:
 
     def _consume_head(self, data: bytes) -> bytes:
         """Feed llhttp what `data` holds of a head (up to its blank line); return the bytes after it."""
+        if not self._in_head and data[:1] in _CR_LF:  # empty lines before a request: skipped by llhttp, all at once
+            blank = len(data) - len(data.lstrip(b"\r\n"))
+            self._head_size += blank  # and counted: an endless stream of them is a head too large
+            if self._head_size > self.max_header_bytes:
+                raise _too_large_head()
+            self._tail = b""
+            self._llhttp(data[:blank])
+            return data[blank:]
         tail = self._tail
         probe = tail + data if tail else data
         i = probe.find(b"\r\n\r\n")

@@ -595,3 +595,14 @@ def test_a_chunk_size_line_longer_than_the_limit_is_refused() -> None:
     with pytest.raises(ProtocolError) as err:
         replay(head, [head[:100], head[100:]])
     assert err.value.status == 400
+
+
+def test_an_endless_stream_of_empty_lines_is_a_head_too_large() -> None:
+    # Empty lines before a request are allowed (RFC 9112 2.2) but count against the head limit.
+    framer = RequestFramer(Recorder(), max_header_bytes=4096)
+    with pytest.raises(ProtocolError) as err:
+        for _ in range(10):
+            framer.feed(b"\r\n" * 1024)
+    assert err.value.status == 431
+    rec = replay(b"\r\n\r\n\nGET /a HTTP/1.1\r\nHost: a\r\n\r\n", max_header_bytes=4096)  # a few are fine
+    assert [h.path for h in rec.heads] == [b"/a"]
