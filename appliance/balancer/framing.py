@@ -32,17 +32,20 @@ on_request_end(). A pipelined request that arrives while the previous one is
 still being answered is held in a backlog and replayed by release(). A
 pipelined request that is refused does not cost the ones before it their
 answers: its ProtocolError waits in the backlog and release() raises it once
-they were answered (what nginx does).
+they were answered (what nginx does). ResponseFramer does the same for upstream
+answers (on_response, on_body, on_response_end), skipping 1xx interim answers
+and bodies of HEAD/204/304.
 
-The framer knows where each message starts and ends and feeds llhttp one piece
+RequestFramer knows where each message starts and ends and feeds llhttp one piece
 at a time: the head (up to its blank line), then the Content-Length body, or the
 chunked body line by line. Chunk-size lines are checked here (RFC 9112 7.1, with
 BWS in extensions, which llhttp refuses) and reach llhttp as plain "<hex>CRLF";
 chunk data, the CRLF after it and trailers are still checked by llhttp. After
 each piece the framer checks that llhttp agrees (a head ended, a body ended), so
-a disagreement is a 400, never a second reading of the same bytes.
-ResponseFramer does the same for upstream answers (on_response, on_body,
-on_response_end), skipping 1xx interim answers and bodies of HEAD/204/304.
+a disagreement is a 400, never a second reading of the same bytes. Because it
+knows the ends: bytes after a request that ends the connection are discarded;
+the Content-Length body of an Upgrade request (llhttp stops at its head) is
+delivered as its body, and a chunked one is refused.
 """
 
 from __future__ import annotations
