@@ -60,9 +60,9 @@
   // One SVG line chart of `keys` over the last hour; y from 0 to the largest value seen.
   function chart(id, keys, scale) {
     var svg = $(id), W = 320, H = 120, L = 30, B = 14, T = 6;
-    // The x axis spans the history there is (at least 5 min, at most the hour kept), so a fresh start is readable.
+    // The x axis spans the history there is (at least 2 min, at most the hour kept), so a fresh start is readable.
     var now = points.length ? points[points.length - 1].t : Date.now() / 1000;
-    var span = points.length ? Math.min(HOUR, Math.max(300, now - points[0].t)) : HOUR, t0 = now - span;
+    var span = points.length ? Math.min(HOUR, Math.max(120, now - points[0].t)) : HOUR, t0 = now - span;
     var max = 0;
     points.forEach(function (p) { keys.forEach(function (k) { var v = p[k]; if (typeof v === "number") max = Math.max(max, v * (scale || 1)); }); });
     max = max > 0 ? max * 1.1 : 1;
