@@ -11,14 +11,16 @@ import http.client
 import itertools
 import re
 import ssl
+import time
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 
+import pyotp
 import pytest
 import trustme
 
-from tests.integration.supervised import Appliance, wait_until
+from tests.integration.supervised import Appliance, http_json, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -84,7 +86,13 @@ class Browser:
 def appliance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Appliance]:
     app = Appliance(tmp_path_factory.mktemp("status"), api_workers=1, task_workers=1, monitor=True)
     app.start()
-    for name, pw, admin in ((ADMIN, ADMIN_PW, True), (USER, USER_PW, False), ("demoted", "Demoted-pass-123", True)):
+    users = (
+        (ADMIN, ADMIN_PW, True),
+        (USER, USER_PW, False),
+        ("demoted", "Demoted-pass-123", True),
+        ("mfaadmin", "Mfa-admin-pass-123", True),
+    )
+    for name, pw, admin in users:
         r = app.cli("user", "create", name, *(["--admin"] if admin else []), "--password-stdin", stdin=pw + "\n")
         assert r.returncode == 0, r.stderr
     yield app
@@ -140,6 +148,26 @@ def test_admin_login_rotates_the_session_and_sets_strict_cookies(appliance: Appl
     assert status == 200 and '"points"' in text
     status, _, _ = b.request("GET", "/status/api/history?since=soon")
     assert status == 400
+
+
+def test_an_admin_with_mfa_needs_the_current_code(appliance: Appliance) -> None:
+    status, body = http_json(appliance.port, "POST", "/auth/login", {"username": "mfaadmin", "password": "Mfa-admin-pass-123"})
+    assert status == 200, body
+    token = body["data"]["access_token"]
+    status, body = http_json(appliance.port, "POST", "/auth/mfa/setup", {}, token=token)
+    assert status == 200, body
+    totp = pyotp.TOTP(body["data"]["secret"])
+    status, body = http_json(appliance.port, "POST", "/auth/mfa/enable", {"code": totp.at(time.time() - 30)}, token=token)
+    assert status == 200, body
+    b = Browser(appliance.port)
+    status, _, text = b.login("mfaadmin", "Mfa-admin-pass-123")
+    assert status == 401 and "needs an MFA code" in text and "MFA code (required)" in text
+    wrong = "000000" if totp.now() != "000000" else "111111"
+    status, _, text = b.login("mfaadmin", "Mfa-admin-pass-123", mfa_token=wrong)
+    assert status == 401 and "MFA code is not valid" in text
+    assert "appliance_status" not in b.cookies
+    assert b.login("mfaadmin", "Mfa-admin-pass-123", mfa_token=totp.now())[0] == 303
+    assert b.request("GET", "/status/api/snapshot")[0] == 200
 
 
 def test_cross_site_and_tokenless_posts_fail(appliance: Appliance) -> None:
