@@ -379,30 +379,41 @@ def restore(archive: Path, data_dir: Path, *, progress: Progress | None = None, 
 
 def _restore_locked(archive: Path, data_dir: Path, had_data: bool, progress: Progress, now: dt.datetime) -> Path | None:
     from appliance import secretfile
+    from appliance.supervisor.lock import DataDirLock
 
     data_dir.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{data_dir.name}.restoring-", dir=data_dir.parent))
+    # Locked before it becomes the data dir: no `appliance run` starts on it until the migrations are done.
+    stage_lock = DataDirLock(stage / "run" / "appliance.lock")
+    stage_lock.acquire()
+    current_dump = stage.parent / f".{data_dir.name}.current-{os.getpid()}.pgdump"
     try:
-        progress.step(f"checking {archive}")
-        manifest = read_archive(archive, stage)
-        progress.step(
-            f"archive of {manifest.get('created_at')} by appliance {manifest.get('appliance_version')}: {len(manifest['files'])} files, checksums match"
-        )
-        if not (stage / "appliance.toml").is_file():
-            raise BackupError(f"{archive} has no appliance.toml; refused")
-        _carry_secrets(manifest, data_dir, stage, secretfile)
-        cfg = _staged_config(stage, data_dir)
-        _check_engine(manifest, cfg, archive)
-        os.chmod(stage, 0o700)
-        kept = _swap(data_dir, stage, had_data, manifest, cfg, now, progress)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
-    if manifest["engine"] == "postgresql":
-        progress.step("loading the PostgreSQL dump into [database] url (pg_restore, one transaction)")
-        pg_restore(cfg.database.url, data_dir / PG_DUMP_FILE)
-        (data_dir / PG_DUMP_FILE).unlink()
-    _migrate(data_dir, progress)
+        try:
+            progress.step(f"checking {archive}")
+            manifest = read_archive(archive, stage)
+            created, by = manifest.get("created_at"), manifest.get("appliance_version")
+            progress.step(f"archive of {created} by appliance {by}: {len(manifest['files'])} files, checksums match")
+            if not (stage / "appliance.toml").is_file():
+                raise BackupError(f"{archive} has no appliance.toml; refused")
+            _carry_secrets(manifest, data_dir, stage, secretfile)
+            cfg = _staged_config(stage, data_dir)
+            _check_engine(manifest, cfg, archive)
+            os.chmod(stage, 0o700)
+            if manifest["engine"] == "postgresql":
+                if had_data:
+                    progress.step("dumping the current PostgreSQL database first (kept with the previous data)")
+                    pg_dump(cfg.database.url, current_dump)
+                progress.step("loading the PostgreSQL dump into [database] url (pg_restore, one transaction)")
+                pg_restore(cfg.database.url, stage / PG_DUMP_FILE)
+                (stage / PG_DUMP_FILE).unlink()
+            kept = _swap(data_dir, stage, had_data, manifest, cfg, now, current_dump)
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True)
+            current_dump.unlink(missing_ok=True)
+            raise
+        _migrate(data_dir, progress)
+    finally:
+        stage_lock.release()
     progress.step(f"restore complete into {data_dir}" + (f"; the previous data is kept in {kept}" if kept else ""))
     return kept
 
@@ -444,25 +455,22 @@ def _check_engine(manifest: dict[str, Any], cfg: Any, archive: Path) -> None:
 
 
 def _swap(
-    data_dir: Path, stage: Path, had_data: bool, manifest: dict[str, Any], cfg: Any, now: dt.datetime, progress: Progress
+    data_dir: Path, stage: Path, had_data: bool, manifest: dict[str, Any], cfg: Any, now: dt.datetime, current_dump: Path
 ) -> Path | None:
+    """The staged dir becomes the data dir; the previous one (with a dump of the replaced database) is kept beside it."""
     kept = None
     if had_data:
         kept = data_dir.with_name(f"{data_dir.name}.before-restore-{now.strftime('%Y%m%dT%H%M%SZ')}")
-        if manifest["engine"] == "postgresql":
-            progress.step("dumping the current PostgreSQL database first (kept with the previous data)")
-            pg_dump(cfg.database.url, stage.parent / f".{data_dir.name}.current.pgdump")
         data_dir.rename(kept)
-        if manifest["engine"] == "postgresql":
-            (stage.parent / f".{data_dir.name}.current.pgdump").rename(kept / PG_DUMP_FILE)
+        if current_dump.exists():
+            current_dump.rename(kept / PG_DUMP_FILE)
     elif data_dir.exists():
         data_dir.rmdir()  # empty
     db_name = manifest.get("database_file")
     if db_name and manifest["engine"] == "sqlite":
         wanted = cfg.path(cfg.database.sqlite_file)
-        staged = stage / db_name
-        if wanted.is_relative_to(data_dir):
-            staged.rename(stage / wanted.relative_to(data_dir))
+        if wanted.is_relative_to(data_dir) and wanted != data_dir / db_name:
+            (stage / db_name).rename(stage / wanted.relative_to(data_dir))
     stage.rename(data_dir)
     return kept
 

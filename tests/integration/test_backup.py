@@ -176,3 +176,10 @@ def test_damaged_and_foreign_archives_are_refused_and_nothing_changes(tmp_path):
     )
     assert (app.data / "appliance.db").read_bytes() == db_bytes
     assert "erin" in _users(app)
+
+
+def test_a_pg_dump_of_another_major_is_not_used_and_the_message_names_the_package():
+    from appliance.backup import BackupError, pg_tool
+
+    with pytest.raises(BackupError, match=r"pg_dump of PostgreSQL 99 .*apt-get install postgresql-client-99"):
+        pg_tool("pg_dump", 99)
