@@ -18,6 +18,10 @@
     if (typeof v !== "number") return String(v);
     return v.toFixed(digits === undefined ? (Math.abs(v) >= 100 ? 0 : 1) : digits);
   }
+  function pairs(obj) {
+    var keys = Object.keys(obj || {}).sort();
+    return keys.length ? keys.map(function (k) { return k + " " + fmt(obj[k], 0); }).join(", ") : "none";
+  }
   function mb(v) { return v ? fmt(v / 1048576, 1) : "–"; }
   function ago(s) {
     if (s === null || s === undefined) return "–";
@@ -133,8 +137,8 @@
 
     var sec = s.security || {};
     $("security-now").textContent = sec.error ? sec.error : ("locked accounts " + sec.locked_accounts + ", locked addresses " + sec.locked_addresses +
-      ", failed logins in the last hour " + sec.failed_logins_last_hour + "; rate-limited so far: " + JSON.stringify(api.rate_limited_total || {}) +
-      "; token rejections: " + JSON.stringify(api.auth_failures_total || {}));
+      ", failed logins in the last hour " + sec.failed_logins_last_hour + "; rate-limited so far: " + pairs(api.rate_limited_total) +
+      "; token rejections: " + pairs(api.auth_failures_total));
     rows($("top-addresses"), sec.top_addresses || [], function (a) { return [a.address, a.failures]; });
   }
 
