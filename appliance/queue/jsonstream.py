@@ -3,9 +3,10 @@
 `array_records(fh, ...)` reads a file holding one JSON array and yields its elements as they
 are parsed. How it works: the file is decoded (UTF-8, incrementally) into a text buffer in
 CHUNK pieces; each element is parsed with json.JSONDecoder.raw_decode at the buffer's position.
-An element is accepted only when something follows it in the buffer (a number cut by a chunk
-boundary would otherwise parse short); when the parse fails or nothing follows, more is read
-and the element parsed again from its start. The buffer never holds more than one element
+An element is accepted only when something other than a number's characters follows it in the
+buffer (a number cut by a read boundary would otherwise parse short: "1." as 1); when the parse
+fails at the buffer's end or only digits follow, more is read and the element parsed again
+from its start. The buffer never holds more than one element
 plus one chunk: an element longer than [queue] data_max_record_bytes ends the task
 (LimitExceeded), as does one nested deeper than [api] json_max_depth. ijson would do the same
 with a C dependency to bundle; the standard library's raw_decode is enough here.
@@ -28,6 +29,7 @@ from appliance.queue.datalimits import LimitExceeded, bounded_lines
 
 CHUNK = 65536
 _WS = " \t\r\n"
+_NUMBER = "0123456789+-.eE"
 _decoder = json.JSONDecoder()
 
 
@@ -124,12 +126,12 @@ def _element(buf: _Buffer, max_record: int, max_depth: int) -> Any:
             raise buf.bad(exc.msg) from None
         if end - start > max_record:
             raise _record_too_long(max_record)
-        if end < len(buf.text) or buf.eof:
-            _check_depth(buf.text[start:end], max_depth)
-            buf.pos = end
-            return value
-        if not buf.more():  # nothing follows yet: the element may go on in the next chunk
-            continue
+        rest = buf.text[end : end + 64]
+        if not buf.eof and not rest.strip(_NUMBER) and buf.more():
+            continue  # nothing but a number's characters follow: "1." or "12e" may go on in the next chunk
+        _check_depth(buf.text[start:end], max_depth)
+        buf.pos = end
+        return value
 
 
 def _record_too_long(limit: int) -> LimitExceeded:
