@@ -183,3 +183,20 @@ def test_a_pg_dump_of_another_major_is_not_used_and_the_message_names_the_packag
 
     with pytest.raises(BackupError, match=r"pg_dump of PostgreSQL 99 .*apt-get install postgresql-client-99"):
         pg_tool("pg_dump", 99)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_is_a_bar_on_a_terminal_and_plain_lines_elsewhere(tmp_path, make_config):
+    from appliance import backup, db
+
+    cfg = make_config()
+    db.migrate(db.open_database(cfg))
+    term, pipe = _Terminal(), io.StringIO()
+    backup.create(cfg, tmp_path / "t.tar.gz", progress=backup.Progress(term))
+    backup.create(cfg, tmp_path / "p.tar.gz", progress=backup.Progress(pipe))
+    assert "\r" in term.getvalue() and "100.0%" in term.getvalue()
+    assert "\r" not in pipe.getvalue() and "[" not in pipe.getvalue() and "backup complete" in pipe.getvalue()

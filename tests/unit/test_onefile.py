@@ -1,0 +1,35 @@
+"""appliance.onefile from source: what a start does with the unpacked dir a killed one-file start left behind."""
+
+from __future__ import annotations
+
+from appliance import onefile
+
+
+def test_the_recorded_dir_of_a_killed_start_is_removed(tmp_path):
+    left = tmp_path / "_MEI12345abcdef"
+    (left / "lib").mkdir(parents=True)
+    (left / "lib" / "x.so").write_bytes(b"\0")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / onefile.RECORD).write_text(f"{left}\n")
+    assert onefile.sweep_stale(run) == left
+    assert not left.exists()
+    assert not (run / onefile.RECORD).exists()  # from source there is no unpacked dir to record
+
+
+def test_only_unpacked_dirs_are_ever_removed(tmp_path):
+    precious = tmp_path / "data"
+    precious.mkdir()
+    run = tmp_path / "run"
+    run.mkdir()
+    for target in (precious, tmp_path / "_MEIgone", "relative/_MEIx"):
+        (run / onefile.RECORD).write_text(f"{target}\n")
+        assert onefile.sweep_stale(run) is None
+    assert precious.is_dir()
+
+
+def test_from_source_nothing_is_changed():
+    env = {"LD_LIBRARY_PATH": "/x", "WATCHDOG_PID": "1"}
+    assert onefile.bundle_dir() is None and not onefile.under_bootloader()
+    assert onefile.external_env(env) == env and onefile.notify_env(env) == env
+    onefile.detach_group()  # a no-op from source
