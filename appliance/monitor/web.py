@@ -24,6 +24,7 @@ from typing import Any
 import orjson
 
 from appliance import identity
+from appliance.db.errors import DatabaseError, translated
 from appliance.errors import error_body
 from appliance.monitor import page
 from appliance.monitor.sessions import COOKIE, LOGIN_COOKIE, Session, Sessions, cookie, csrf_ok, read_cookie, same_site
@@ -62,6 +63,14 @@ class StatusSite:
             status, headers, body = self._route(environ)
         except Answer as a:
             status, headers, body = a.status, a.headers, a.body
+        except DatabaseError as exc:
+            log.warning("status page request failed on the database: %s", exc)
+            a = _json_error("503 Service Unavailable", "database_unavailable", "the database cannot be reached; try again shortly")
+            status, headers, body = a.status, a.headers, a.body
+        except Exception:  # a bug must answer 500 in the envelope, never take the monitor down
+            log.exception("status page request failed")
+            a = _json_error("500 Internal Server Error", "internal_error", "the status page failed; see the monitor log")
+            status, headers, body = a.status, a.headers, a.body
         if environ.get("REQUEST_METHOD") == "HEAD":
             body = b""
         start_response(status, headers)
@@ -84,8 +93,7 @@ class StatusSite:
             return self._logout(environ)
         if path.startswith("/status/api/"):
             self._methods(method, "GET", "HEAD")
-            with self.db.connection_context():
-                session = self._admin(environ)
+            session = self._admin(environ)
             if session is None:
                 raise _json_error("401 Unauthorized", "login_required", "log in to /status as an administrator first")
             return self._data(path[len("/status/api/") :], environ)
@@ -106,14 +114,23 @@ class StatusSite:
         return read_cookie(environ, COOKIE, secure=self.secure)
 
     def _admin(self, environ: dict[str, Any]) -> Session | None:
-        """The live session of an admin who is still an active admin with the same token generation, else None."""
+        """The live session of an admin who is still an active admin with the same token generation, else None.
+
+        With the database unreachable a live session is honoured as it stands (checked at login, bounded by its
+        expiry): the page is how an admin sees that the database is down, so it must not go dark with it.
+        """
         from appliance.db.models import User
 
         sid = self._sid(environ)
         session = self.sessions.get(sid)
         if session is None:
             return None
-        user = User.get_or_none(User.id == session.user_id)
+        try:
+            with translated(), self.db.connection_context():
+                user = User.get_or_none(User.id == session.user_id)
+        except DatabaseError as exc:
+            log.debug("session of user %s kept while the database is unreachable: %s", session.user_id, exc)
+            return session
         if user is None or not user.is_active or user.role != "admin" or user.token_generation != session.generation:
             self.sessions.drop_user(session.user_id)
             return None
@@ -132,8 +149,7 @@ class StatusSite:
         return Answer(status, headers, page.login_form(self.sessions.login_token(pre), error, username, mfa))
 
     def _index(self, environ: dict[str, Any]) -> tuple[str, list[tuple[str, str]], bytes]:
-        with self.db.connection_context():
-            session = self._admin(environ)
+        session = self._admin(environ)
         if session is None:
             raise self._login_page("200 OK")
         return "200 OK", list(_HTML), page.dashboard(session.csrf, session.username)
@@ -158,23 +174,17 @@ class StatusSite:
         return {k: v[0] for k, v in pairs.items()}
 
     def _login(self, environ: dict[str, Any]) -> tuple[str, list[tuple[str, str]], bytes]:
-        from appliance import logins
 
         form = self._form(environ)
         if not self.sessions.login_token_ok(read_cookie(environ, LOGIN_COOKIE, secure=self.secure), form.get("csrf")):
             raise self._login_page("403 Forbidden", "The form expired; please log in again.")
         username = form.get("username", "")[:254]
         address = self._address(environ)
-        with self.db.connection_context():
-            try:
-                user = logins.authenticate(self.cfg, username, form.get("password", ""), form.get("mfa_token") or None, address)
-            except logins.LoginRefused as refused:
-                extra = [("Retry-After", str(refused.retry_after))] if refused.retry_after else []
-                status = f"{refused.status} {'Too Many Requests' if refused.status == 429 else 'Unauthorized'}"
-                raise self._login_page(status, refused.message, username, refused.code == "mfa_required", extra) from None
-            if user.role != "admin":
-                logins.database_audit(address)("status_login_refused", user_id=user.id, username=user.username, reason="not_admin")
-                raise self._login_page("403 Forbidden", "This page is for administrators; your account is not one.", username)
+        try:
+            user = self._authenticate(form, username, address)
+        except DatabaseError as exc:
+            log.warning("status page login impossible: %s", exc)
+            raise self._login_page("503 Service Unavailable", "The database cannot be reached; try again shortly.", username) from None
         self.sessions.drop(self._sid(environ))  # rotation: whatever id the browser had is never the logged-in one
         sid, _ = self.sessions.create(user.id, user.username, user.token_generation)
         log.info("status page login", extra={"fields": {"user_id": user.id, "address": address}})
@@ -188,6 +198,22 @@ class StatusSite:
             ],
             b"",
         )
+
+    def _authenticate(self, form: dict[str, str], username: str, address: str) -> Any:
+        """The admin these credentials are, or an Answer with the login form and why not (appliance.logins decides)."""
+        from appliance import logins
+
+        with translated(), self.db.connection_context():
+            try:
+                user = logins.authenticate(self.cfg, username, form.get("password", ""), form.get("mfa_token") or None, address)
+            except logins.LoginRefused as refused:
+                extra = [("Retry-After", str(refused.retry_after))] if refused.retry_after else []
+                status = f"{refused.status} {'Too Many Requests' if refused.status == 429 else 'Unauthorized'}"
+                raise self._login_page(status, refused.message, username, refused.code == "mfa_required", extra) from None
+            if user.role != "admin":
+                logins.database_audit(address)("status_login_refused", user_id=user.id, username=user.username, reason="not_admin")
+                raise self._login_page("403 Forbidden", "This page is for administrators; your account is not one.", username)
+        return user
 
     def _logout(self, environ: dict[str, Any]) -> tuple[str, list[tuple[str, str]], bytes]:
         form = self._form(environ)
@@ -218,7 +244,7 @@ class StatusSite:
     def _task_logs(self, task_id: str) -> tuple[str, list[tuple[str, str]], bytes]:
         from appliance.db.models import Task, TaskLog
 
-        with self.db.connection_context():
+        with translated(), self.db.connection_context():
             task = Task.get_or_none(Task.id == task_id)
             if task is None:
                 raise _json_error("404 Not Found", "task_not_found", "no such task")
