@@ -102,6 +102,7 @@ class DataProcessing:
         media = (req.content_type or "").split(";", 1)[0].strip().lower()
         if media != "multipart/form-data":
             raise UnsupportedMediaType("the body must be multipart/form-data", details={"content_type": (req.content_type or "")[:100]})
+        quotas.check_pending(cfg, caller)  # before the file is written: the task would be refused after it
         limit, too_large = self._limit(cfg, caller, req.content_length)
         upload_id = records.new_id()
         folder = cfg.path("uploads") / upload_id

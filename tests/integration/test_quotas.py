@@ -52,6 +52,7 @@ def test_pending_tasks_quota_counts_queued_and_running_per_user(tenv):
     r = upload(tenv, b"a\n1\n")
     _quota_error(r, 429, "queue.user_max_pending", 3, 3)
     assert Upload.select().count() == 0
+    assert not tenv.cfg.path("uploads").exists() or not any(tenv.cfg.path("uploads").iterdir())  # refused before writing
     # admins are exempt
     for _ in range(5):
         tenv.submit("sample", who="admin")
