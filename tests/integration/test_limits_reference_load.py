@@ -1,11 +1,13 @@
 """The reference design's own load test through a real `appliance run` (balancer included) with the
 default rate-limit zones: one user, 10 threads, 50 /tasks/submit at once, at least 45 accepted
-(../shared/seeds, test_concurrent_task_submission). The login zone must still stop a flood."""
+(../shared/seeds, test_concurrent_task_submission). The login zone must still stop a flood, and a
+body nested past the depth bound is refused end to end."""
 
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
+import orjson
 import pytest
 
 from appliance.config import RateLimitSettings
@@ -35,6 +37,11 @@ def test_fifty_parallel_submits_pass_the_default_zones_while_a_login_flood_is_cu
             results = list(pool.map(submit, range(50)))
         assert sum(1 for s in results if s == 200) >= 45, results  # the reference's own bound
         assert results.count(200) == 50, results  # and in fact all: 50 fit in the default burst
+
+        # nesting deeper than [api] json_max_depth is a 400 through the balancer too (255 levels were a 500)
+        deep = {"task_type": "sample", "data": {"v": orjson.loads(b"[" * 255 + b"]" * 255)}}
+        status, body = http_json(app.port, "POST", "/tasks/submit", deep, token=token)
+        assert status == 400 and body["error"]["code"] == "json_too_deep", body
 
         # password guessing from one address is still refused within a handful of tries
         statuses = [http_json(app.port, "POST", "/auth/login", {"username": "loader", "password": f"wrong-{i}"})[0] for i in range(8)]
