@@ -287,7 +287,9 @@ def test_fair_share_one_users_backlog_does_not_starve_another(tenv):
     # one worker, 3 slots; a user may hold 2 of them
     write_config(tenv.path.parent, queue={"concurrency": 3, "worker_type": "process", "user_max_running": 2, "reaper_interval": 0.5},
                  **_rest(tenv))  # fmt: skip
-    backlog = [tenv.submit("sample", {"duration": 2.0, "steps": 4}, who="alice") for _ in range(6)]
+    # durations apart, so that on PostgreSQL (where claims at the same instant may each pass the cap) no two of
+    # alice's end together and let two more of hers in at once
+    backlog = [tenv.submit("sample", {"duration": 2.0 + 0.4 * i, "steps": 4}, who="alice") for i in range(6)]
     late = tenv.submit("sample", {"message": "bob's one task"}, who="bob")  # queued behind all of alice's
     tenv.start()
     assert tenv.wait(late, timeout=30)["status"] == "succeeded", tenv.logs()
