@@ -117,6 +117,8 @@ def test_status_page_in_a_real_browser(appliance: Appliance, tmp_path: Path) -> 
         assert {"supervisor", "balancer", "api", "worker", "scheduler", "monitor"} <= roles
         _wait(driver, lambda d: int(d.find_element(By.ID, "chart-rps").get_attribute("data-points") or 0) >= 2, what="a chart with points")
         assert driver.find_element(By.ID, "tasks").is_displayed()
+        assert "database sqlite: round trip" in driver.find_element(By.ID, "stores-now").text
+        assert "database" in driver.find_element(By.ID, "overview-lines").text
         driver.execute_script("window.__sameDocument = 'yes';")  # gone if the page ever reloads
 
         # API traffic and a failing task change the page without a reload.

@@ -126,6 +126,11 @@
     var h = s.host || {}, mem = h.memory || {}, disk = h.disk || {}, net = h.network || {};
     $("host-now").textContent = "host cpu " + fmt(h.cpu) + " % of " + (h.cpus || "?") + " cores, memory " + fmt(mem.percent) + " %, disk " +
       fmt(disk.free_percent) + " % free, load " + (h.load || []).join(" ") + ", network " + fmt((net.rx_bytes_per_s || 0) / 1024) + " / " + fmt((net.tx_bytes_per_s || 0) / 1024) + " KB/s in/out";
+    var db = s.database || {}, rd = s.redis;
+    $("stores-now").textContent = (db.reachable ? "database " + db.engine + ": round trip " + fmt(db.round_trip_ms, 2) + " ms, " + mb(db.size_bytes) + " MB" +
+      (db.connections !== undefined ? ", " + db.connections + " connections" : "") : "database unreachable: " + (db.error || "?")) +
+      (rd ? (rd.reachable ? "; redis: round trip " + fmt(rd.round_trip_ms, 2) + " ms, " + rd.connections + " clients, " + mb(rd.used_memory) + " MB"
+        : "; redis unreachable: " + (rd.error || "?")) : "");
     var procs = (s.processes || {}).rows || [];
     rows($("processes"), procs, function (p) {
       var bad = p.state !== "up" && p.state !== "draining";
