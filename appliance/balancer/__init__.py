@@ -6,10 +6,14 @@ Modules, each of one job:
   framing    HTTP/1.1 framing over httptools plus the anti-smuggling rules; ProtocolError
   pool       keep-alive upstream connections
   picker     least-connection picking with weights (Upstream, Group)
-  health     the upstream health transition table (active and passive evidence)
-  upstreams  groups, routes, the supervisor's control file and balancer-state.json; active probes
+  upstream_state  the upstream state table: healthy, unhealthy, ejected, draining
+             (active probes and passive failures move it)
+  upstreams  UpstreamTable: groups, routes, the supervisor's control file and
+             balancer-state.json; active probes
+  listeners  closing the public sockets in a stop without resetting a client in the backlog
   stats      counters flushed to prometheus once a second; the access log
   certs      TLS contexts, SIGHUP reload, `init --tls self-signed`
   limiter    rate-limit zones (memory or Redis)
+  prefixes   route-prefix matching shared by limiter zones and public routes
   authhook   token validation (jwt, subrequest, callable)
 """

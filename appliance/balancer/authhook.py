@@ -53,7 +53,7 @@ import httptools
 import orjson
 
 from appliance import identity, tokens
-from appliance.balancer.limiter import prefix_matcher
+from appliance.balancer.prefixes import prefix_matcher
 from appliance.errors import error_body
 
 log = logging.getLogger(__name__)

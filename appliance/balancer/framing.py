@@ -33,8 +33,9 @@ still being answered is held in a backlog and replayed by release(). A
 pipelined request that is refused does not cost the ones before it their
 answers: its ProtocolError waits in the backlog and release() raises it once
 they were answered (what nginx does). ResponseFramer does the same for upstream
-answers (on_response, on_body, on_response_end), skipping 1xx interim answers
-and bodies of HEAD/204/304.
+answers (on_response, on_response_body, on_response_end, or on_whole_response for
+a whole remembered answer in one read), skipping 1xx interim answers and bodies of
+HEAD/204/304. Writing the other way, without I/O too, is writer.py's job.
 
 RequestFramer knows where each message starts and ends and feeds llhttp one piece
 at a time: the head (up to its blank line), then the Content-Length body, or the

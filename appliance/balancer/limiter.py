@@ -21,9 +21,7 @@ method); every matching zone applies and the request is refused when any zone
 refuses. As in nginx, a refused request consumes nothing in the other zones:
 all zones are checked first and only then charged.
 
-Prefix rule (shared with authhook's public prefixes): a prefix ending in "/"
-matches its subtree; any other prefix matches that exact path or a path below
-it ("/auth/login" matches "/auth/login" and "/auth/login/x", not "/auth/loginx").
+Prefixes match as prefixes.py says (shared with authhook's public prefixes).
 
 Two backends with one interface:
   RateLimiter       in memory, one process; per zone an LRU of at most max_keys
@@ -45,6 +43,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from appliance.balancer.prefixes import prefix_matcher
 from appliance.config import RateLimitZone
 
 log = logging.getLogger(__name__)
@@ -63,19 +62,6 @@ def parse_rate(text: str) -> float:
     if value <= 0 or unit not in ("s", "m"):
         raise ValueError(f"rate {text!r} is invalid; allowed: a positive number per s or m, e.g. 10/s or 5/m")
     return value if unit == "s" else value / 60.0
-
-
-def prefix_matcher(prefixes: Sequence[str]) -> tuple[frozenset[str], tuple[str, ...]]:
-    """Precompute (exact paths, subtree prefixes) for `path in exact or path.startswith(subtrees)`."""
-    exact: set[str] = set()
-    subtrees: list[str] = []
-    for p in prefixes:
-        if p.endswith("/"):
-            subtrees.append(p)
-        else:
-            exact.add(p)
-            subtrees.append(p + "/")
-    return frozenset(exact), tuple(subtrees)
 
 
 class Decision:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Container
 
-from appliance.balancer.health import DRAINING, HEALTHY, Health
+from appliance.balancer.upstream_state import DRAINING, HEALTHY, Health
 
 
 class Upstream:

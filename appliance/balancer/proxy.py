@@ -145,7 +145,7 @@ class Proxy:
     def __init__(self, cfg: Any, registry: Any, limiter: Any = None, hook: Any = None, tls: bool = False):
         b = cfg.balancer
         self.loop: Any = None
-        self.registry = registry  # upstreams.Registry: groups and routes
+        self.registry = registry  # upstreams.UpstreamTable: groups and routes
         self.limiter = limiter
         self.limiter_async = limiter is not None and asyncio.iscoroutinefunction(limiter.decide)
         self.hook = hook

@@ -36,12 +36,12 @@ from appliance.balancer import certs, upstreams
 from appliance.balancer.framing import ProtocolError, RequestFramer, RequestHead
 from appliance.balancer.listeners import close_listeners
 from appliance.balancer.proxy import ERROR_LINES, NEW_CONNECTION_GRACE, SECURITY_LINES, Proxy
+from appliance.contract import LISTEN_FDS_ENV
 from appliance.errors import error_body
 from appliance.roles import EXIT_BOOT_FAILURE
 
 log = logging.getLogger(__name__)
 
-LISTEN_FDS_ENV = "APPLIANCE_LISTEN_FDS"
 SWEEP_INTERVAL = 0.25
 ACCEPTED_SETTLE = 0.05  # seconds a stop waits for connections accepted just before it to show up
 GC_THRESHOLD = 20000  # allocations between young-generation collections (Python default: 700)
@@ -176,7 +176,7 @@ class Balancer:
         cfg, b = self.cfg, self.cfg.balancer
         loop = asyncio.get_running_loop()
         self.stop_event = asyncio.Event()
-        registry = upstreams.Registry(cfg)
+        registry = upstreams.UpstreamTable(cfg)
         registry.load()
         if b.tls_cert:
             try:

@@ -34,16 +34,17 @@ from typing import Any
 import orjson
 
 from appliance.balancer import pool
-from appliance.balancer.health import DRAINING, Health
 from appliance.balancer.picker import Group, Upstream
+from appliance.balancer.upstream_state import DRAINING, Health
+from appliance.contract import BALANCER_STATE_FILE, RUN_DIR, UPSTREAMS_FILE
 
 log = logging.getLogger(__name__)
 
-CONTROL_FILE = "run/upstreams.json"
-STATE_FILE = "run/balancer-state.json"
+CONTROL_FILE = f"{RUN_DIR}/{UPSTREAMS_FILE}"
+STATE_FILE = f"{RUN_DIR}/{BALANCER_STATE_FILE}"
 
 
-class Registry:
+class UpstreamTable:
     """The upstream groups and routes of this balancer."""
 
     def __init__(self, cfg: Any):
@@ -227,7 +228,7 @@ async def probe(up: Upstream, timeout: float) -> bool:
                 await writer.wait_closed()
 
 
-async def check_all(registry: Registry, timeout: float) -> None:
+async def check_all(registry: UpstreamTable, timeout: float) -> None:
     """Probe every upstream once, concurrently, and feed the results to their health."""
     ups = [u for g in registry.groups.values() for u in g.upstreams if not u.removed]
     if not ups:

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance import roles
+from appliance.contract import LISTEN_FDS_ENV
 from appliance.heartbeat import FILE_ENV, PARENT_ENV
 from appliance.logs import fields
 from appliance.supervisor import phases, readiness
@@ -46,7 +47,6 @@ from appliance.supervisor.relay import Relay
 
 log = logging.getLogger(__name__)
 
-LISTEN_FDS_ENV = "APPLIANCE_LISTEN_FDS"
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
 # systemd's variables are for the supervisor alone; children must not notify or think they were socket-activated.
 PRIVATE_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", LISTEN_FDS_ENV)

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-UPSTREAMS = "upstreams.json"
-STATE = "balancer-state.json"
+from appliance.contract import BALANCER_STATE_FILE as STATE
+from appliance.contract import UPSTREAMS_FILE as UPSTREAMS
 
 
 def write_atomic(path: Path, data: bytes) -> None:

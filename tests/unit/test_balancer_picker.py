@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections import Counter
 
-from appliance.balancer.health import DRAINING, EJECTED, HEALTHY, UNHEALTHY, Health
 from appliance.balancer.picker import Group, Upstream
+from appliance.balancer.upstream_state import DRAINING, EJECTED, HEALTHY, UNHEALTHY, Health
 
 
 def group(*weights: int) -> Group:

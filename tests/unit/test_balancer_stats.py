@@ -12,7 +12,7 @@ import re
 from prometheus_client import CollectorRegistry
 
 from appliance.balancer.stats import AccessLog, Stats, process_log_format
-from appliance.balancer.upstreams import Registry
+from appliance.balancer.upstreams import UpstreamTable
 from appliance.logs import setup_logging
 
 A = "127.0.0.1:9101"
@@ -27,9 +27,9 @@ def sample(reg: CollectorRegistry, name: str, address: str, **labels: str) -> fl
     return reg.get_sample_value(name, {"group": "api", "upstream": address, **labels})
 
 
-def two_upstreams(make_config) -> tuple[Registry, CollectorRegistry, Stats]:
+def two_upstreams(make_config) -> tuple[UpstreamTable, CollectorRegistry, Stats]:
     """Upstreams A and B applied (version 1), and Stats recording into a registry of the test's own."""
-    upstreams = Registry(make_config(api={"workers": 1, "base_port": 9101}, monitor={"enabled": False}))
+    upstreams = UpstreamTable(make_config(api={"workers": 1, "base_port": 9101}, monitor={"enabled": False}))
     upstreams.apply(spec(1, A, B))
     prom = CollectorRegistry()
     return upstreams, prom, Stats(registry=prom)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from appliance.balancer.upstreams import Registry
+from appliance.balancer.upstreams import UpstreamTable
 
 
 def test_standalone_groups_and_routes(make_config) -> None:
@@ -13,7 +13,7 @@ def test_standalone_groups_and_routes(make_config) -> None:
         monitor={"port": 9190},
         balancer={"upstreams": [{"address": "10.0.0.5:80", "weight": 3}], "routes": [{"prefix": "/files/", "group": "files"}]},
     )
-    reg = Registry(cfg)
+    reg = UpstreamTable(cfg)
     assert reg.load()
     assert [u.address for u in reg.groups["api"].upstreams] == ["127.0.0.1:9101", "127.0.0.1:9102", "10.0.0.5:80"]
     assert reg.groups["api"].upstreams[2].weight == 3
@@ -27,7 +27,7 @@ def test_standalone_groups_and_routes(make_config) -> None:
 
 def test_control_file_drains_and_removes(make_config) -> None:
     cfg = make_config(api={"workers": 1, "base_port": 9101}, monitor={"enabled": False})
-    reg = Registry(cfg)
+    reg = UpstreamTable(cfg)
     reg.control_path.parent.mkdir(parents=True, exist_ok=True)
     spec = {"version": 1, "groups": {"api": [{"address": "127.0.0.1:9101", "weight": 1, "state": "up"}]}}
     reg.control_path.write_text(json.dumps(spec))
