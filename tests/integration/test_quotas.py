@@ -186,3 +186,23 @@ def test_a_schedule_slot_is_skipped_while_its_owner_is_at_the_pending_quota(tenv
     assert Schedule.get_by_id(sid).active  # skipped slots, not a refused schedule
     Task.update(status="succeeded").where(Task.id == tasks[0].id).execute()
     assert len(schedules.tick(tenv.cfg, now + dt.timedelta(minutes=6))) == 1
+
+
+def test_a_held_back_task_is_not_resent_by_the_reaper_as_lost(tenv):
+    """A task waiting for its owner's turn sits in the queue's schedule, not its list: the row's eta says so."""
+    from appliance import queue as queue_mod
+    from appliance.queue import quotas, reaper
+
+    tid = tenv.submit("sample")
+    huey = queue_mod.get_queue(tenv.cfg)
+    assert huey.dequeue() is not None  # a worker took the message ...
+    Task.update(queued_at=utcnow() - dt.timedelta(minutes=5)).where(Task.id == tid).execute()
+    row = quotas.held_back(tid, 1)
+    assert row is not None  # ... and found alice at her cap (the claim failed on the fair share alone)
+    eta = quotas.defer(row, 1, 2)
+    queue_mod.enqueue(tenv.cfg, tid, 1, row.priority, eta)
+    assert queue_mod.depth(tenv.cfg) == {"pending": 0, "scheduled": 1}
+    assert reaper.reap(tenv.cfg)["resent"] == 0
+    assert "user_max_running" in tenv.status(tid)["progress"]["message"]
+    Task.update(eta=None).where(Task.id == tid).execute()  # without the row's eta it would count as lost
+    assert reaper.reap(tenv.cfg)["resent"] == 1
