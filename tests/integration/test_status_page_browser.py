@@ -175,6 +175,14 @@ def test_status_page_in_a_real_browser(appliance: Appliance, tmp_path: Path) -> 
         assert driver.execute_script("return window.__sameDocument;") == "yes"
         assert driver.execute_script("return performance.getEntriesByType('navigation').length;") == 1
 
+        # On a phone-sized window nothing runs off the side (wide tables scroll inside their section).
+        driver.set_window_size(390, 844)
+        _wait(
+            driver,
+            lambda d: d.execute_script("return document.documentElement.scrollWidth <= window.innerWidth;"),
+            what="the page to fit a phone's width",
+        )
+        driver.save_screenshot(str(shots / "5-phone.png"))
         urls += _loaded_urls(driver, origin)
         # Logging out lands on the login form.
         driver.find_element(By.ID, "logout").click()
@@ -188,4 +196,10 @@ def test_status_page_in_a_real_browser(appliance: Appliance, tmp_path: Path) -> 
     assert urls and any(u.endswith("/status/static/status.js") for u in urls)
     foreign = [u for u in urls if urllib.parse.urlsplit(u)[:2] != urllib.parse.urlsplit(origin)[:2]]
     assert foreign == [], foreign
-    assert sorted(p.name for p in shots.iterdir()) == ["1-wrong-password.png", "2-dashboard.png", "3-worker-killed.png", "4-logged-out.png"]
+    assert sorted(p.name for p in shots.iterdir()) == [
+        "1-wrong-password.png",
+        "2-dashboard.png",
+        "3-worker-killed.png",
+        "4-logged-out.png",
+        "5-phone.png",
+    ]
