@@ -134,3 +134,33 @@ def test_the_login_address_is_the_balancers_signed_word_or_the_socket_peer(make_
     forged = identity.sign_client("203.0.113.7", b"not-the-key" * 4)
     assert site._address({**peer, "HTTP_X_APPLIANCE_CLIENT": forged}) == "127.0.0.1"
     assert site._address(peer) == "127.0.0.1"
+
+
+def test_overview_levels_and_reasons() -> None:
+    from appliance.monitor.sampler import overview
+
+    def row(role: str, index: int, state: str = "up", restarts: int = 0, uptime: float = 500.0) -> dict:
+        return {"role": role, "index": index, "state": state, "restarts": restarts, "uptime": uptime}
+
+    sample = {
+        "processes": {
+            "rows": [
+                row("api", 0),
+                row("api", 1, "backoff"),
+                row("worker", 0, restarts=1, uptime=12),
+                row("scheduler", 0, "failed"),
+                row("balancer", 0, restarts=3, uptime=3000),
+            ]
+        },
+        "database": {"reachable": False, "error": "OperationalError: connection refused"},
+        "redis": {"reachable": True},
+        "host": {"disk": {"free_percent": 8.0}},
+    }
+    lines = {x["name"]: x for x in overview(sample)}
+    assert lines["api"]["level"] == "amber" and lines["api"]["reason"] == "api[1] backoff"
+    assert lines["worker"]["level"] == "amber" and "worker[0] restarted 12 s ago" in lines["worker"]["reason"]
+    assert lines["scheduler"]["level"] == "red"
+    assert lines["balancer"]["level"] == "green"  # restarts long ago: counted, not marked
+    assert lines["database"]["level"] == "red" and "connection refused" in lines["database"]["reason"]
+    assert lines["redis"]["level"] == "green"
+    assert lines["disk"]["level"] == "red" and lines["disk"]["reason"] == "8.0 % free"
