@@ -206,3 +206,20 @@ def test_sd_notify_comes_from_the_supervisor_and_the_watchdog_is_kept(binary, tm
     supervisor = senders.pop()
     assert not senders, got  # one process speaks sd_notify: the supervisor
     assert supervisor != app.proc.pid
+
+
+@pytest.mark.postgres
+def test_backup_on_postgresql_runs_the_hosts_pg_dump_from_the_binary(binary, tmp_path, pg_url):
+    # pg_dump is another program: it must not get the bootloader's LD_LIBRARY_PATH (our bundled libraries).
+    app = Frozen(binary, tmp_path, APPLIANCE_DATABASE__URL=pg_url)
+    app.init()
+    app.start()
+    try:
+        result = app.cli("backup", str(tmp_path / "pg.tar.gz"), "--config", str(app.config))
+        assert result.returncode == 0, result.stderr
+    finally:
+        assert app.stop() == 0
+    import tarfile
+
+    with tarfile.open(tmp_path / "pg.tar.gz") as tar:
+        assert tar.getmember("database.pgdump").size > 0
