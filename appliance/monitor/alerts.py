@@ -75,8 +75,8 @@ def conditions(settings: Any, sample: dict[str, Any]) -> dict[str, tuple[bool, A
             "seconds the oldest queued task waits",
         ),
         "login_failures": (
-            _above(a.login_failures_per_min, _get(sample, "api", "login_failures_per_min")),
-            _get(sample, "api", "login_failures_per_min"),
+            _above(a.login_failures_per_min, _get(sample, "security", "failed_logins_per_min")),
+            _get(sample, "security", "failed_logins_per_min"),
             a.login_failures_per_min,
             "failed logins per minute",
         ),

@@ -12,7 +12,7 @@ source that cannot be read gives {"error": "..."} so the page shows why.
 - TrafficCollector: the balancer's and the API's counters from the shared
   metrics files (appliance/metrics.py): requests/s, status classes, latency
   percentiles over the last `window` seconds, per upstream, rate-limit and
-  auth rejections, login failures and lockouts.
+  auth rejections, the API's login events.
 """
 
 from __future__ import annotations
@@ -188,8 +188,6 @@ class TrafficCollector:
             "auth_failures_per_s": {k[1]: round(v, 2) for k, v in rates.items() if k[0] == "auth"},
             "auth_failures_total": {k[0]: v for k, v in auth_fail.items()},
             "login_events_total": {k[0]: v for k, v in auth_events.items()},
-            "login_failures_per_min": round(60 * rates.get(("event", "login_failed"), 0.0), 2),
-            "lockouts_per_min": round(60 * rates.get(("event", "lockout"), 0.0), 2),
         }
 
     def _latency(self, family: Any) -> dict[str, float | None]:

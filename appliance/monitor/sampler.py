@@ -103,8 +103,8 @@ def point(sample: dict[str, Any]) -> dict[str, Any]:
         "running": tasks.get("running"),
         "ok_min": tasks.get("succeeded_per_min"),
         "fail_min": tasks.get("failed_per_min"),
-        "login_fail_min": api.get("login_failures_per_min"),
-        "lockouts_min": api.get("lockouts_per_min"),
+        "login_fail_min": sec.get("failed_logins_per_min"),
+        "lockouts_min": sec.get("lockouts_per_min"),
         "limited": sum((api.get("rate_limited_per_s") or {}).values()),
         "locked": (sec.get("locked_accounts") or 0) + (sec.get("locked_addresses") or 0),
     }

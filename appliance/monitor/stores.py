@@ -5,7 +5,7 @@ priority, throughput, the oldest waiting task and the recent failures are read
 there, on SQLite and PostgreSQL alike, with queries the indexes on
 (status, priority, created_at) answer. Security counts come from the login
 throttle rows (locked accounts and addresses) and the audit events (failed
-logins of the last hour by address). Each part reports {"error": ...} instead
+logins and lockouts of the last minute, failed logins of the last hour by address). Each part reports {"error": ...} instead
 of raising, so one unreachable store does not blank the page.
 """
 
@@ -150,5 +150,8 @@ def security_sample(now: float) -> dict[str, Any]:
         "locked_accounts": sum(1 for k in locked if k.startswith("user:")),
         "locked_addresses": sum(1 for k in locked if k.startswith("addr:")),
         "failed_logins_last_hour": AuditEvent.select().where(AuditEvent.event == "login_failed", AuditEvent.at > _utc(now - 3600)).count(),
+        # Per minute from the audit trail: every login surface (API, status page) and every host counts.
+        "failed_logins_per_min": AuditEvent.select().where(AuditEvent.event == "login_failed", AuditEvent.at > _utc(now - 60)).count(),
+        "lockouts_per_min": AuditEvent.select().where(AuditEvent.event == "login_lockout", AuditEvent.at > _utc(now - 60)).count(),
         "top_addresses": top,
     }

@@ -55,9 +55,13 @@ def test_security_sample_counts_locks_and_offenders(db) -> None:
     AuditEvent.create(event="login_failed", address="198.51.100.1", at=from_timestamp(now - 10))
     AuditEvent.create(event="login_failed", address="198.51.100.2", at=from_timestamp(now - 4000))  # over an hour ago
     AuditEvent.create(event="login_success", address="198.51.100.3", at=from_timestamp(now))
+    AuditEvent.create(event="login_lockout", address="203.0.113.9", at=from_timestamp(now - 2))
+    AuditEvent.create(event="login_lockout", address="203.0.113.9", at=from_timestamp(now - 120))
     s = stores.security_sample(now)
     assert s["locked_accounts"] == 1 and s["locked_addresses"] == 1
     assert s["failed_logins_last_hour"] == 8
+    assert s["failed_logins_per_min"] == 8  # 203.0.113.9's seven and the one 10 s old
+    assert s["lockouts_per_min"] == 1
     assert s["top_addresses"] == [{"address": "203.0.113.9", "failures": 7}, {"address": "198.51.100.1", "failures": 1}]
 
 

@@ -67,9 +67,10 @@ def test_store_and_process_alerts() -> None:
         "database": {"reachable": False},
         "redis": {"reachable": True},
         "processes": {"rows": [{"role": "api", "index": 1, "state": "failed"}]},
+        "security": {"failed_logins_per_min": 40},  # from the audit trail: API and status page logins alike
     }
     names = {c["alert"]: c["value"] for c in alerts.evaluate(sample, 0)}
-    assert names == {"store_unreachable": "database", "process_failed": "api[1]"}
+    assert names == {"store_unreachable": "database", "process_failed": "api[1]", "login_failures": 40}
 
 
 def test_sessions_expire_on_the_server_and_forged_ids_match_nothing() -> None:
