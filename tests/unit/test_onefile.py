@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from appliance import onefile
 
 
@@ -33,3 +35,27 @@ def test_from_source_nothing_is_changed():
     assert onefile.bundle_dir() is None and not onefile.under_bootloader()
     assert onefile.external_env(env) == env and onefile.notify_env(env) == env
     onefile.detach_group()  # a no-op from source
+
+
+def _frozen(monkeypatch, tmp_path):
+    bundle = tmp_path / "_MEIabc"
+    bundle.mkdir()
+    monkeypatch.setattr(sys, "frozen", True, raising=False)
+    monkeypatch.setattr(sys, "_MEIPASS", str(bundle), raising=False)
+    return bundle
+
+
+def test_programs_we_run_from_the_binary_get_the_hosts_library_path(monkeypatch, tmp_path):
+    bundle = _frozen(monkeypatch, tmp_path)
+    assert onefile.bundle_dir() == bundle
+    env = {"LD_LIBRARY_PATH": str(bundle), "LD_LIBRARY_PATH_ORIG": "/opt/lib", "_PYI_APPLICATION_HOME_DIR": str(bundle), "PATH": "/bin"}
+    assert onefile.external_env(env) == {"LD_LIBRARY_PATH": "/opt/lib", "PATH": "/bin"}
+    assert onefile.external_env({"LD_LIBRARY_PATH": str(bundle), "PATH": "/bin"}) == {"PATH": "/bin"}
+
+
+def test_a_one_file_start_records_its_unpacked_dir_for_the_next_start(monkeypatch, tmp_path):
+    bundle = _frozen(monkeypatch, tmp_path)
+    run = tmp_path / "run"
+    assert onefile.sweep_stale(run) is None
+    assert (run / onefile.RECORD).read_text().strip() == str(bundle)
+    assert onefile.sweep_stale(run) is None and bundle.is_dir()  # its own dir is never removed
