@@ -1,7 +1,9 @@
-"""`python -m bench [NAME ...]`: run the named benchmarks (default: every bench module that exists).
+"""`python -m bench [NAME ...] [--options]`: run the named benchmarks (default: `stack`, the whole table).
 
-Each benchmark is a module bench/<name>.py with `main(argv) -> int`; arguments
-after the names go to each of them. `make bench` runs them all.
+Each benchmark is a module bench/<name>.py (or package) with `main(argv) -> int`;
+the names come first, every argument from the first option on goes to each of
+them. `make bench` runs `stack`: the appliance against the reference stack
+(bench/stack/). `python -m bench all` runs every benchmark there is.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-KNOWN = ("balancer", "tasks")  # in this order when present; others after them
+KNOWN = ("stack", "balancer", "tasks")  # in this order when present; others after them
+DEFAULT = ["stack"]
 
 
 def available() -> list[str]:
@@ -23,9 +26,9 @@ def available() -> list[str]:
 
 
 def run(argv: list[str]) -> int:
-    names = [a for a in argv if not a.startswith("-")]
-    rest = [a for a in argv if a.startswith("-")]
-    chosen = names or available()
+    first_option = next((i for i, a in enumerate(argv) if a.startswith("-")), len(argv))
+    names, rest = argv[:first_option], argv[first_option:]
+    chosen = available() if names == ["all"] else names or DEFAULT
     status = 0
     for name in chosen:
         print(f"== bench {name}", flush=True)

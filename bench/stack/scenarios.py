@@ -1,0 +1,219 @@
+"""The measurements of `python -m bench stack`, each run the same way against any stack (bounded, loopback).
+
+A stack offers `port`, `credentials`, `roots()`, `api_worker_pid()`,
+`task_worker_pid()` and `task_outcomes(ids)` (bench/stack/ours.py and
+reference.py). GET load is wrk (bench/balancer.py's runner); logins and task
+submissions come from client threads with keep-alive connections, since
+their cost is on the server (bcrypt, the queue).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import statistics
+import threading
+import time
+from typing import Any
+
+from bench.balancer import wrk
+from bench.stack import procs
+from bench.tasks import pct
+
+
+class Client:
+    """One keep-alive HTTP/1.1 connection; reconnects after an error."""
+
+    def __init__(self, port: int, token: str | None = None):
+        self.port, self.token = port, token
+        self.conn: http.client.HTTPConnection | None = None
+
+    def call(self, method: str, path: str, body: Any = None) -> tuple[int, dict]:
+        headers = {"Content-Type": "application/json"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        for attempt in (1, 2):
+            if self.conn is None:
+                self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+            try:
+                self.conn.request(method, path, body=json.dumps(body) if body is not None else None, headers=headers)
+                resp = self.conn.getresponse()
+                raw = resp.read()
+                if resp.getheader("Connection", "").lower() == "close":
+                    self.close()
+                return resp.status, json.loads(raw) if raw else {}
+            except (OSError, http.client.HTTPException):
+                self.close()
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+
+def login_token(stack: Any) -> str:
+    status, body = Client(stack.port).call("POST", "/auth/login", stack.credentials)
+    if status != 200:
+        raise RuntimeError(f"{stack.name}: login answered {status}: {body}")
+    return body["data"]["access_token"]
+
+
+# --- 1. GET load ------------------------------------------------------------------------------------
+
+
+def get_load(stack: Any, path: str, conns: int, seconds: int, token: str | None) -> dict[str, float]:
+    """wrk on `path`: req/s, p50, p99 (ms), errors (non-2xx and socket errors); 1 s of warm-up first."""
+    url = f"http://127.0.0.1:{stack.port}{path}"
+    wrk(url, conns, 1, token)
+    return wrk(url, conns, seconds, token)
+
+
+# --- 2. logins --------------------------------------------------------------------------------------
+
+
+def login_load(stack: Any, conns: int, seconds: float) -> dict[str, float]:
+    """`conns` clients logging in back to back for `seconds`: logins/s, p50, p99 (ms), errors."""
+    latencies: list[float] = []
+    errors = [0]
+    lock = threading.Lock()
+    stop_at = time.monotonic() + seconds
+
+    def run() -> None:
+        client = Client(stack.port)
+        while time.monotonic() < stop_at:
+            t0 = time.perf_counter()
+            try:
+                status, _ = client.call("POST", "/auth/login", stack.credentials)
+            except (OSError, http.client.HTTPException):
+                status = 0
+            with lock:
+                if status == 200:
+                    latencies.append((time.perf_counter() - t0) * 1000)
+                else:
+                    errors[0] += 1
+        client.close()
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=run) for _ in range(conns)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.monotonic() - started
+    if not latencies:
+        return {"rps": 0.0, "p50": float("nan"), "p99": float("nan"), "errors": errors[0]}
+    return {"rps": len(latencies) / elapsed, "p50": pct(latencies, 50), "p99": pct(latencies, 99), "errors": errors[0]}
+
+
+# --- 3. tasks ---------------------------------------------------------------------------------------
+
+
+def submit_body(stack: Any, i: int) -> dict[str, Any]:
+    data = {"message": "bench", "n": i}
+    if stack.name.startswith("appliance"):
+        return {"task_type": "sample", "data": data, "retry_config": {"max_retries": 3}}
+    return {"task_type": "sample", "data": data}  # the reference's task carries max_retries=3 itself
+
+
+def tasks_run(stack: Any, token: str, n: int, clients: int = 8, kill_after: float | None = None, settle: float = 90.0) -> dict[str, Any]:
+    """Submit `n` sample tasks over HTTP from `clients` threads and wait until each is done (or `settle` s after the last submit).
+
+    With kill_after, one task worker process is killed (SIGKILL) that many seconds after the first
+    submission. Returned: tasks/s (n / (last done - first submit)), submit-to-done p50/p99 (ms),
+    and the tasks that failed (lost) or were not done by the deadline (stuck).
+    """
+    submitted: dict[str, float] = {}
+    lock = threading.Lock()
+    refused = [0]
+    counter = iter(range(n))
+
+    def run() -> None:
+        client = Client(stack.port, token)
+        for i in counter:
+            t0 = time.time()
+            status, body = client.call("POST", "/tasks/submit", submit_body(stack, i))
+            with lock:
+                if status in (200, 201, 202):
+                    submitted[body["data"]["task_id"]] = t0
+                else:
+                    refused[0] += 1
+        client.close()
+
+    killer = None
+    if kill_after is not None:
+        victim = stack.task_worker_pid()
+        killer = threading.Timer(kill_after, lambda: os.kill(victim, signal.SIGKILL))
+    first = time.time()
+    threads = [threading.Thread(target=run) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    if killer is not None:
+        killer.start()
+    for t in threads:
+        t.join()
+    submit_s = time.time() - first
+    ids = list(submitted)
+    deadline = time.monotonic() + settle
+    outcomes: dict[str, tuple[str, float | None]] = {}
+    while time.monotonic() < deadline:
+        outcomes = stack.task_outcomes(ids)
+        if sum(1 for s, _ in outcomes.values() if s in ("succeeded", "failed", "failure")) >= len(ids):
+            break
+        time.sleep(0.25)
+    done = {i: f for i, (s, f) in outcomes.items() if s == "succeeded" and f is not None}
+    lost = sum(1 for s, _ in outcomes.values() if s in ("failed", "failure"))
+    stuck = len(ids) - len(done) - lost
+    latency = [(done[i] - submitted[i]) * 1000 for i in done]
+    last = max(done.values()) if done else first
+    return {
+        "tasks_per_s": len(done) / max(last - first, 1e-9),
+        "submits_per_s": len(ids) / max(submit_s, 1e-9),
+        "p50": pct(latency, 50) if latency else float("nan"),
+        "p99": pct(latency, 99) if latency else float("nan"),
+        "done": len(done),
+        "lost": lost,
+        "stuck": stuck,
+        "refused": refused[0],
+    }
+
+
+# --- 4. footprint -----------------------------------------------------------------------------------
+
+
+def footprint(stack: Any) -> dict[str, Any]:
+    count, kinds = procs.counts(stack.roots())
+    return {"pss": procs.pss_mib(stack.roots()), "processes": count, "kinds": kinds}
+
+
+# --- 5. an api worker killed under load ---------------------------------------------------------------
+
+
+def kill_api_worker(stack: Any, path: str, conns: int, slices: int, kill_at: int, token: str | None) -> dict[str, Any]:
+    """wrk in 1 s slices on `path`; one api worker is SIGKILLed 0.3 s into slice `kill_at`.
+
+    Errors: all non-2xx answers and socket errors of every slice. Recovery: seconds from the kill to
+    the end of the first later slice at 90 % or more of the median rate before the kill (1 s resolution).
+    """
+    url = f"http://127.0.0.1:{stack.port}{path}"
+    wrk(url, conns, 1, token)
+    rates: list[float] = []
+    errors = 0
+    killed_at = None
+    recovered = None
+    for i in range(slices):
+        if i == kill_at:
+            victim = stack.api_worker_pid()
+            timer = threading.Timer(0.3, lambda v=victim: os.kill(v, signal.SIGKILL))
+            timer.start()
+            killed_at = time.monotonic() + 0.3
+        r = wrk(url, conns, 1, token)
+        rates.append(r["rps"])
+        errors += int(r["errors"])
+        if killed_at is not None and recovered is None and r["rps"] >= 0.9 * statistics.median(rates[:kill_at] or [r["rps"]]):
+            recovered = time.monotonic() - killed_at
+    return {"errors": errors, "recovery_s": recovered, "rates": rates}
