@@ -51,10 +51,17 @@ test-e2e: $(STAMP)
 	$(BIN)/pytest tests/e2e $(PYTEST_ARGS)
 	$(BIN)/python packaging/bare-host-smoke.py dist/appliance
 
+# The appliance against the whole reference stack, one table into bench/results/latest.md (bench/stack/).
+# wrk and nginx come from Debian at bench time only; the install starts a system nginx on port 80, stopped
+# again here. PostgreSQL/Redis: APPLIANCE_TEST_PG_URL / APPLIANCE_TEST_REDIS_URL (from .ci/test-env when present).
+# BENCH_ARGS=--quick for a short run.
+BENCH_ARGS ?=
+
 bench: $(STAMP)
-	@command -v wrk >/dev/null && command -v nginx >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk nginx >/dev/null)
+	@command -v wrk >/dev/null && command -v nginx >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk nginx >/dev/null \
+		&& if [ -f /run/nginx.pid ]; then kill "$$(cat /run/nginx.pid)"; fi)
 	$(BIN)/pip install -q -e '.[bench]'
-	$(BIN)/python -m bench
+	@if [ -f .ci/test-env ]; then . ./.ci/test-env; fi; $(BIN)/python -m bench stack $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist .pytest_cache .ruff_cache
