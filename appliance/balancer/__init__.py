@@ -3,6 +3,11 @@
 Modules, each of one job:
   server     `serve(cfg, index)`, the role: sockets, signals, upkeep, graceful stop
   proxy      the per-request path (ClientConnection) and what it shares (Proxy)
+  exchange   one request upstream and back (Exchange, the upstream answer's handler)
+  admission  the token hook and the limiter as one verdict
+  writer     HTTP/1.1 writing without I/O: heads, chunking, keep-alive, error answers
+  ids        request and trace ids
+  clients    the client address behind trusted proxies and its signed line
   framing    HTTP/1.1 framing over httptools plus the anti-smuggling rules; ProtocolError
   pool       keep-alive upstream connections
   picker     least-connection picking with weights (Upstream, Group)

@@ -1,9 +1,9 @@
 """Keep-alive connections to upstreams: a thin asyncio Protocol and a LIFO idle list per upstream.
 
 An UpstreamConnection carries one exchange at a time. While it does, its
-ResponseFramer's handler is the client connection being served (proxy.py), so
-answer bytes go from the upstream socket through llhttp straight into the
-client's callbacks with no hop in between. Between exchanges the connection
+ResponseFramer's handler is that Exchange (exchange.py), so answer bytes go
+from the upstream socket through llhttp straight into the exchange's callbacks
+with no hop in between. Between exchanges the connection
 sits in its Upstream's `idle` list; the most recently used one is reused first
 (warm), and ones idle longer than the idle timeout are closed by the server's
 sweeper. An idle connection that the upstream closes removes itself.
@@ -13,9 +13,9 @@ client sends them, `pause_writing` pauses reading from the client, and the
 client's own `pause_writing` pauses reading from the upstream.
 
 Answer bytes produced while one upstream read is parsed (head, body pieces,
-chunk framing, the end) are collected on the client connection and written
+chunk framing, the end) are collected on the Exchange and written
 with one send at the end of that read, or at the answer's end; a small answer
-whose body is still coming may wait one more read (ClientConnection.defer_or_flush).
+whose body is still coming may wait one more read (Exchange.defer_or_flush).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.framer = ResponseFramer(
             self, max_header_bytes=max_header_bytes, roles=ANSWER_ROLES, volatile=b"x-request-id"
         )  # handler replaced per exchange
-        self.exchange: Any = None  # the client connection being served
+        self.exchange: Any = None  # the Exchange being served
         self.idle_since = 0.0
         self.closed = False
         self.feeding = False  # inside data_received: not handed to another exchange before that read is done

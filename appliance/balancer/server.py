@@ -35,7 +35,8 @@ from appliance import metrics
 from appliance.balancer import certs, upstreams
 from appliance.balancer.framing import ProtocolError, RequestFramer, RequestHead
 from appliance.balancer.listeners import close_listeners
-from appliance.balancer.proxy import ERROR_LINES, NEW_CONNECTION_GRACE, SECURITY_LINES, Proxy
+from appliance.balancer.proxy import NEW_CONNECTION_GRACE, Proxy
+from appliance.balancer.writer import ERROR_LINES, SECURITY_LINES
 from appliance.contract import LISTEN_FDS_ENV
 from appliance.errors import error_body
 from appliance.roles import EXIT_BOOT_FAILURE
@@ -176,14 +177,14 @@ class Balancer:
         cfg, b = self.cfg, self.cfg.balancer
         loop = asyncio.get_running_loop()
         self.stop_event = asyncio.Event()
-        registry = upstreams.UpstreamTable(cfg)
-        registry.load()
+        table = upstreams.UpstreamTable(cfg)
+        table.load()
         if b.tls_cert:
             try:
                 self.ssl_ctx = certs.server_context(cfg.path(b.tls_cert), cfg.path(b.tls_key))
             except (OSError, ValueError) as exc:
                 raise BootError(f"TLS certificate {b.tls_cert} / key {b.tls_key} cannot be used: {exc}") from None
-        proxy = Proxy(cfg, registry, self._limiter(), self._hook(), tls=self.ssl_ctx is not None)
+        proxy = Proxy(cfg, table, self._limiter(), self._hook(), tls=self.ssl_ctx is not None)
         proxy.loop = loop
         self.proxy = proxy
         main_sock, redirect_sock = listen_sockets(cfg)
@@ -231,7 +232,7 @@ class Balancer:
                     "listen": "{}:{}".format(*main_sock.getsockname()[:2]),
                     "tls": self.ssl_ctx is not None,
                     "loop": type(loop).__module__.split(".")[0],
-                    "upstreams": {g: [u.address for u in grp.upstreams] for g, grp in registry.groups.items()},
+                    "upstreams": {g: [u.address for u in grp.upstreams] for g, grp in table.groups.items()},
                 }
             },
         )
@@ -282,13 +283,13 @@ class Balancer:
         self.reload_upstreams()
 
     def reload_upstreams(self) -> None:
-        if self.proxy.registry.load(force=True):
-            log.info("upstreams reloaded", extra={"fields": {"version": self.proxy.registry.version}})
+        if self.proxy.upstreams.load(force=True):
+            log.info("upstreams reloaded", extra={"fields": {"version": self.proxy.upstreams.version}})
 
     # -- upkeep -----------------------------------------------------------------------------
     async def _sweeper(self) -> None:
         proxy = self.proxy
-        registry = proxy.registry
+        table = proxy.upstreams
         idle_timeout = self.cfg.balancer.upstream_idle_timeout
         last_second = 0.0
         while True:
@@ -301,9 +302,9 @@ class Balancer:
                 proxy.access.flush()
                 if now - last_second >= 1.0:
                     last_second = now
-                    registry.sweep(now, now - idle_timeout)
-                    proxy.stats.flush(registry.groups, registry.take_retired())
-                    registry.write_state()
+                    table.sweep(now, now - idle_timeout)
+                    proxy.stats.flush(table.groups, table.take_retired())
+                    table.write_state()
             except Exception:
                 log.exception("balancer upkeep failed")
 
@@ -311,8 +312,8 @@ class Balancer:
         while True:
             await asyncio.sleep(0.5)
             try:
-                if self.proxy.registry.load():
-                    log.info("upstreams reloaded", extra={"fields": {"version": self.proxy.registry.version}})
+                if self.proxy.upstreams.load():
+                    log.info("upstreams reloaded", extra={"fields": {"version": self.proxy.upstreams.version}})
             except Exception:
                 log.exception("control file poll failed")
 
@@ -322,7 +323,7 @@ class Balancer:
         while True:
             await asyncio.sleep(b.health_interval)
             try:
-                await upstreams.check_all(self.proxy.registry, timeout)
+                await upstreams.check_all(self.proxy.upstreams, timeout)
             except Exception:
                 log.exception("health checks failed")
 
@@ -355,8 +356,8 @@ class Balancer:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         proxy.access.flush()
-        proxy.stats.flush(proxy.registry.groups, proxy.registry.take_retired())
-        proxy.registry.write_state(force=True)
+        proxy.stats.flush(proxy.upstreams.groups, proxy.upstreams.take_retired())
+        proxy.upstreams.write_state(force=True)
         if self.mirror is not None:
             self.mirror.stop()
         for closer in (proxy.limiter, proxy.hook):

@@ -6,12 +6,13 @@ import pytest
 
 from appliance import identity
 from appliance.balancer.framing import DROP
-from appliance.balancer.proxy import ERROR_LINES, PROXY_ROLES, SECURITY_LINES, Proxy, _error_head
+from appliance.balancer.proxy import PROXY_ROLES, Proxy
+from appliance.balancer.writer import ERROR_LINES, SECURITY_LINES, error_head
 
 
 @pytest.mark.parametrize("status", [400, 401, 403, 404, 405, 408, 413, 417, 429, 431, 500, 502, 503, 504, 418])
 def test_every_error_the_balancer_makes_carries_the_security_headers(status: int) -> None:
-    head = _error_head(status, 2, b"rid", b"connection: close\r\n")
+    head = error_head(status, 2, b"rid", b"connection: close\r\n")
     for line in (
         b"x-content-type-options: nosniff\r\n",
         b"x-frame-options: DENY\r\n",
@@ -26,7 +27,7 @@ def test_every_error_the_balancer_makes_carries_the_security_headers(status: int
 def test_client_lines_are_signed_once_per_address_and_a_client_sent_one_is_dropped(make_config) -> None:
     cfg = make_config(balancer={"auth_mode": "off"})
     key = identity.key_bytes(cfg.secrets.identity_key)
-    proxy = Proxy(cfg, registry=None)
+    proxy = Proxy(cfg, upstreams=None)
     line = proxy.client_line("127.0.0.2", "127.0.0.2")
     name, _, value = line.rstrip(b"\r\n").partition(b": ")
     assert name == identity.CLIENT_HEADER_LOWER.encode()
