@@ -6,6 +6,8 @@ queue is opened at start, not by the first check) and a Redis PING; the
 database failing makes the answer "unhealthy" with 503, the others "degraded". Every check opens what it needs per call, so the status
 recovers by itself as soon as the database is back. /health/nodes reads the
 heartbeats the supervisor's children write (appliance.db.models.NodeHeartbeat).
+Both read what the monitor sampled last on this host when it is fresh
+(appliance/hostsample.py: the status page's numbers, and restarts/PSS per process).
 """
 
 from __future__ import annotations
@@ -21,11 +23,12 @@ import falcon
 import msgspec
 import psutil
 
-from appliance import __version__
+from appliance import __version__, hostsample
 from appliance.api.context import ApiContext
 from appliance.api.helpers import ok, operation, raw_json
 from appliance.db.models import NodeHeartbeat
-from appliance.times import iso, now_iso, utcnow
+from appliance.heartbeat import host_name
+from appliance.times import from_timestamp, iso, now_iso, utcnow
 
 CheckStatus = Literal["healthy", "degraded", "unhealthy", "skipped"]
 
@@ -58,6 +61,7 @@ class SystemInfo(msgspec.Struct, kw_only=True):
     memory: dict[str, Any]
     disk: dict[str, Any]
     load_average: list[float]
+    sampled_at: str | None = None  # when the monitor measured cpu/memory/disk/load; null: this worker did
 
 
 class StatusData(msgspec.Struct, kw_only=True):
@@ -99,7 +103,28 @@ class Nodes(msgspec.Struct, kw_only=True):
     active_nodes: int
 
 
+def _sampled_system(ctx: ApiContext) -> SystemInfo | None:
+    """The host numbers the monitor sampled last (what the status page shows), when they are fresh."""
+    sample = hostsample.read(ctx.cfg, max_age=3 * ctx.cfg.monitor.sample_interval + 2)
+    host = (sample or {}).get("host") or {}
+    if not host.get("memory") or "cpu" not in host:
+        return None
+    disk = host.get("disk") or {}
+    return SystemInfo(
+        uptime=round(time.time() - psutil.boot_time(), 1),
+        process_uptime=round(time.time() - ctx.started, 1),
+        cpu={"percent": host["cpu"], "count": host.get("cpus") or psutil.cpu_count() or 1},
+        memory={k: host["memory"].get(k) for k in ("total", "available", "percent")},
+        disk={k: disk[k] for k in ("total", "free", "used", "percent") if k in disk},
+        load_average=list(host.get("load") or []),
+        sampled_at=iso(from_timestamp(float(sample["t"]))),  # type: ignore[index]
+    )
+
+
 def system_info(ctx: ApiContext) -> SystemInfo:
+    sampled = _sampled_system(ctx)
+    if sampled is not None:
+        return sampled
     vm = psutil.virtual_memory()
     try:
         du = psutil.disk_usage(str(ctx.cfg.data_dir))
@@ -228,6 +253,10 @@ class NodesResource:
     @operation("Every process of every host, from their heartbeats", response=Nodes, tags=("health",))
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         cutoff = utcnow() - _dt.timedelta(seconds=self.ctx.cfg.supervisor.heartbeat_timeout)
+        # This host's processes as the monitor sampled them: restarts, state and PSS join the heartbeat's info.
+        sample = hostsample.read(self.ctx.cfg, max_age=3 * self.ctx.cfg.monitor.sample_interval + 2) or {}
+        sampled = {r.get("pid"): r for r in sample.get("processes", []) if r.get("pid")}
+        here = host_name(self.ctx.cfg)
         nodes = []
         for row in NodeHeartbeat.select().order_by(NodeHeartbeat.host, NodeHeartbeat.role, NodeHeartbeat.node_id):
             stale = row.last_heartbeat is None or row.last_heartbeat < cutoff
@@ -243,11 +272,19 @@ class NodesResource:
                     cpu=float(row.cpu or 0.0),
                     memory=int(row.rss or 0),
                     stale=stale,
-                    info=row.info if isinstance(row.info, dict) else {},
+                    info=_with_sample(row, sampled if row.host == here else {}),
                 )
             )
         active = sum(1 for n in nodes if not n.stale and n.status not in ("stopped", "exited", "failed"))
         ok(resp, Nodes(nodes=nodes, total_nodes=len(nodes), active_nodes=active))
+
+
+def _with_sample(row: NodeHeartbeat, sampled: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    info = dict(row.info) if isinstance(row.info, dict) else {}
+    r = sampled.get(row.pid)
+    if r is not None:
+        info.update({k: r.get(k) for k in ("state", "restarts", "pss", "threads", "open_files")})
+    return info
 
 
 def register(app: falcon.App, ctx: ApiContext) -> None:

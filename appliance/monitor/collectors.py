@@ -114,7 +114,13 @@ class HostCollector:
         out["memory"] = {"total": vm.total, "available": vm.available, "percent": vm.percent}
         try:
             du = psutil.disk_usage(str(self.data_dir))
-            out["disk"] = {"total": du.total, "free": du.free, "percent": du.percent, "free_percent": round(100.0 - du.percent, 1)}
+            out["disk"] = {
+                "total": du.total,
+                "free": du.free,
+                "used": du.used,
+                "percent": du.percent,
+                "free_percent": round(100.0 - du.percent, 1),
+            }
         except OSError as exc:
             out["disk"] = _error(exc)
         with contextlib.suppress(OSError):

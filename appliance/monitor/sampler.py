@@ -4,7 +4,7 @@ A sample is one JSON-able dict (processes, host, api, tasks, database, redis,
 security, overview, alerts). The latest is kept whole (`latest()`, what the
 page's tables show); a compact point of the numbers the charts draw goes into
 the hour-long ring buffer (`history`). The status page, /health/status and
-/health/nodes read these instead of each sampling on its own. `sample_once(now)`
+/health/nodes read the host part through appliance/hostsample.py. `sample_once(now)`
 is the whole step, so tests can drive it with their own clock.
 """
 
@@ -15,6 +15,7 @@ import threading
 import time
 from typing import Any
 
+from appliance import hostsample
 from appliance.monitor import instruments, stores
 from appliance.monitor.alerts import Alerts
 from appliance.monitor.collectors import HostCollector, ProcessCollector, TrafficCollector
@@ -165,11 +166,21 @@ class Sampler(threading.Thread):
         self.alerts.evaluate(sample, now)
         sample["alerts"] = self.alerts.view()
         self.history.add(point(sample))
+        self._publish(sample)
         self.cost += time.thread_time() - started
         sample["sampler"] = {"cpu_seconds": round(self.cost, 3), "samples": self.samples, "interval": self.interval}
         self.samples += 1
         self._latest = sample
         return sample
+
+    def _publish(self, sample: dict[str, Any]) -> None:
+        """The host and process part of the sample for /health/status and /health/nodes (appliance/hostsample.py)."""
+        keep = ("role", "index", "pid", "state", "restarts", "cpu", "rss", "pss", "threads", "open_files")
+        rows = [{k: r.get(k) for k in keep} for r in sample.get("processes", {}).get("rows", [])]
+        try:
+            hostsample.write(self.cfg, {"t": sample["t"], "interval": self.interval, "host": sample.get("host", {}), "processes": rows})
+        except OSError as exc:
+            log.debug("host sample not published: %s", exc)
 
     def latest(self) -> dict[str, Any]:
         return self._latest
