@@ -37,6 +37,7 @@ DEPENDENCIES = (
     "cryptography",
     "prometheus-client",
     "tomli-w",
+    "google-re2",
 )
 
 
