@@ -18,6 +18,7 @@ from appliance import __version__, accounts
 from appliance.api import audit
 from appliance.api.context import ApiContext
 from appliance.api.helpers import Page, ok, operation, paginate, read_json, read_query, require_user
+from appliance.api.profilecache import ProfileCache
 from appliance.api.schemas import UserEnvelope, UserOut, user_out
 from appliance.db.models import User
 from appliance.errors import Conflict, Forbidden, NotFound, Unauthorized
@@ -69,13 +70,25 @@ class StatusResource:
 
 
 class ProtectedResource:
+    """The caller's own public view; the answer is kept for a second per (user, token generation) (profilecache)."""
+
+    def __init__(self, cache: ProfileCache | None = None):
+        self.cache = cache or ProfileCache()
+
     @operation("A resource any logged-in user may read", response=ProtectedOut, auth="user", tags=("api",))
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         who = require_user(req)
-        user = User.get_or_none(User.id == who.user_id)
-        if user is None:
-            raise Unauthorized("the account no longer exists", code="account_disabled")
-        ok(resp, ProtectedOut(user=user_out(user), message=f"Hello {user.username}, this is a protected resource"))
+        key = (who.user_id, who.generation)
+        out = self.cache.get(key)
+        if out is None:
+            user = User.get_or_none(User.id == who.user_id)
+            if user is None or not user.is_active:
+                raise Unauthorized("the account no longer exists", code="account_disabled")
+            if user.token_generation != who.generation:  # bumped since the token was issued: revoked, whatever the mirror knows yet
+                raise Unauthorized("token has been revoked", code="token_revoked")
+            out = ProtectedOut(user=user_out(user), message=f"Hello {user.username}, this is a protected resource")
+            self.cache.put(key, out)
+        ok(resp, out)
 
 
 class UsersResource:

@@ -1,0 +1,76 @@
+"""`python -m bench.stack.profile [--path /api/protected] [--seconds 15] [--role api]`: a py-spy flame graph under load.
+
+Starts the appliance the way the table does (PostgreSQL + Redis), logs in, runs
+wrk at 64 connections on --path and records one process of --role with py-spy
+into bench/results/profile-<role>.svg (and the collapsed stacks in .txt);
+prints the top functions by own time. Needs root or ptrace rights for py-spy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+from bench.stack import scenarios
+from bench.stack.ours import ApplianceStack
+from bench.stack.run import RESULTS
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="bench.stack.profile", description=__doc__.split("\n")[0])
+    ap.add_argument("--path", default="/api/protected")
+    ap.add_argument("--seconds", type=int, default=15)
+    ap.add_argument("--role", default="api", choices=("api", "balancer"))
+    ap.add_argument("--engine", default="postgresql", choices=("postgresql", "sqlite"))
+    ap.add_argument("--conns", type=int, default=64)
+    args = ap.parse_args(argv)
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    tmp = Path(tempfile.mkdtemp(prefix="bench-profile-"))
+    stack = ApplianceStack(tmp, args.engine).start()
+    try:
+        token = scenarios.login_token(stack)
+        assert stack.app is not None
+        pid = stack.app.pids(args.role)[0]
+        out = RESULTS / f"profile-{args.role}.svg"
+        raw = RESULTS / f"profile-{args.role}.txt"  # collapsed stacks, for reading and for the closing note
+        load = threading.Thread(target=scenarios.get_load, args=(stack, args.path, args.conns, 2 * args.seconds + 2, token))
+        load.start()
+        for fmt, path in (("raw", raw), ("flamegraph", out)):  # one format per py-spy run; 50 Hz keeps up on a busy machine
+            cmd = [spy, "record", "-p", str(pid), "-d", str(args.seconds), "-r", "50", "-f", fmt, "-o", str(path), "--nonblocking"]
+            subprocess.run(cmd, check=False, capture_output=True)
+        load.join()
+        print(f"flame graph: {out}")
+        _top(raw)
+    finally:
+        stack.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+def _top(raw: Path, n: int = 25) -> None:
+    """Own and total sample shares per function from py-spy's collapsed stacks."""
+    own: dict[str, int] = {}
+    total: dict[str, int] = {}
+    samples = 0
+    if not raw.exists():
+        return
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = stack.split(";")
+        k = int(count)
+        samples += k
+        own[frames[-1]] = own.get(frames[-1], 0) + k
+        for f in set(frames):
+            total[f] = total.get(f, 0) + k
+    print(f"{samples} samples; top by total:")
+    for f, k in sorted(total.items(), key=lambda x: -x[1])[:n]:
+        print(f"{100 * k / samples:6.1f}% total {100 * own.get(f, 0) / samples:6.1f}% own  {f}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
