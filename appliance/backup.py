@@ -168,6 +168,7 @@ def pg_restore(url: str, dump: Path) -> None:
         ],
         capture_output=True,
         text=True,
+        env=onefile.external_env(),
     )
     if result.returncode != 0:
         raise BackupError(f"pg_restore failed (the database is unchanged: it ran in one transaction): {result.stderr.strip()[:500]}")
@@ -224,12 +225,40 @@ def create(cfg: Any, target: Path, *, with_secrets: bool = False, progress: Prog
             progress.step("copying the task queue queue.db (SQLite online backup)")
             sqlite_copy(queue_file, stage / "queue.sqlite", progress, "queue.db")
             members.append((stage / "queue.sqlite", _archive_name(data_dir, queue_file)))
-        members += list(_data_files(data_dir, {db_file, queue_file}, with_secrets))
+        for n, (path, name) in enumerate(_data_files(data_dir, {db_file, queue_file}, with_secrets)):
+            if _is_sqlite(path):  # another live SQLite file (an operator's, say): copied consistently too
+                progress.step(f"copying {name} (SQLite online backup)")
+                sqlite_copy(path, stage / f"extra-{n}.sqlite", progress, path.name)
+                path = stage / f"extra-{n}.sqlite"
+            members.append((path, name))
         manifest = _manifest(cfg, engine, queue, with_secrets, members)
         progress.step(f"writing {target} ({len(members)} files)")
         _write_archive(target, manifest, members, progress)
     progress.step(f"backup complete: {target}")
     return manifest
+
+
+def _is_sqlite(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(16) == b"SQLite format 3\0"
+    except OSError:
+        return False
+
+
+def _schema_version(cfg: Any) -> int:
+    """The schema version of the database being backed up (the newest this appliance knows when it cannot be read)."""
+    from appliance import db
+
+    handle = db.open_database(cfg)
+    try:
+        with db.translated():
+            return int(db.current_version(handle))
+    except Exception:
+        return _latest_schema()
+    finally:
+        with contextlib.suppress(Exception):
+            handle.close()
 
 
 def _archive_name(data_dir: Path, path: Path) -> str:
@@ -244,7 +273,7 @@ def _manifest(cfg: Any, engine: str, queue: str, with_secrets: bool, members: li
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "appliance_version": __version__,
-        "schema_version": _latest_schema(),
+        "schema_version": _schema_version(cfg),
         "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
         "engine": engine,
         "queue": queue,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import sqlite3
 import stat
 import tarfile
 from pathlib import Path
@@ -106,8 +107,21 @@ def test_restore_into_a_fresh_data_dir(tmp_path):
     app = Appliance(tmp_path, api_workers=1, task_workers=1)
     assert app.cli("migrate").returncode == 0
     _user(app, "dora")
+    # An operator's own SQLite file in WAL mode, its last row only in the WAL (the writer is still open):
+    # a plain file copy would lose it; the online backup API does not.
+    (app.data / "ops").mkdir()
+    writer = sqlite3.connect(app.data / "ops" / "ops.db")
+    writer.execute("PRAGMA journal_mode=WAL")
+    writer.execute("PRAGMA wal_autocheckpoint=0")
+    writer.execute("CREATE TABLE t (v TEXT)")
+    writer.execute("INSERT INTO t VALUES ('only in the wal')")
+    writer.commit()
     archive = tmp_path / "b.tar.gz"
-    assert app.cli("backup", str(archive), "--with-secrets", "--quiet").returncode == 0
+    try:
+        assert (app.data / "ops" / "ops.db-wal").stat().st_size > 0
+        assert app.cli("backup", str(archive), "--with-secrets", "--quiet").returncode == 0
+    finally:
+        writer.close()
     assert "secrets.toml" in _members(archive)
     fresh = tmp_path / "elsewhere" / "data"
     result = app.cli("restore", str(archive), "--data-dir", str(fresh))
@@ -116,6 +130,11 @@ def test_restore_into_a_fresh_data_dir(tmp_path):
     assert stat.S_IMODE(fresh.stat().st_mode) == 0o700
     listed = app.cli("user", "list", "--config", str(fresh / "appliance.toml"))
     assert "dora" in listed.stdout, listed.stderr
+    restored = sqlite3.connect(fresh / "ops" / "ops.db")
+    try:
+        assert restored.execute("SELECT v FROM t").fetchall() == [("only in the wal",)]
+    finally:
+        restored.close()
 
 
 def _rewrite(archive: Path, target: Path, change) -> Path:
