@@ -59,3 +59,11 @@ def test_a_one_file_start_records_its_unpacked_dir_for_the_next_start(monkeypatc
     assert onefile.sweep_stale(run) is None
     assert (run / onefile.RECORD).read_text().strip() == str(bundle)
     assert onefile.sweep_stale(run) is None and bundle.is_dir()  # its own dir is never removed
+
+
+def test_the_unit_for_the_binary_lets_the_bootloaders_child_notify(make_config):
+    from appliance.supervisor.unit import render
+
+    cfg = make_config()
+    assert "NotifyAccess=all" in render(cfg, executable="/usr/local/bin/appliance").splitlines()
+    assert "NotifyAccess=main" in render(cfg).splitlines()  # from source systemd starts this interpreter itself
