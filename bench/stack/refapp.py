@@ -59,12 +59,15 @@ _redis = redis.Redis.from_url(reftasks.REDIS_URL)
 
 
 def pool() -> psycopg2.pool.ThreadedConnectionPool:
-    """The process's connection pool, made after gunicorn forked (SQLAlchemy's pool_size 10 in the design)."""
+    """The process's connection pool, made after gunicorn forked: 10 kept, as SQLAlchemy's pool_size 10 in the design.
+
+    (psycopg2's pool closes a returned connection beyond minconn, so minconn is the pool size.)
+    """
     global _pool
     if _pool is None:
         with _pool_lock:
             if _pool is None:
-                _pool = psycopg2.pool.ThreadedConnectionPool(1, 10, PG_DSN)
+                _pool = psycopg2.pool.ThreadedConnectionPool(10, 10, PG_DSN)
     return _pool
 
 
