@@ -256,14 +256,11 @@ class Balancer:
         except ImportError:
             return None
         if cfg.balancer.auth_mode == "jwt":
-            from appliance.db import open_database
-            from appliance.revocation import RevocationMirror
+            # Plain SQL on a connection of its own: no peewee and no models in the balancer.
+            from appliance.revocation_mirror import RevocationMirror, SqlEvents
 
-            self.mirror = RevocationMirror()
-            try:
-                self.mirror.start(open_database(cfg))
-            except Exception as exc:  # the mirror keeps trying; tokens are still verified
-                log.warning("revocation mirror could not start: %s", exc)
+            self.mirror = RevocationMirror(source=SqlEvents(cfg))
+            self.mirror.start_polling()  # a failing poll is retried; tokens are still verified meanwhile
         return authhook.build(cfg, self.mirror)
 
     # -- signals ----------------------------------------------------------------------------
