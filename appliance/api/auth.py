@@ -30,13 +30,16 @@ from appliance.times import from_timestamp, iso, utcnow
 Name = Annotated[str, Meta(max_length=254, description="user name (or email address at login)")]
 Secret = Annotated[str, Meta(max_length=1024)]
 Text = Annotated[str, Meta(max_length=200)]
+# the rules accounts.validate_username / validate_email apply, stated in the schema
+NewName = Annotated[str, Meta(pattern=accounts.USERNAME_RE.pattern, description="3-64 letters, digits, '.', '_' or '-'")]
+Email = Annotated[str, Meta(max_length=254, pattern=accounts.EMAIL_RE.pattern)]
 
 PERMISSIONS = {"admin": ["read", "write", "tasks", "admin"], "user": ["read", "write", "tasks"]}
 
 
 class RegisterIn(msgspec.Struct, kw_only=True):
-    username: Name
-    email: Annotated[str, Meta(max_length=254)]
+    username: NewName
+    email: Email
     password: Secret
     full_name: Text = ""
 
@@ -80,7 +83,7 @@ class Profile(msgspec.Struct, kw_only=True):
 
 class ProfileIn(msgspec.Struct, kw_only=True):
     full_name: Text | None = None
-    email: Annotated[str, Meta(max_length=254)] | None = None
+    email: Email | None = None
     department: Text | None = None
     preferences: dict[str, Any] | None = None
 
@@ -109,7 +112,21 @@ class RegisterResource:
     def __init__(self, ctx: ApiContext):
         self.ctx = ctx
 
-    @operation("Create a user account", request=RegisterIn, response=UserEnvelope, errors=(403, 409), tags=("auth",))
+    @operation(
+        "Create a user account",
+        request=RegisterIn,
+        response=UserEnvelope,
+        errors=(403, 409),
+        tags=("auth",),
+        rules=(
+            (
+                "password",
+                "weak_password",
+                "the password has at least [auth] min_password_length characters, is not the user name, "
+                "has two of lower case, upper case, digits, symbols (or 16+ characters) and 4+ distinct characters",
+            ),
+        ),
+    )
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         a = self.ctx.cfg.auth
         if not a.allow_registration:
@@ -206,7 +223,19 @@ class ProfileResource:
         ok(resp, _profile(_active_user(require_user(req).user_id)))
 
     @operation(
-        "Update full_name, email, department, preferences", request=ProfileIn, response=Profile, auth="user", errors=(409,), tags=("auth",)
+        "Update full_name, email, department, preferences",
+        request=ProfileIn,
+        response=Profile,
+        auth="user",
+        errors=(409,),
+        tags=("auth",),
+        rules=(
+            (
+                "preferences",
+                "validation_error",
+                "at most 50 preferences with names of 1-64 characters, 8 KB in all, with those stored before",
+            ),
+        ),
     )
     def on_put(self, req: falcon.Request, resp: falcon.Response) -> None:
         user = _active_user(require_user(req).user_id)

@@ -10,7 +10,9 @@ removed and the answer is 413. Then a task of the processing type runs with
 POST /api/data/bulk-import submits a bulk_import task (records inline or an
 uploaded file by id; callback_url receives the completion or error callback).
 GET /api/data/{dataset} lists stored records, paginated: a user sees the
-records their own imports stored, an admin every record.
+records their own imports stored, an admin every record. Dataset names that
+are also routes under /api/data/ (RESERVED_DATASETS: `bulk-import`) are refused
+at import (400 reserved_dataset_name), so no dataset hides behind a route.
 """
 
 from __future__ import annotations
@@ -28,16 +30,27 @@ from msgspec import Meta
 
 from appliance import jsondepth
 from appliance.api.context import ApiContext
-from appliance.api.helpers import Page, ok, operation, paginate, read_json, read_query, require_user
+from appliance.api.helpers import Page, has_nul, ok, operation, paginate, read_json, read_query, require_user
+from appliance.api.schemas import refine
 from appliance.api.tasks import SubmitOut, caller_of, task_links
 from appliance.db.models import DataRecord, Task, Upload
 from appliance.errors import BadRequest, NotFound, PayloadTooLarge, UnsupportedMediaType, ValidationFailed
 from appliance.queue import quotas, records, service
-from appliance.queue.dataprocs import DATASET_RE, Rule
+from appliance.queue.dataprocs import DATASET_RE, BulkImportInput, Rule
 from appliance.times import iso
 
 CHUNK = 65536
 TAGS = ("data",)
+# names that are routes beside /api/data/{dataset}: a dataset of that name could not be read
+RESERVED_DATASETS = ("bulk-import",)
+DatasetName = Annotated[
+    str,
+    Meta(
+        pattern=DATASET_RE,
+        description="1-100 letters, digits, _ . - (not a reserved name)",
+        extra_json_schema={"not": {"enum": list(RESERVED_DATASETS)}},
+    ),
+]
 
 
 class UploadOut(msgspec.Struct, kw_only=True):
@@ -59,7 +72,7 @@ class ProcessingForm(msgspec.Struct, kw_only=True):
 
 
 class BulkImportRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    dataset: Annotated[str, Meta(pattern=DATASET_RE)]
+    dataset: DatasetName
     records: list[dict[str, Any]] | None = None
     source_file_id: Annotated[str, Meta(min_length=1, max_length=32)] | None = None
     batch_size: Annotated[int, Meta(ge=1, le=10000)] = 500
@@ -67,6 +80,21 @@ class BulkImportRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True
     error_handling: Literal["skip_invalid", "stop"] = "skip_invalid"
     callback_url: str | None = None
     priority: Annotated[int, Meta(ge=1, le=10)] = 5
+
+
+# "exactly one of records or source_file_id" (checked by BulkImportInput when the task is admitted)
+_ONE_SOURCE = {
+    "oneOf": [
+        {"required": ["records"], "properties": {"records": {"type": "array"}, "source_file_id": {"type": "null"}}},
+        {"required": ["source_file_id"], "properties": {"source_file_id": {"type": "string"}, "records": {"type": "null"}}},
+    ]
+}
+refine(BulkImportRequest, **_ONE_SOURCE)
+refine(BulkImportInput, **_ONE_SOURCE)
+
+
+class DatasetPath(msgspec.Struct, kw_only=True):
+    dataset: DatasetName
 
 
 class RecordOut(msgspec.Struct, kw_only=True):
@@ -132,6 +160,8 @@ class DataProcessing:
                 raise ValidationFailed("parameters must be a JSON object", field="parameters") from None
             if not isinstance(params, dict):
                 raise ValidationFailed("parameters must be a JSON object", field="parameters")
+            if has_nul(params):
+                raise ValidationFailed("strings must not contain NUL characters", field="parameters")
             name, path, size, ctype = saved
             Upload.create(id=upload_id, owner=caller.user_id, filename=name, path=path, size=size, content_type=ctype[:200])
             try:
@@ -200,6 +230,12 @@ class BulkImport:
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         caller = caller_of(req)
         body: BulkImportRequest = read_json(req, BulkImportRequest)
+        if body.dataset in RESERVED_DATASETS:
+            raise ValidationFailed(
+                f"dataset name {body.dataset!r} is reserved: GET /api/data/{body.dataset} is another route",
+                field="dataset",
+                code="reserved_dataset_name",
+            )
         if body.source_file_id is not None:
             up = Upload.get_or_none(Upload.id == body.source_file_id)
             if up is None or not (caller.admin or up.owner_id == caller.user_id):
@@ -233,6 +269,7 @@ class Dataset:
     @operation(
         "The stored records of a dataset, paginated",
         query=DatasetQuery,
+        path=DatasetPath,
         response=list[RecordOut],
         auth="user",
         errors=(400,),

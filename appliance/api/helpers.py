@@ -43,6 +43,7 @@ class Operation:
     request: Any = None  # msgspec Struct type of the JSON body
     response: Any = None  # type of `data` in the success envelope (or of the whole body when envelope=False)
     query: Any = None  # msgspec Struct type whose fields are the query parameters
+    path: Any = None  # msgspec Struct type describing path parameters (documented; the responder checks them)
     auth: str | None = None  # None (public), "user" or "admin"
     status: int = 200
     errors: tuple[int, ...] = ()
@@ -53,6 +54,7 @@ class Operation:
     response_media: tuple[str, ...] = ()  # extra media types of the success response, e.g. ("text/plain",)
     paginated: bool = False  # success carries metadata {page, per_page, total}
     also: tuple[int, ...] = ()  # other statuses whose body has the success schema (e.g. 503 of /health/status)
+    rules: tuple[tuple[str, str, str], ...] = ()  # (field, error code, rule) the schemas cannot state: documented, answered 400
 
 
 def operation(summary: str, **spec: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -159,7 +161,9 @@ def decode_json(data: bytes, kind: Any, max_depth: int = 64) -> Any:
         data = b"{}"
     jsondepth.check(data, max_depth)
     try:
-        value = msgspec.json.decode(data, type=kind)
+        # JSON has one number type: 5.0 is the integer 5 (as JSON Schema's "integer" says), so
+        # integral floats are made ints before the typed conversion
+        value = msgspec.convert(_integral(msgspec.json.decode(data)), kind)
     except msgspec.ValidationError as exc:
         text = str(exc)
         m = _FIELD_RE.search(text) or _MISSING_RE.search(text)
@@ -167,9 +171,31 @@ def decode_json(data: bytes, kind: Any, max_depth: int = 64) -> Any:
         raise ValidationFailed(text, field=field) from None
     except msgspec.DecodeError as exc:
         raise ValidationFailed(f"body is not valid JSON: {exc}", code="invalid_json") from None
-    if b"\\u0000" in data:
+    # NUL cannot be stored (PostgreSQL text/jsonb refuse it); fields the Struct ignores do not matter
+    if b"\\u0000" in data and has_nul(msgspec.to_builtins(value)):
         raise ValidationFailed("strings must not contain NUL characters")
     return value
+
+
+def _integral(value: Any) -> Any:
+    if isinstance(value, float):
+        return int(value) if value.is_integer() and abs(value) < 2**63 else value
+    if isinstance(value, dict):
+        return {k: _integral(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_integral(v) for v in value]
+    return value
+
+
+def has_nul(value: Any) -> bool:
+    """Whether a decoded JSON value holds a NUL character in any string or key."""
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(has_nul(k) or has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(has_nul(v) for v in value)
+    return False
 
 
 def read_json(req: falcon.Request, kind: Any = None) -> Any:

@@ -11,6 +11,7 @@ Structs documented. A responder without @operation is still listed, marked
 
 from __future__ import annotations
 
+import copy
 import re
 import threading
 from typing import Any
@@ -21,7 +22,7 @@ import msgspec
 from appliance import __version__
 from appliance.api.context import ApiContext
 from appliance.api.helpers import Operation, PageMeta, operation, operation_of
-from appliance.api.schemas import ErrorEnvelope
+from appliance.api.schemas import ErrorEnvelope, refinements
 
 _FIELD_RE = re.compile(r"\{(\w+)(?::(\w+)[^}]*)?\}")
 _REF = "#/components/schemas/{name}"
@@ -36,9 +37,22 @@ _REASONS = {
     413: "body too large",
     415: "wrong content type",
     422: "semantically invalid",
-    429: "too many requests (see Retry-After)",
+    429: "too many requests (see Retry-After): a rate limit of the balancer, a lockout, or quota_exceeded",
     503: "service unavailable",
 }
+# NUL cannot be stored (PostgreSQL refuses it in text and jsonb), so every string the server keeps is NUL-free
+NUL_FREE = "^[^\\x00]*$"
+JSON_VALUE = "JsonValue"
+_JSON_REF = {"$ref": _REF.format(name=JSON_VALUE)}
+# a path segment the balancer accepts: no encoded '/', '\\' or NUL, and no dot segment
+_SEGMENT = {"type": "string", "pattern": "^[^/\\\\\\x00]+$", "not": {"enum": [".", ".."]}}
+_DOC = (
+    "REST API of the appliance; envelopes and codes per API.md. Rules the schemas cannot state are in each operation's "
+    "description, with their error code in its responses. Every JSON body: no NUL characters in any string or key the "
+    "server keeps (400 validation_error), nested at most [api] json_max_depth deep (400 json_too_deep), at most "
+    "[api] max_body_bytes (413). Every route may answer 429 when a rate-limit zone of the balancer refuses it, and "
+    "502/503/504 when no api worker can answer. A number that is integral (5.0) is accepted where an integer is asked for."
+)
 
 
 def routes(app: falcon.App) -> list[tuple[str, str, Any]]:
@@ -61,12 +75,27 @@ def openapi_path(template: str) -> str:
     return _FIELD_RE.sub(lambda m: "{" + m.group(1) + "}", template)
 
 
-def _path_params(template: str) -> list[dict[str, Any]]:
+def _path_params(template: str, declared: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Path parameters: ints, segments the balancer passes, or what the operation's `path` Struct declares."""
     params = []
     for name, conv in _FIELD_RE.findall(template):
-        schema: dict[str, Any] = {"type": "integer", "format": "int64"} if conv == "int" else {"type": "string"}
-        params.append({"name": name, "in": "path", "required": True, "schema": schema})
+        schema: dict[str, Any] = {"type": "integer", "format": "int64"} if conv == "int" else dict(_SEGMENT)
+        param: dict[str, Any] = {"name": name, "in": "path", "required": True, "schema": schema}
+        if declared and name in declared:
+            prop = dict(declared[name])
+            description = prop.pop("description", None)
+            param["schema"] = prop
+            if description:
+                param["description"] = description
+        params.append(param)
     return params
+
+
+def _struct_props(kind: Any) -> dict[str, Any]:
+    schema = msgspec.json.schema(kind)
+    ref = schema.get("$ref", "")
+    body = schema.get("$defs", {}).get(ref.rsplit("/", 1)[-1], schema) if ref else schema
+    return {name: tighten(prop) for name, prop in body.get("properties", {}).items()}
 
 
 class _Builder:
@@ -90,13 +119,150 @@ def _query_params(kind: Any) -> list[dict[str, Any]]:
     required = set(body.get("required", []))
     params = []
     for name, prop in body.get("properties", {}).items():
-        prop = dict(prop)
+        prop = tighten(dict(prop))
         description = prop.pop("description", None)
         param: dict[str, Any] = {"name": name, "in": "query", "required": name in required, "schema": prop}
         if description:
             param["description"] = description
         params.append(param)
     return params
+
+
+# --- rules the Structs alone do not state ---------------------------------------------------------
+
+_ANY_KEYS = ("type", "$ref", "anyOf", "oneOf", "allOf", "enum", "const", "not")
+
+
+def tighten(schema: Any) -> Any:
+    """A request schema with what the decoder also enforces: NUL-free strings and keys, JSON values anywhere `Any` is.
+
+    Structs that ignore unknown fields are left open (the server drops those fields unread).
+    """
+    if not isinstance(schema, dict):
+        return schema
+    if not any(k in schema for k in _ANY_KEYS):  # Any: every JSON value the server keeps
+        return {**schema, **_JSON_REF}
+    out = dict(schema)
+    kind = out.get("type")
+    if kind == "string" and not any(k in out for k in ("pattern", "enum", "const", "format", "contentEncoding")):
+        out["pattern"] = NUL_FREE
+    if kind == "array":
+        out["items"] = tighten(out["items"]) if "items" in out else _JSON_REF
+    if kind == "object" and "properties" not in out:  # a dict: every key and value is kept
+        out["propertyNames"] = {"pattern": NUL_FREE}
+        extra = out.get("additionalProperties")
+        out["additionalProperties"] = _JSON_REF if extra in (None, True) else tighten(extra)
+    if "properties" in out:
+        out["properties"] = {k: tighten(v) for k, v in out["properties"].items()}
+    for key in ("anyOf", "oneOf", "allOf"):
+        if key in out:
+            out[key] = [tighten(v) for v in out[key]]
+    return out
+
+
+def _json_values(levels: int = 6) -> dict[str, Any]:
+    """JsonValue: any JSON value without NUL characters, as components nested `levels` deep (a spec tool may not
+    follow a recursive $ref); below that any value is allowed here, though the server refuses NUL at any depth."""
+    out: dict[str, Any] = {}
+    for level in range(levels):
+        name = JSON_VALUE if level == 0 else f"{JSON_VALUE}{level}"
+        inner: dict[str, Any] = {"$ref": _REF.format(name=f"{JSON_VALUE}{level + 1}")} if level + 1 < levels else {}
+        out[name] = {
+            "description": "any JSON value without NUL characters, nested at most [api] json_max_depth deep",
+            "anyOf": [
+                {"type": "string", "pattern": NUL_FREE},
+                {"type": "number"},
+                {"type": "boolean"},
+                {"type": "null"},
+                {"type": "array", "items": inner},
+                {"type": "object", "propertyNames": {"pattern": NUL_FREE}, "additionalProperties": inner},
+            ],
+        }
+    return out
+
+
+def _refs(schema: Any, out: set[str]) -> None:
+    if isinstance(schema, dict):
+        ref = schema.get("$ref")
+        if isinstance(ref, str):
+            out.add(ref.rsplit("/", 1)[-1])
+        for value in schema.values():
+            _refs(value, out)
+    elif isinstance(schema, list):
+        for value in schema:
+            _refs(value, out)
+
+
+def _reachable(roots: set[str], components: dict[str, Any]) -> set[str]:
+    seen: set[str] = set()
+    todo = list(roots)
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in components:
+            continue
+        seen.add(name)
+        found: set[str] = set()
+        _refs(components[name], found)
+        todo.extend(found - seen)
+    return seen
+
+
+def _data_schema(ttype: Any, ref: dict[str, Any] | None, components: dict[str, Any]) -> dict[str, Any]:
+    """The `data` of one task type: its input Struct; the dict it arrives in is stored as sent, so it is NUL-free too."""
+    if ref is None:
+        return tighten({"type": "object"})
+    body = components.get(_ref_name(ref), {})
+    if body.get("additionalProperties") is False:
+        return ref
+    return {"allOf": [ref, {"type": "object", "propertyNames": {"pattern": NUL_FREE}, "additionalProperties": _JSON_REF}]}
+
+
+def _by_task_type(base: dict[str, Any], variants: list[tuple[str, dict[str, Any], bool]], field: str = "data") -> dict[str, Any]:
+    """One schema per known task type (task_type const + its input schema as `field`), as a oneOf."""
+    out = []
+    for name, data, needed in variants:
+        v = copy.deepcopy(base)
+        v["title"] = f"{base.get('title', 'Task')} ({name})"
+        v.setdefault("properties", {})["task_type"] = {"const": name}
+        v["properties"][field] = data
+        required = [r for r in v.get("required", []) if r != field]
+        v["required"] = sorted({*required, "task_type", *([field] if needed else [])})
+        out.append(v)
+    doc = base.get("description", "")
+    note = "task_type is one of the known task types (GET /tasks/types); unknown ones answer 400 unknown_task_type"
+    return {"title": base.get("title", ""), "description": f"{doc} {note}".strip(), "oneOf": out}
+
+
+def _task_rules(components: dict[str, Any], types: list[tuple[Any, dict[str, Any] | None]]) -> None:
+    """Every request that names a task type: one variant per known type, its data checked against that type's schema."""
+    variants = []
+    uploads = []
+    for ttype, ref in types:
+        data = _data_schema(ttype, ref, components)
+        body = components.get(_ref_name(ref), {}) if ref else {}
+        variants.append((ttype.name, data, bool(body.get("required"))))
+        if "upload_id" in body.get("properties", {}):
+            params = copy.deepcopy(body)
+            params["properties"].pop("upload_id")
+            params["required"] = [r for r in params.get("required", []) if r != "upload_id"]
+            params["title"] = f"{body.get('title', ttype.name)} parameters"
+            uploads.append((ttype.name, params, bool(params["required"])))
+    if not variants:
+        return
+    for name in ("SubmitRequest", "ScheduleRequest"):
+        if name in components:
+            components[name] = _by_task_type(components[name], variants)
+    form = components.get("ProcessingForm")
+    if form is not None and uploads:
+        form["properties"]["file"] = {"type": "string", "format": "binary", "description": "the file (a part with a filename)"}
+        form["properties"]["processing_type"] = {"enum": [u[0] for u in uploads]}
+        if len(uploads) == 1:
+            form["properties"]["parameters"] = uploads[0][1]
+        else:
+            components["ProcessingForm"] = _by_task_type(form, uploads, field="parameters")
+            for v in components["ProcessingForm"]["oneOf"]:
+                v["properties"]["processing_type"] = v["properties"].pop("task_type")
+                v["required"] = sorted({*(r for r in v["required"] if r != "task_type"), "processing_type"})
 
 
 def _json(schema: dict[str, Any]) -> dict[str, Any]:
@@ -107,7 +273,8 @@ def _success_schema(op: Operation, data_schema: dict[str, Any] | None) -> dict[s
     if not op.envelope:
         return data_schema or {}
     props: dict[str, Any] = {"status": {"const": "success"}, "data": data_schema or {}}
-    props["links"] = {"type": "object", "additionalProperties": {"type": "string"}}
+    link = {"type": "string"}
+    props["links"] = {"type": "object", "additionalProperties": {"anyOf": [link, {"type": "array", "items": link}]}}
     props["metadata"] = {"$ref": _REF.format(name="PageMeta")} if op.paginated else {"type": "object"}
     return {"type": "object", "required": ["status", "data"], "properties": props}
 
@@ -142,12 +309,22 @@ def _describe(
         params += _query_params(op.query)
     if params:
         entry["parameters"] = params
-    statuses = set(op.errors)
+    statuses = set(op.errors) | {429}
+    if op.rules:
+        statuses.add(400)
+        listed = "; ".join(f"{field}: {rule} (400 {code})" for field, code, rule in op.rules)
+        entry["description"] = (entry.get("description", "") + " Also checked, beyond the schema: " + listed + ".").strip()
+        entry["x-unexpressed-rules"] = [{"field": field, "code": code, "status": 400, "rule": rule} for field, code, rule in op.rules]
     if req_i is not None:
         statuses |= {400, 413, 415}
         body_schema = schemas[req_i]
-        required = bool(components.get(_ref_name(body_schema), {}).get("required"))
-        entry["requestBody"] = {"required": required, "content": {op.request_media: {"schema": body_schema}}}
+        body = components.get(_ref_name(body_schema), {})
+        required = bool(body.get("required") or body.get("oneOf"))
+        media: dict[str, Any] = {"schema": body_schema}
+        if op.request_media == "multipart/form-data":
+            parts = body.get("properties", {})
+            media["encoding"] = {k: {"contentType": "application/json"} for k, v in parts.items() if v.get("type") == "object"}
+        entry["requestBody"] = {"required": required, "content": {op.request_media: media}}
     if op.query is not None:
         statuses.add(400)
     if op.auth:
@@ -168,6 +345,16 @@ def _describe(
     entry["responses"] = responses
 
 
+def _task_types(app: falcon.App) -> list[Any]:
+    ctx = getattr(app, "ctx", None)
+    if ctx is None:
+        return []
+    from appliance.queue.registry import registry_for
+
+    reg = registry_for(ctx.cfg)
+    return [reg.get(name) for name in reg.names()]
+
+
 def build(app: falcon.App, title: str = "Appliance API") -> dict[str, Any]:
     """The OpenAPI 3.1 document of every route of `app`."""
     builder = _Builder()
@@ -178,13 +365,24 @@ def build(app: falcon.App, title: str = "Appliance API") -> dict[str, Any]:
         req_i = builder.add(op.request) if op is not None and op.request is not None else None
         resp_i = builder.add(op.response) if op is not None and op.response is not None else None
         pending.append((template, method, op, req_i, resp_i))
+    ttypes = [(t, builder.add(t.schema) if t.schema is not None else None) for t in _task_types(app)]
     schemas, components = builder.components()
+    for kind, extra in refinements().items():
+        name = getattr(kind, "__name__", "")
+        if name in components:
+            components[name].update(copy.deepcopy(extra))
+    _task_rules(components, [(t, schemas[i] if i is not None else None) for t, i in ttypes])
+    roots = {_ref_name(schemas[i]) for _, _, _, i, _ in pending if i is not None}
+    roots |= {_ref_name(schemas[i]) for _, i in ttypes if i is not None}
+    for name in _reachable(roots, components):
+        components[name] = tighten(components[name])
+    components.update(_json_values())
     error_ref = schemas[0]
     paths: dict[str, dict[str, Any]] = {}
     seen: set[str] = set()
     for template, method, op, req_i, resp_i in pending:
         entry: dict[str, Any] = {"operationId": _operation_id(method, template, seen)}
-        params = _path_params(template)
+        params = _path_params(template, _struct_props(op.path) if op is not None and op.path is not None else None)
         errors = {"default": {"description": "error", "content": _json(error_ref)}}
         if op is None:
             entry.update(summary="undocumented", responses=errors, **{"x-undocumented": True})
@@ -196,7 +394,7 @@ def build(app: falcon.App, title: str = "Appliance API") -> dict[str, Any]:
         paths.setdefault(openapi_path(template), {})[method.lower()] = entry
     return {
         "openapi": "3.1.0",
-        "info": {"title": title, "version": __version__, "description": "REST API of the appliance; envelopes and codes per API.md."},
+        "info": {"title": title, "version": __version__, "description": _DOC},
         "paths": dict(sorted(paths.items())),
         "components": {
             "schemas": components,

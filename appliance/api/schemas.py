@@ -59,3 +59,17 @@ class Empty(msgspec.Struct, kw_only=True):
 
 class Message(msgspec.Struct, kw_only=True):
     message: str
+
+
+_REFINEMENTS: dict[Any, dict[str, Any]] = {}
+
+
+def refine(kind: Any, **schema: Any) -> None:
+    """Add JSON Schema keywords to the component of Struct `kind`: a rule its fields alone cannot say
+    (e.g. oneOf for "exactly one of"); the validator that enforces it is declared next to the call."""
+    _REFINEMENTS.setdefault(kind, {}).update(schema)
+
+
+def refinements() -> dict[Any, dict[str, Any]]:
+    """Every refine() so far (read by appliance.api.openapi)."""
+    return dict(_REFINEMENTS)

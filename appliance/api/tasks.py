@@ -24,6 +24,11 @@ from appliance.queue.service import BatchRequest, CancelRequest, ChainRequest, S
 
 TAGS = ("tasks",)
 
+_CRON_RULES = (
+    ("schedule.expression", "validation_error", "a valid 5-field cron expression"),
+    ("schedule.timezone", "validation_error", "an IANA time zone name"),
+)
+
 
 # --- response shapes (what /openapi.json documents; checked in tests) ----------------------------
 
@@ -273,7 +278,15 @@ class ScheduleCreate:
     def __init__(self, ctx: ApiContext):
         self.ctx = ctx
 
-    @operation("Create a cron schedule", request=ScheduleRequest, response=ScheduleOut, auth="user", errors=(400, 403, 404, 429), tags=TAGS)
+    @operation(
+        "Create a cron schedule",
+        request=ScheduleRequest,
+        response=ScheduleOut,
+        auth="user",
+        errors=(400, 403, 404, 429),
+        tags=TAGS,
+        rules=_CRON_RULES,
+    )
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         caller = caller_of(req)
         body: ScheduleRequest = read_json(req, ScheduleRequest)
@@ -301,7 +314,9 @@ class ScheduleItem:
     def on_get(self, req: falcon.Request, resp: falcon.Response, schedule_id: int) -> None:
         ok(resp, schedules.get(self.ctx.cfg, caller_of(req), schedule_id))
 
-    @operation("Change a schedule", request=SchedulePatch, response=ScheduleOut, auth="user", errors=(400, 403, 404), tags=TAGS)
+    @operation(
+        "Change a schedule", request=SchedulePatch, response=ScheduleOut, auth="user", errors=(400, 403, 404), tags=TAGS, rules=_CRON_RULES
+    )
     def on_patch(self, req: falcon.Request, resp: falcon.Response, schedule_id: int) -> None:
         caller = caller_of(req)
         body: SchedulePatch = read_json(req, SchedulePatch)

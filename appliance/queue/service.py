@@ -65,7 +65,7 @@ class SubmitRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     priority: Annotated[int, Meta(ge=1, le=10)] = 5
     retry_config: RetryConfig | None = None
     callbacks: Callbacks | None = None
-    eta: str | None = None
+    eta: Annotated[str, Meta(extra_json_schema={"format": "date-time"}, description="ISO 8601 time to run at")] | None = None
 
 
 class BatchRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

@@ -1,0 +1,123 @@
+"""/openapi.json states the rules the server enforces (issue 17), checked in-process on both engines.
+
+Each test pairs what the document says with what the server does for the same input.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from appliance import accounts
+from tests.api_support import AUTH, bearer, client_for, user_token
+
+EXAMPLE_TASKS = Path(__file__).resolve().parents[2] / "examples" / "tasks"
+
+
+@pytest.fixture
+def db_config(engine, make_config, request):
+    sections = {"auth": AUTH, "queue": {"tasks_dir": str(EXAMPLE_TASKS)}}
+    if engine == "postgresql":
+        sections["database"] = {"url": request.getfixturevalue("pg_url"), "max_connections": 8}
+    return make_config(**sections)
+
+
+@pytest.fixture
+def client(db, db_config):
+    return client_for(db_config)
+
+
+@pytest.fixture
+def doc(client):
+    return client.simulate_get("/openapi.json").json
+
+
+def _component(doc, name):
+    return doc["components"]["schemas"][name]
+
+
+def _body_schema(doc, path, method="post", media="application/json"):
+    ref = doc["paths"][path][method]["requestBody"]["content"][media]["schema"]["$ref"]
+    return _component(doc, ref.rsplit("/", 1)[-1])
+
+
+def test_submit_names_every_known_task_type_operator_types_included(client, doc):
+    from appliance.queue.registry import registry_for
+
+    known = registry_for(client.app.ctx.cfg).names()
+    assert "user_specific" in known
+    variants = _body_schema(doc, "/tasks/submit")["oneOf"]
+    assert sorted(v["properties"]["task_type"]["const"] for v in variants) == known
+    mine = next(v for v in variants if v["properties"]["task_type"]["const"] == "user_specific")
+    data = mine["properties"]["data"]
+    assert data["$ref"].endswith("/UserSpecificInput") and "data" in mine["required"]
+    assert _component(doc, "UserSpecificInput")["additionalProperties"] is False
+    # batch and chain items are the same per-type schemas
+    assert _body_schema(doc, "/tasks/batch")["properties"]["tasks"]["items"]["$ref"].endswith("/SubmitRequest")
+
+
+def test_register_states_the_user_name_and_email_rules(client, doc):
+    props = _body_schema(doc, "/auth/register")["properties"]
+    assert props["username"]["pattern"] == accounts.USERNAME_RE.pattern
+    assert props["email"]["pattern"] == accounts.EMAIL_RE.pattern
+    rules = doc["paths"]["/auth/register"]["post"]["x-unexpressed-rules"]
+    assert {(r["field"], r["code"]) for r in rules} == {("password", "weak_password")}
+    assert "400" in doc["paths"]["/auth/register"]["post"]["responses"]
+    bad = client.simulate_post("/auth/register", json={"username": "a b", "email": "ab@example.com", "password": "Abcdefgh12"})
+    assert bad.status_code == 400 and not re.match(props["username"]["pattern"], "a b")
+
+
+def test_bulk_import_needs_exactly_one_source_and_reserves_route_names(client, doc):
+    body = _body_schema(doc, "/api/data/bulk-import")
+    assert [v["required"] for v in body["oneOf"]] == [["records"], ["source_file_id"]]
+    assert body["properties"]["dataset"]["not"] == {"enum": ["bulk-import"]}
+    token = user_token(client, "importer")
+    r = client.simulate_post("/api/data/bulk-import", json={"dataset": "bulk-import", "records": [{"a": 1}]}, headers=bearer(token))
+    assert r.status_code == 400, r.text
+    assert r.json["error"]["code"] == "reserved_dataset_name" and r.json["error"]["details"]["field"] == "dataset"
+    assert "another route" in r.json["error"]["message"]
+    # the path parameter of GET /api/data/{dataset} says the same, so no client asks for the shadowed name
+    (param,) = [p for p in doc["paths"]["/api/data/{dataset}"]["get"]["parameters"] if p["in"] == "path"]
+    assert param["schema"]["not"] == {"enum": ["bulk-import"]} and param["schema"]["pattern"].startswith("^[A-Za-z0-9]")
+
+
+def test_an_integral_number_is_an_integer(client, doc):
+    token = user_token(client, "floaty")
+    r = client.simulate_post("/tasks/submit", json={"task_type": "sample", "data": {}, "priority": 3.0}, headers=bearer(token))
+    assert r.status_code == 200, r.text
+    assert r.json["data"]["priority"] == 3
+    r = client.simulate_post("/tasks/submit", json={"task_type": "sample", "priority": 3.5}, headers=bearer(token))
+    assert r.status_code == 400 and r.json["error"]["details"]["field"] == "priority"
+
+
+def test_nul_is_refused_where_kept_and_the_schema_says_so(client, doc):
+    token = user_token(client, "nully")
+    kept = client.simulate_post("/tasks/submit", json={"task_type": "sample", "data": {"note": "a\x00b"}}, headers=bearer(token))
+    assert kept.status_code == 400 and "NUL" in kept.json["error"]["message"]
+    ignored = client.simulate_post("/auth/login", json={"username": "nully", "password": "Correct-horse-9", "x\x00": "y\x00"})
+    assert ignored.status_code == 200, ignored.text  # a field the server never reads does not matter
+    login = _body_schema(doc, "/auth/login")
+    assert login["properties"]["username"]["pattern"] == "^[^\\x00]*$"
+    assert re.match(login["properties"]["username"]["pattern"], "a\x00b") is None
+
+
+def test_path_segments_the_balancer_refuses_are_outside_the_schema(doc):
+    (param,) = doc["paths"]["/tasks/status/{task_id}"]["get"]["parameters"]
+    pattern = re.compile(param["schema"]["pattern"])
+    assert pattern.match("abc") and not pattern.match("a/b") and not pattern.match("a\\b") and not pattern.match("a\x00")
+    assert param["schema"]["not"] == {"enum": [".", ".."]}
+
+
+def test_every_operation_lists_rate_limits_and_the_upload_form_its_parts(doc):
+    for path, methods in doc["paths"].items():
+        for method, op in methods.items():
+            if not op.get("x-undocumented"):
+                assert "429" in op["responses"], (method, path)
+    media = doc["paths"]["/api/data-processing"]["post"]["requestBody"]["content"]["multipart/form-data"]
+    form = _component(doc, "ProcessingForm")
+    assert form["properties"]["processing_type"] == {"enum": ["csv_profile"]}
+    assert form["properties"]["file"]["format"] == "binary" and set(form["required"]) >= {"file", "processing_type"}
+    assert media["encoding"] == {"parameters": {"contentType": "application/json"}}
+    assert "upload_id" not in form["properties"]["parameters"]["properties"]
