@@ -441,10 +441,24 @@ def _restore_locked(archive: Path, data_dir: Path, had_data: bool, progress: Pro
             current_dump.unlink(missing_ok=True)
             raise
         _migrate(data_dir, progress)
+        _own_like(data_dir, kept)
     finally:
         stage_lock.release()
     progress.step(f"restore complete into {data_dir}" + (f"; the previous data is kept in {kept}" if kept else ""))
     return kept
+
+
+def _own_like(tree: Path, previous: Path | None) -> None:
+    """Run as root on a service's data dir, the restored files get the previous data dir's owner (the service user)."""
+    if previous is None or os.geteuid() != 0:
+        return
+    st = previous.stat()
+    if (st.st_uid, st.st_gid) == (0, 0):
+        return
+    os.chown(tree, st.st_uid, st.st_gid)
+    for root, dirs, files in os.walk(tree):
+        for name in dirs + files:
+            os.chown(Path(root) / name, st.st_uid, st.st_gid, follow_symlinks=False)
 
 
 def _carry_secrets(manifest: dict[str, Any], data_dir: Path, stage: Path, secretfile: Any) -> None:

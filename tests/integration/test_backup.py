@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import sqlite3
 import stat
 import tarfile
@@ -219,3 +220,17 @@ def test_progress_is_a_bar_on_a_terminal_and_plain_lines_elsewhere(tmp_path, mak
     backup.create(cfg, tmp_path / "p.tar.gz", progress=backup.Progress(pipe))
     assert "\r" in term.getvalue() and "100.0%" in term.getvalue()
     assert "\r" not in pipe.getvalue() and "[" not in pipe.getvalue() and "backup complete" in pipe.getvalue()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
+def test_a_restore_run_as_root_gives_the_files_to_the_data_dirs_owner(tmp_path):
+    app = Appliance(tmp_path, api_workers=1, task_workers=1)
+    assert app.cli("migrate").returncode == 0
+    archive = tmp_path / "o.tar.gz"
+    assert app.cli("backup", str(archive), "--quiet").returncode == 0
+    for path in [app.data, *app.data.rglob("*")]:
+        os.chown(path, 65534, 65534, follow_symlinks=False)  # the service user's data dir
+    result = app.cli("restore", str(archive), "--quiet")
+    assert result.returncode == 0, result.stderr
+    for path in [app.data, *app.data.rglob("*")]:
+        assert (path.stat().st_uid, path.stat().st_gid) == (65534, 65534), path
