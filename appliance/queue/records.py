@@ -319,9 +319,26 @@ def to_retry(
     return done
 
 
+_PROGRESS_SET = (
+    'UPDATE "task" SET "progress" = {p}, "progress_message" = {p} WHERE "id" = {p} AND "status" = \'running\' AND "attempt" = {p}'
+)
+
+
 def set_progress(task_id: str, attempt: int, pct: float, message: str) -> bool:
-    """Store progress; return True when a cancel was requested."""
-    Task.update(progress=pct, progress_message=message).where(_running(task_id, attempt)).execute()
+    """Store progress; return True when a cancel was requested (or the task is no longer running).
+
+    On the hot path of every task that reports progress (sample does once): one hand-written
+    UPDATE ... RETURNING the cancel flag; only when it matched no row does a SELECT say why.
+    """
+    db = database.obj
+    sql = _PROGRESS_SET.format(p=db.param)
+    params = (pct, message, task_id, attempt)
+    if _returning(db):
+        rows = db.execute_sql(sql + ' RETURNING "cancel_requested"', params).fetchall()
+        if rows:
+            return bool(rows[0][0])
+    else:
+        db.execute_sql(sql, params)
     row = Task.select(Task.cancel_requested, Task.status).where(Task.id == task_id).first()
     return row is None or bool(row.cancel_requested) or row.status != "running"
 

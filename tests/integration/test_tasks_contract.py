@@ -279,3 +279,45 @@ def test_sample_echoes_its_data_like_the_reference_health_check(tenv):
     assert s["result"]["echo"]["duration"] == 0.2 and s["result"]["echo"]["steps"] == 2
     r = tenv.post("/tasks/submit", {"task_type": "sample", "data": {"test": "health_check", "duration": "long"}})
     assert r.status_code == 400 and r.json["error"]["details"]["field"] == "data.duration"
+
+
+def test_a_sample_task_is_three_statements_in_the_worker(tenv):
+    """The worker's hot path: claim, progress (UPDATE ... RETURNING its cancel flag) and finish, one statement each."""
+    tenv.submit("sample")
+    run_next(tenv)  # warm (connection, registry, queue)
+    tid = tenv.submit("sample", {"message": "hi"})
+    seen: list[list[str]] = []
+    handle = tenv.handle
+    real = type(handle).execute_sql
+
+    def counting(sql, params=None, *args, **kw):  # an instrument: every statement still runs for real
+        if threading.current_thread() is threading.main_thread():
+            seen.append(sql.split(None, 3)[:3])
+        return real(handle, sql, params, *args, **kw)
+
+    handle.execute_sql = counting
+    try:
+        assert run_next(tenv) == tid
+    finally:
+        del handle.execute_sql
+    # then run_next's flush: the history and log lines of the task, one multi-row INSERT each
+    assert seen == [["UPDATE", '"task"', "SET"]] * 3 + [["INSERT", "INTO", '"task_history"'], ["INSERT", "INTO", '"task_log"']]
+    t = tenv.task(tid)
+    assert t.status == "succeeded" and t.progress == 100.0 and t.progress_message == "done"
+    assert [h["status"] for h in tenv.status(tid)["history"]] == ["queued", "running", "succeeded"]
+
+
+def test_progress_reports_a_cancel_request_and_a_lost_attempt(tenv):
+    tid = tenv.submit("sample")
+    huey = queue_mod.get_queue(tenv.cfg)
+    while huey.dequeue() is not None:
+        pass
+    assert records.claim(tid, 1, f"{reaper.host_name(tenv.cfg)}:worker:9#1") is not None
+    assert records.set_progress(tid, 1, 10.0, "a tenth") is False and tenv.task(tid).progress == 10.0
+    assert records.set_progress(tid, 2, 30.0, "another attempt's") is False  # stored nowhere, and nothing to cancel
+    Task.update(cancel_requested=True).where(Task.id == tid).execute()
+    assert records.set_progress(tid, 1, 20.0, "a fifth") is True
+    assert tenv.task(tid).progress == 20.0
+    Task.update(status="failed").where(Task.id == tid).execute()  # taken away (a reaper, a forced cancel)
+    Task.update(cancel_requested=False).where(Task.id == tid).execute()
+    assert records.set_progress(tid, 1, 40.0, "too late") is True and tenv.task(tid).progress == 20.0
