@@ -15,7 +15,9 @@ How it works
               data.user or data: id, username, role), 401/403 are passed back, anything
               else or an unreachable endpoint is a 500. Answers are cached by SHA-256 of
               the Authorization value for auth_cache_seconds (bounded); concurrent misses
-              for one token share one subrequest.
+              for one token share one subrequest. The subrequest goes over the proxy's
+              own client side: keep-alive connections from pool.py, answers read by
+              framing.ResponseFramer (no second HTTP client).
   callable    [balancer] auth_callable "module:function", imported once, is called with
               (method, path, headers as a str->str dict with lowercase names) and returns
               a claims-like dict (sub, usr, role) to allow, or None to refuse (401). It
@@ -43,16 +45,19 @@ import hashlib
 import importlib
 import inspect
 import logging
+import ssl
 import time
 import urllib.parse
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-import httptools
 import orjson
 
 from appliance import identity, tokens
+from appliance.balancer import pool
+from appliance.balancer.framing import ProtocolError, ResponseHead
+from appliance.balancer.picker import Upstream
 from appliance.balancer.prefixes import prefix_matcher
 from appliance.errors import error_body
 
@@ -293,7 +298,10 @@ class SubrequestAuthHook(AuthHook):
         self.ttl = cfg.balancer.auth_cache_seconds
         self.connect_timeout = min(cfg.balancer.upstream_connect_timeout, SUBREQUEST_TIMEOUT)
         self.timeout = SUBREQUEST_TIMEOUT
-        self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        # The proxy's own client side: pooled keep-alive connections (pool.py) and its ResponseFramer.
+        host = self._host
+        self._upstream = Upstream(f"[{host}]:{self._port}" if ":" in host else f"{host}:{self._port}", group="auth")
+        self._ssl_context = ssl.create_default_context() if self._ssl else None
         self._inflight: dict[bytes, asyncio.Task[AuthResult]] = {}
         self._last_warning = float("-inf")
 
@@ -334,10 +342,13 @@ class SubrequestAuthHook(AuthHook):
     async def _ask(self, auth: bytes, now: float) -> tuple[AuthResult, dict[str, Any] | None]:
         request = self._head + (b"Authorization: " + auth + b"\r\n" if auth else b"") + b"\r\n"
         try:
-            status, answer_headers, body = await asyncio.wait_for(self._exchange(request), self.timeout)
-        except (OSError, TimeoutError, EOFError, httptools.HttpParserError) as exc:
+            head, body = await asyncio.wait_for(
+                pool.fetch(self._upstream, request, self.connect_timeout, self._ssl_context, SUBREQUEST_MAX_BODY), self.timeout
+            )
+        except (OSError, TimeoutError, EOFError, ProtocolError) as exc:
             self._warn("auth subrequest failed (%s: %s); refusing with 500", type(exc).__name__, exc)
             return AUTH_UNAVAILABLE, None
+        status = head.status
         if 200 <= status < 300:
             claims = _identity_from(body)
             if claims is None:
@@ -345,7 +356,7 @@ class SubrequestAuthHook(AuthHook):
             return self._allow(claims, now), claims
         if status in (401, 403):
             code, message = _error_from(body, status)
-            return AuthResult(False, status, code, message, challenge=answer_headers.get(_WWW_AUTHENTICATE)), None
+            return AuthResult(False, status, code, message, challenge=_header(head, _WWW_AUTHENTICATE)), None
         self._warn("auth subrequest answered %d; refusing with 500", status)
         return AUTH_UNAVAILABLE, None
 
@@ -356,77 +367,16 @@ class SubrequestAuthHook(AuthHook):
             self._last_warning = mono
             log.warning(message, *args)
 
-    async def _exchange(self, request: bytes) -> tuple[int, dict[bytes, bytes], bytes]:
-        # A reused keep-alive connection may have been closed by the server meanwhile: then retry once on a new one.
-        while self._idle:
-            reader, writer = self._idle.pop()
-            try:
-                return await self._roundtrip(reader, writer, request)
-            except (OSError, EOFError, httptools.HttpParserError):
-                writer.close()
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(self._host, self._port, ssl=self._ssl or None), self.connect_timeout
-        )
-        return await self._roundtrip(reader, writer, request)
-
-    async def _roundtrip(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes
-    ) -> tuple[int, dict[bytes, bytes], bytes]:
-        answer = _Answer()
-        parser = answer.parser = httptools.HttpResponseParser(answer)
-        try:
-            writer.write(request)
-            await writer.drain()
-            while not answer.complete:
-                data = await reader.read(65536)
-                if not data:
-                    if answer.headers_done and b"content-length" not in answer.headers and b"transfer-encoding" not in answer.headers:
-                        break  # a body delimited by the end of the connection
-                    raise EOFError("auth endpoint closed the connection before answering")
-                parser.feed_data(data)
-                if len(answer.body) > SUBREQUEST_MAX_BODY:
-                    raise EOFError("auth endpoint answer is too large")
-        except BaseException:
-            writer.close()
-            raise
-        if answer.complete and answer.keep_alive and len(self._idle) < 8:
-            self._idle.append((reader, writer))
-        else:
-            writer.close()
-        return parser.get_status_code(), answer.headers, bytes(answer.body)
-
     async def close(self) -> None:
-        while self._idle:
-            _, writer = self._idle.pop()
-            writer.close()
+        pool.close_idle(self._upstream)
 
 
-class _Answer:
-    """httptools callbacks collecting one response."""
-
-    __slots__ = ("body", "complete", "headers", "headers_done", "keep_alive", "parser")
-
-    def __init__(self) -> None:
-        self.headers: dict[bytes, bytes] = {}
-        self.body = bytearray()
-        self.complete = False
-        self.headers_done = False
-        self.keep_alive = False
-        self.parser: Any = None
-
-    def on_headers_complete(self) -> None:
-        self.headers_done = True
-        # llhttp forgets this once the message is complete, so read it now
-        self.keep_alive = self.parser.should_keep_alive()
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers[name.lower()] = value
-
-    def on_body(self, data: bytes) -> None:
-        self.body += data
-
-    def on_message_complete(self) -> None:
-        self.complete = True
+def _header(head: ResponseHead, name: bytes) -> bytes | None:
+    """The value of header `name` (lowercase) in an answer head, or None."""
+    for spelled, value in head.headers:
+        if spelled.lower() == name:
+            return value
+    return None
 
 
 def _json(body: bytes) -> Any:

@@ -1,5 +1,8 @@
 """HTTP/1.1 message framing for the proxy: bytes in, a few calls out, no sockets.
 
+(Over 500 lines on purpose: request and answer framing share the role tables, the head
+cache and the llhttp cross-checks; apart, each would reach into the other.)
+
 httptools (llhttp) tokenises; this module adds what a proxy must enforce on top
 and decides what may travel to the other side:
 

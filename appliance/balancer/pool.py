@@ -16,6 +16,9 @@ Answer bytes produced while one upstream read is parsed (head, body pieces,
 chunk framing, the end) are collected on the Exchange and written
 with one send at the end of that read, or at the answer's end; a small answer
 whose body is still coming may wait one more read (Exchange.defer_or_flush).
+
+`fetch` is the balancer's own client over the same connections and framer: one
+whole answer to a request it makes itself (the subrequest auth hook).
 """
 
 from __future__ import annotations
@@ -149,11 +152,18 @@ def release(conn: UpstreamConnection, reusable: bool, max_idle: int) -> None:
             conn.transport.close()
 
 
-async def connect(upstream: Upstream, timeout: float, max_header_bytes: int) -> UpstreamConnection:
-    """A new connection to `upstream`; raises OSError or asyncio.TimeoutError."""
+async def connect(upstream: Upstream, timeout: float, max_header_bytes: int, ssl: Any = None) -> UpstreamConnection:
+    """A new connection to `upstream` (TLS with the `ssl` context); raises OSError or asyncio.TimeoutError."""
     loop = asyncio.get_running_loop()
     _, conn = await asyncio.wait_for(
-        loop.create_connection(lambda: UpstreamConnection(upstream, max_header_bytes), upstream.host, upstream.port), timeout
+        loop.create_connection(
+            lambda: UpstreamConnection(upstream, max_header_bytes),
+            upstream.host,
+            upstream.port,
+            ssl=ssl,
+            server_hostname=upstream.host if ssl is not None else None,
+        ),
+        timeout,
     )
     return conn
 
@@ -170,3 +180,105 @@ def close_idle(upstream: Upstream, older_than: float | None = None) -> int:
             keep.append(conn)
     upstream.idle[:] = keep
     return closed
+
+
+# -- the balancer as a client of its own: one whole answer (the subrequest auth hook) ----------
+FETCH_MAX_HEAD = 65536
+FETCH_IDLE = 8  # keep-alive connections kept per fetched upstream
+
+
+async def fetch(upstream: Upstream, request: bytes, connect_timeout: float, ssl: Any = None, max_body: int = 65536) -> tuple[Any, bytes]:
+    """Send `request` (a whole request head, no body) and return (ResponseHead, body) of the answer.
+
+    Over the same keep-alive connections and ResponseFramer the proxy uses; an idle connection the
+    peer closed meanwhile is skipped (its failure before any answer), then a new one is opened.
+    Raises OSError, EOFError, asyncio.TimeoutError or ProtocolError; a caller's timeout that
+    cancels it closes the connection in use.
+    """
+    while (conn := acquire(upstream)) is not None:
+        try:
+            return await _roundtrip(conn, request, max_body)
+        except (OSError, EOFError, ProtocolError):
+            conn.abort()
+    conn = await connect(upstream, connect_timeout, FETCH_MAX_HEAD, ssl)
+    return await _roundtrip(conn, request, max_body)
+
+
+async def _roundtrip(conn: UpstreamConnection, request: bytes, max_body: int) -> tuple[Any, bytes]:
+    answer = _Collector(asyncio.get_running_loop().create_future(), conn, max_body)
+    conn.exchange = answer
+    conn.framer.handler = answer
+    conn.framer.reset(False)
+    try:
+        conn.transport.write(request)
+    except RuntimeError as exc:  # uvloop: the transport closed under us
+        raise EOFError("the connection closed before the request was sent") from exc
+    try:
+        return await answer.future
+    except BaseException:  # a failure, or a timeout cancelled us: this connection is done
+        answer.conn = None
+        conn.exchange = None
+        conn.closed = True
+        if conn.transport is not None:
+            conn.transport.close()  # a FIN, as a client that gives up sends (the peer may still be writing)
+        raise
+
+
+class _Collector:
+    """One fetched answer, collected whole: the ResponseFramer's handler and the connection's exchange."""
+
+    __slots__ = ("body", "conn", "future", "head", "max_body", "out", "size")
+
+    def __init__(self, future: asyncio.Future[tuple[Any, bytes]], conn: UpstreamConnection, max_body: int):
+        self.future = future
+        self.conn: UpstreamConnection | None = conn
+        self.max_body = max_body
+        self.head: Any = None
+        self.body: list[bytes] = []
+        self.size = 0
+        self.out: list[bytes] = []  # nothing is relayed to a client: never anything to flush
+
+    def on_response(self, head: Any) -> None:
+        self.head = head
+
+    def on_response_body(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.size > self.max_body:
+            return self._fail(EOFError("the answer is too large"))
+        self.body.append(data)
+
+    def on_whole_response(self, head: Any, body: bytes) -> None:
+        self.head = head
+        if body:
+            self.on_response_body(body)
+        self.on_response_end()
+
+    def on_response_end(self) -> None:
+        conn, self.conn = self.conn, None
+        if conn is None or self.future.done():
+            return
+        release(conn, self.head.keep_alive, FETCH_IDLE)
+        self.future.set_result((self.head, b"".join(self.body)))
+
+    def upstream_lost(self, conn: UpstreamConnection, exc: Exception | None) -> None:
+        self.conn = None
+        self._fail(EOFError("the connection closed before the answer"))
+
+    def upstream_broken(self, conn: UpstreamConnection, exc: ProtocolError) -> None:
+        self._fail(exc)
+
+    def _fail(self, exc: Exception) -> None:
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.abort()
+        if not self.future.done():
+            self.future.set_exception(exc)
+
+    def defer_or_flush(self) -> None:
+        pass
+
+    def pause_client_reading(self) -> None:  # no client to hold back
+        pass
+
+    def resume_client_reading(self) -> None:
+        pass

@@ -247,11 +247,12 @@ def test_keep_alive_connection_is_reused_and_survives_a_server_close(make_config
     async def main():
         try:
             assert (await hook.check("GET", "/api/a", hdrs("good"))).ok
-            assert len(hook._idle) == 1
-            reader, writer = hook._idle[0]
+            idle = hook._upstream.idle  # the proxy's own pool (pool.py) holds the auth endpoint's connections
+            assert len(idle) == 1
+            conn = idle[0]
             assert (await hook.check("GET", "/api/a", hdrs("good"))).ok
-            assert hook._idle[0][1] is writer  # the same connection again
-            writer.transport.abort()  # as if the server had closed an idle connection
+            assert idle == [conn]  # the same connection again
+            conn.transport.abort()  # as if the server had closed an idle connection
             assert (await hook.check("GET", "/api/a", hdrs("good"))).ok
         finally:
             await hook.close()
