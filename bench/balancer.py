@@ -9,7 +9,10 @@ process, and the proxy headers of the reference stack's nginx.conf: Host,
 X-Real-IP, X-Forwarded-For, X-Forwarded-Proto) in front of the same workers. wrk runs for --seconds at each
 connection count on /health/ping and on the authenticated /api/protected,
 through the balancer, through nginx and straight to one worker. Prints req/s,
-p50, p99, errors and the balancer/nginx ratios. Rate limits are off (they
+p50, p99, errors and the balancer/nginx ratios, and for our balancers the CPU time
+their process spent per request (user + system, from /proc: on a machine shared
+with other work this moves far less than req/s, so it is the figure to compare
+between two versions of the balancer). Rate limits are off (they
 would be the thing measured); the token hook is on (jwt).
 """
 
@@ -91,7 +94,41 @@ def wrk(url: str, conns: int, seconds: int, token: str | None) -> dict[str, floa
     m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     if m:
         errors += sum(int(x) for x in m.groups())
-    return {"rps": rps, "p50": pct("50"), "p99": pct("99"), "errors": errors}
+    m = re.search(r"(\d+) requests in", out)
+    return {"rps": rps, "p50": pct("50"), "p99": pct("99"), "errors": errors, "requests": int(m.group(1)) if m else 0}
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process `pid` so far (Linux /proc), or NaN."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(name: str, port: int, path: str, conns: int, seconds: int, auth: str | None, pid: int | None) -> dict[str, float]:
+    """One wrk run against one target (after a 1 s warm-up of its keep-alive pools), printed as a row."""
+    url = f"http://127.0.0.1:{port}{path}"
+    wrk(url, conns, 1, auth)
+    before = cpu_seconds(pid) if pid else float("nan")
+    r = wrk(url, conns, seconds, auth)
+    r["cpu_us"] = (cpu_seconds(pid) - before) / r["requests"] * 1e6 if pid and r["requests"] else float("nan")
+    shown = f"{r['cpu_us']:>12.0f}" if r["cpu_us"] == r["cpu_us"] else f"{'-':>12}"
+    print(f"{path:<16}{conns:>6}  {name:<18}{r['rps']:>9.0f}{r['p50']:>9.2f}{r['p99']:>9.2f}{r['errors']:>8.0f}{shown}")
+    return r
+
+
+def summarise(ratios: list[tuple[float, float]], cpu: list[float]) -> None:
+    """The medians over rounds: balancer/nginx ratios, and the balancer's CPU time per request."""
+    if ratios:
+        rps_ratio = statistics.median(r for r, _ in ratios)
+        p99_ratio = statistics.median(p for _, p in ratios)
+        over = f" (median of {len(ratios)})" if len(ratios) > 1 else ""
+        print(f"{'':<24}ratio balancer/nginx{over}: throughput {rps_ratio:.2f}, p99 {p99_ratio:.2f}x")
+    cpu = [c for c in cpu if c == c]  # NaN where /proc could not be read
+    if cpu:
+        print(f"{'':<24}balancer cpu per request (median of {len(cpu)}): {statistics.median(cpu):.0f} us")
 
 
 def prepare(data: Path, workers: int, base: int, port: int) -> tuple[Path, str]:
@@ -151,9 +188,11 @@ def main(argv: list[str] | None = None) -> int:
             wait_port(base + i, timeout=60, proc=procs[i])
         procs.append(start_child("balancer", cfg_path, 0, env=env, log=tmp / "balancer.log"))
         wait_port(bal_port, proc=procs[-1])
+        pids = {"balancer": procs[-1].pid}
         std_env = {**env, "APPLIANCE_BALANCER__USE_UVLOOP": "false", "APPLIANCE_BALANCER__LISTEN": f"127.0.0.1:{std_port}"}
         procs.append(start_child("balancer", cfg_path, 1, env=std_env, log=tmp / "balancer-std.log"))
         wait_port(std_port, proc=procs[-1])
+        pids["balancer-asyncio"] = procs[-1].pid
         ndir = tmp / "nginx"
         ndir.mkdir()
         servers = "\n".join(f"        server 127.0.0.1:{base + i};" for i in range(args.workers))
@@ -167,24 +206,20 @@ def main(argv: list[str] | None = None) -> int:
             ("direct-1-worker", base),
         ]
         print(f"wrk {args.seconds}s per run; {args.workers} api workers (waitress); 2 cores shared; {args.rounds} round(s); tmp {tmp}")
-        print(f"{'path':<16}{'conns':>6}  {'target':<18}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}")
+        print(f"{'path':<16}{'conns':>6}  {'target':<18}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}{'cpu us/req':>12}")
         for path, auth in (("/health/ping", None), ("/api/protected", token)):
             for c in conns:
                 ratios: list[tuple[float, float]] = []
+                cpu: list[float] = []
                 for _ in range(args.rounds):  # every target once per round: a slow spell of the machine hits all
                     results: dict[str, dict[str, float]] = {}
                     for name, port in targets:
-                        wrk(f"http://127.0.0.1:{port}{path}", c, 1, auth)  # warm up keep-alive pools
-                        r = results[name] = wrk(f"http://127.0.0.1:{port}{path}", c, args.seconds, auth)
-                        print(f"{path:<16}{c:>6}  {name:<18}{r['rps']:>9.0f}{r['p50']:>9.2f}{r['p99']:>9.2f}{r['errors']:>8.0f}")
+                        results[name] = measure(name, port, path, c, args.seconds, auth, pids.get(name))
                     ours, peer = results["balancer"], results["nginx"]
+                    cpu.append(ours["cpu_us"])
                     if peer["rps"] and peer["p99"]:
                         ratios.append((ours["rps"] / peer["rps"], ours["p99"] / peer["p99"]))
-                if ratios:
-                    rps_ratio = statistics.median(r for r, _ in ratios)
-                    p99_ratio = statistics.median(p for _, p in ratios)
-                    over = f" (median of {len(ratios)})" if len(ratios) > 1 else ""
-                    print(f"{'':<24}ratio balancer/nginx{over}: throughput {rps_ratio:.2f}, p99 {p99_ratio:.2f}x")
+                summarise(ratios, cpu)
         return 0
     finally:
         if nginx is not None:
