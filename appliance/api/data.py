@@ -40,6 +40,7 @@ from appliance.queue.dataprocs import DATASET_RE, BulkImportInput, Rule
 from appliance.times import iso
 
 CHUNK = 65536
+FIELD_MAX = 65536  # bytes of a form field other than the file
 TAGS = ("data",)
 # names that are routes beside /api/data/{dataset}: a dataset of that name could not be read
 RESERVED_DATASETS = ("bulk-import",)
@@ -145,7 +146,7 @@ class DataProcessing:
                             raise BadRequest("only one file per upload", details={"field": "file"})
                         saved = self._stream(part, folder, limit, too_large)
                     elif part.name in ("processing_type", "parameters"):
-                        fields[part.name] = part.get_text() or ""
+                        fields[part.name] = self._text(part)
             except falcon.MediaMalformedError as exc:
                 raise BadRequest(f"the multipart body is malformed: {exc.description or exc.title}", code="invalid_multipart") from None
             if saved is None:
@@ -198,6 +199,17 @@ class DataProcessing:
         return room, lambda size: quotas.upload_exceeded(quota, stored, size)
 
     @staticmethod
+    def _text(part: Any) -> str:
+        """A form field as text, whatever Content-Type the part names (parameters is often application/json)."""
+        raw = part.stream.read(FIELD_MAX + 1)
+        if len(raw) > FIELD_MAX:
+            raise ValidationFailed(f"{part.name} is larger than {FIELD_MAX} bytes", field=part.name)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValidationFailed(f"{part.name} must be UTF-8 text", field=part.name) from None
+
+    @staticmethod
     def _stream(part: Any, folder: Any, limit: int, too_large: Callable[[int], Exception]) -> tuple[str, str, int, str]:
         folder.mkdir(parents=True, exist_ok=True)
         name = _safe_name(part.filename)
@@ -226,6 +238,10 @@ class BulkImport:
         auth="user",
         errors=(400, 404, 429, 503),
         tags=TAGS,
+        rules=(
+            ("callback_url", "validation_error|callback_refused", "an http(s) URL whose host is no internal address or localhost name"),
+        ),
+        description="Dataset names that are routes under /api/data/ (bulk-import) are refused: 400 reserved_dataset_name.",
     )
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         caller = caller_of(req)

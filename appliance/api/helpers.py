@@ -178,8 +178,14 @@ def decode_json(data: bytes, kind: Any, max_depth: int = 64) -> Any:
 
 
 def _integral(value: Any) -> Any:
+    """JSON numbers as the server keeps them: integral floats become ints, integers beyond 64 bits floats."""
     if isinstance(value, float):
         return int(value) if value.is_integer() and abs(value) < 2**63 else value
+    if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**64:
+        try:
+            return float(value)  # stored JSON (orjson) holds 64-bit integers; a larger one is kept as a number
+        except OverflowError:
+            raise ValidationFailed("a number is too large") from None
     if isinstance(value, dict):
         return {k: _integral(v) for k, v in value.items()}
     if isinstance(value, list):
@@ -216,6 +222,10 @@ def read_query(req: falcon.Request, kind: Any = None) -> Any:
         if kind is None:
             raise TypeError("read_query needs a Struct type or an operation with query=")
     params = {k: (v[-1] if isinstance(v, list) else v) for k, v in req.params.items()}
+    known = {f.encode_name for f in msgspec.structs.fields(kind)}
+    for name, value in params.items():
+        if name in known and isinstance(value, str) and "\x00" in value:  # NUL cannot reach a query of the database
+            raise ValidationFailed("query parameters must not contain NUL characters", field=name)
     try:
         return msgspec.convert(params, kind, strict=False)
     except msgspec.ValidationError as exc:

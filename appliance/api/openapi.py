@@ -146,6 +146,9 @@ def tighten(schema: Any) -> Any:
     kind = out.get("type")
     if kind == "string" and not any(k in out for k in ("pattern", "enum", "const", "format", "contentEncoding")):
         out["pattern"] = NUL_FREE
+    if kind == "integer":  # 64-bit integers (a larger JSON number is not an integer to the server)
+        out.setdefault("minimum", -(2**63))
+        out.setdefault("maximum", 2**63 - 1)
     if kind == "array":
         out["items"] = tighten(out["items"]) if "items" in out else _JSON_REF
     if kind == "object" and "properties" not in out:  # a dict: every key and value is kept
@@ -160,24 +163,20 @@ def tighten(schema: Any) -> Any:
     return out
 
 
-def _json_values(levels: int = 6) -> dict[str, Any]:
-    """JsonValue: any JSON value without NUL characters, as components nested `levels` deep (a spec tool may not
-    follow a recursive $ref); below that any value is allowed here, though the server refuses NUL at any depth."""
+def _json_values(levels: int) -> dict[str, Any]:
+    """JsonValue: any JSON value without NUL characters, nested at most `levels` deep ([api] json_max_depth), as one
+    component per level (spec tools do not all follow a recursive $ref)."""
     out: dict[str, Any] = {}
     for level in range(levels):
         name = JSON_VALUE if level == 0 else f"{JSON_VALUE}{level}"
-        inner: dict[str, Any] = {"$ref": _REF.format(name=f"{JSON_VALUE}{level + 1}")} if level + 1 < levels else {}
-        out[name] = {
-            "description": "any JSON value without NUL characters, nested at most [api] json_max_depth deep",
-            "anyOf": [
-                {"type": "string", "pattern": NUL_FREE},
-                {"type": "number"},
-                {"type": "boolean"},
-                {"type": "null"},
+        scalars: list[dict[str, Any]] = [{"type": "string", "pattern": NUL_FREE}, {"type": "number"}, {"type": "boolean"}, {"type": "null"}]
+        if level + 1 < levels:
+            inner = {"$ref": _REF.format(name=f"{JSON_VALUE}{level + 1}")}
+            scalars += [
                 {"type": "array", "items": inner},
                 {"type": "object", "propertyNames": {"pattern": NUL_FREE}, "additionalProperties": inner},
-            ],
-        }
+            ]
+        out[name] = {"description": "any JSON value without NUL characters, nested at most [api] json_max_depth deep", "anyOf": scalars}
     return out
 
 
@@ -376,7 +375,8 @@ def build(app: falcon.App, title: str = "Appliance API") -> dict[str, Any]:
     roots |= {_ref_name(schemas[i]) for _, i in ttypes if i is not None}
     for name in _reachable(roots, components):
         components[name] = tighten(components[name])
-    components.update(_json_values())
+    ctx = getattr(app, "ctx", None)
+    components.update(_json_values(ctx.cfg.api.json_max_depth if ctx is not None else 64))
     error_ref = schemas[0]
     paths: dict[str, dict[str, Any]] = {}
     seen: set[str] = set()

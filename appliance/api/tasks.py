@@ -28,6 +28,9 @@ _CRON_RULES = (
     ("schedule.expression", "validation_error", "a valid 5-field cron expression"),
     ("schedule.timezone", "validation_error", "an IANA time zone name"),
 )
+_URL_RULE = "an http(s) URL of at most 2000 ASCII characters without credentials whose host is no internal address or localhost name"
+_SUBMIT_RULES = (("callbacks.*", "validation_error|callback_refused", _URL_RULE),)
+_GROUP_RULES = (("tasks[].callbacks.*", "validation_error|callback_refused", _URL_RULE),)
 
 
 # --- response shapes (what /openapi.json documents; checked in tests) ----------------------------
@@ -219,6 +222,7 @@ class Submit:
         auth="user",
         errors=(400, 403, 404, 429, 503),
         tags=TAGS,
+        rules=_SUBMIT_RULES,
     )
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         caller = caller_of(req)
@@ -238,6 +242,7 @@ class Batch:
         auth="user",
         errors=(400, 403, 404, 429, 503),
         tags=TAGS,
+        rules=_GROUP_RULES,
     )
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         caller = caller_of(req)
@@ -257,6 +262,7 @@ class Chain:
         auth="user",
         errors=(400, 403, 404, 429, 503),
         tags=TAGS,
+        rules=_GROUP_RULES,
     )
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         caller = caller_of(req)

@@ -53,10 +53,13 @@ class RetryConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     exponential_backoff: bool = False
 
 
+CallbackUrl = Annotated[str, Meta(extra_json_schema={"format": "uri"}, description="http(s) URL; internal addresses are refused")]
+
+
 class Callbacks(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    progress_url: str | None = None
-    completion_url: str | None = None
-    error_url: str | None = None
+    progress_url: CallbackUrl | None = None
+    completion_url: CallbackUrl | None = None
+    error_url: CallbackUrl | None = None
 
 
 class SubmitRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

@@ -13,7 +13,7 @@ from appliance.queue.registry import task_type
 
 
 class UserSpecificInput(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    user_id: Annotated[int, msgspec.Meta(ge=1, description="the user the work is for")]
+    user_id: Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1, description="the user the work is for")]
     task_num: Annotated[int, msgspec.Meta(ge=0, le=1_000_000, description="the caller's number for this piece of work")] = 0
 
 

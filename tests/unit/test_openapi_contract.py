@@ -121,3 +121,59 @@ def test_every_operation_lists_rate_limits_and_the_upload_form_its_parts(doc):
     assert form["properties"]["file"]["format"] == "binary" and set(form["required"]) >= {"file", "processing_type"}
     assert media["encoding"] == {"parameters": {"contentType": "application/json"}}
     assert "upload_id" not in form["properties"]["parameters"]["properties"]
+
+
+def test_a_nul_in_a_query_parameter_is_refused_as_the_schema_says(client, doc):
+    token = user_token(client, "querier")
+    r = client.simulate_get("/tasks", query_string="task_type=a%00b", headers=bearer(token))
+    assert r.status_code == 400 and r.json["error"]["details"]["field"] == "task_type"
+    (param,) = [p for p in doc["paths"]["/tasks"]["get"]["parameters"] if p["name"] == "task_type"]
+    assert param["schema"]["anyOf"][0]["pattern"] == "^[^\\x00]*$"
+
+
+def test_callback_rules_the_schema_cannot_state_are_listed(doc):
+    submit = doc["paths"]["/tasks/submit"]["post"]
+    assert {"field": "callbacks.*", "code": "validation_error|callback_refused"}.items() <= submit["x-unexpressed-rules"][0].items()
+    assert "internal address" in submit["description"]
+    batch = doc["paths"]["/tasks/batch"]["post"]["x-unexpressed-rules"]
+    assert batch[0]["field"] == "tasks[].callbacks.*"
+    assert _component(doc, "Callbacks")["properties"]["progress_url"]["anyOf"][0]["format"] == "uri"
+
+
+def test_upload_parameters_sent_as_json_parts_are_read(client, doc):
+    """The document says parameters is a JSON part; a part typed application/json is read, not dropped."""
+    assert doc["paths"]["/api/data-processing"]["post"]["requestBody"]["content"]["multipart/form-data"]["encoding"]["parameters"] == {
+        "contentType": "application/json"
+    }
+    token = user_token(client, "uploader")
+    b = "b0undary17"
+    body = (
+        f'--{b}\r\nContent-Disposition: form-data; name="processing_type"\r\n\r\ncsv_profile\r\n'
+        f'--{b}\r\nContent-Disposition: form-data; name="parameters"\r\nContent-Type: application/json\r\n\r\n{{"delimiter": ";"}}\r\n'
+        f'--{b}\r\nContent-Disposition: form-data; name="file"; filename="a.csv"\r\nContent-Type: text/csv\r\n\r\na;b\r\n1;2\r\n'
+        f"--{b}--\r\n"
+    ).encode()
+    headers = {**bearer(token), "Content-Type": f"multipart/form-data; boundary={b}"}
+    r = client.simulate_post("/api/data-processing", body=body, headers=headers)
+    assert r.status_code == 200, r.text
+    status = client.simulate_get(f"/tasks/status/{r.json['data']['task_id']}", headers=bearer(token))
+    assert status.json["data"]["input"]["delimiter"] == ";"
+    bad = body.replace(b'{"delimiter": ";"}', b"true")
+    r = client.simulate_post("/api/data-processing", body=bad, headers=headers)
+    assert r.status_code == 400 and r.json["error"]["details"]["field"] == "parameters"
+
+
+def test_numbers_beyond_64_bits_are_kept_as_numbers_not_a_crash(client, doc):
+    token = user_token(client, "bignum")
+    r = client.simulate_post(
+        "/tasks/submit", body='{"task_type": "sample", "data": {"n": 33169693489754341440349122026536960}}', headers=bearer(token)
+    )
+    assert r.status_code == 200, r.text
+    status = client.simulate_get(f"/tasks/status/{r.json['data']['task_id']}", headers=bearer(token))
+    assert status.json["data"]["input"]["n"] == pytest.approx(3.316969348975434e34)
+    r = client.simulate_post(
+        "/tasks/submit", body='{"task_type": "sample", "priority": 33169693489754341440349122026536960}', headers=bearer(token)
+    )
+    assert r.status_code == 400 and r.json["error"]["details"]["field"] == "priority"
+    user_id = _component(doc, "UserSpecificInput")["properties"]["user_id"]
+    assert user_id["maximum"] == 2**63 - 1
