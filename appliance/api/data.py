@@ -154,9 +154,9 @@ class DataProcessing:
             ptype = fields.get("processing_type", "").strip()
             if not ptype:
                 raise ValidationFailed("processing_type is required", field="processing_type")
-            jsondepth.check(fields.get("parameters") or "{}", cfg.api.json_max_depth, field="parameters")
+            jsondepth.check(fields.get("parameters", "{}"), cfg.api.json_max_depth, field="parameters")
             try:
-                params = orjson.loads(fields.get("parameters") or "{}")
+                params = orjson.loads(fields.get("parameters", "{}"))  # absent: {}; present: a JSON object
             except orjson.JSONDecodeError:
                 raise ValidationFailed("parameters must be a JSON object", field="parameters") from None
             if not isinstance(params, dict):

@@ -245,6 +245,8 @@ def _task_rules(components: dict[str, Any], types: list[tuple[Any, dict[str, Any
             params["properties"].pop("upload_id")
             params["required"] = [r for r in params.get("required", []) if r != "upload_id"]
             params["title"] = f"{body.get('title', ttype.name)} parameters"
+            if params.get("additionalProperties") is not False:  # the whole object is kept as the task's input
+                params.update(propertyNames={"pattern": NUL_FREE}, additionalProperties=_JSON_REF)
             uploads.append((ttype.name, params, bool(params["required"])))
     if not variants:
         return

@@ -94,6 +94,11 @@ class OneNote:
 
 def setup(app: falcon.App, ctx) -> None:
     """Called once per worker: create the table if needed and add the routes."""
-    ctx.db.create_tables([Note], safe=True)
+    try:
+        ctx.db.create_tables([Note], safe=True)
+    except pw.DatabaseError:  # every worker starts at once: on PostgreSQL another one may have created it just now
+        ctx.db.rollback()
+        if not Note.table_exists():
+            raise
     app.add_route("/api/notes", Notes())
     app.add_route("/api/notes/{note_id:int}", OneNote())

@@ -177,3 +177,18 @@ def test_numbers_beyond_64_bits_are_kept_as_numbers_not_a_crash(client, doc):
     assert r.status_code == 400 and r.json["error"]["details"]["field"] == "priority"
     user_id = _component(doc, "UserSpecificInput")["properties"]["user_id"]
     assert user_id["maximum"] == 2**63 - 1
+
+
+def test_an_empty_parameters_part_is_not_an_object(client):
+    token = user_token(client, "emptyparams")
+    b = "b0undary18"
+    body = (
+        f'--{b}\r\nContent-Disposition: form-data; name="processing_type"\r\n\r\ncsv_profile\r\n'
+        f'--{b}\r\nContent-Disposition: form-data; name="parameters"\r\n\r\n\r\n'
+        f'--{b}\r\nContent-Disposition: form-data; name="file"; filename="a.csv"\r\n\r\na,b\r\n'
+        f"--{b}--\r\n"
+    ).encode()
+    r = client.simulate_post(
+        "/api/data-processing", body=body, headers={**bearer(token), "Content-Type": f"multipart/form-data; boundary={b}"}
+    )
+    assert r.status_code == 400 and r.json["error"]["details"]["field"] == "parameters"
