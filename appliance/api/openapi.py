@@ -28,13 +28,13 @@ _FIELD_RE = re.compile(r"\{(\w+)(?::(\w+)[^}]*)?\}")
 _REF = "#/components/schemas/{name}"
 _METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
 _REASONS = {
-    400: "bad input; details name the field",
+    400: "bad input; details name the field (json_too_deep past [api] json_max_depth)",
     401: "missing, invalid, expired or revoked credentials",
-    403: "authenticated but not allowed",
+    403: "authenticated but not allowed (e.g. admin_only_task_type)",
     404: "not found",
     405: "method not allowed",
     409: "conflict",
-    413: "body too large",
+    413: "body too large, or quota_exceeded (the upload quota)",
     415: "wrong content type",
     422: "semantically invalid",
     429: "too many requests (see Retry-After): a rate limit of the balancer, a lockout, or quota_exceeded",

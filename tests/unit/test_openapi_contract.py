@@ -192,3 +192,18 @@ def test_an_empty_parameters_part_is_not_an_object(client):
         "/api/data-processing", body=body, headers={**bearer(token), "Content-Type": f"multipart/form-data; boundary={b}"}
     )
     assert r.status_code == 400 and r.json["error"]["details"]["field"] == "parameters"
+
+
+def test_the_security_answers_are_in_the_document(doc):
+    paths = doc["paths"]
+    login = paths["/auth/login"]["post"]
+    assert {"401", "429"} <= set(login["responses"]) and "disabled account" in login["description"]
+    for route in ("/auth/mfa/enable", "/auth/mfa/disable"):
+        ref = paths[route]["post"]["responses"]["200"]["content"]["application/json"]["schema"]["properties"]["data"]["$ref"]
+        assert {"access_token", "refresh_token", "recovery_codes"} <= set(_component(doc, ref.rsplit("/", 1)[-1])["properties"])
+    assert "post" in paths["/auth/mfa/recovery-codes"]
+    submit = paths["/tasks/submit"]["post"]["responses"]
+    assert "admin_only_task_type" in submit["403"]["description"] and "quota_exceeded" in submit["429"]["description"]
+    upload = paths["/api/data-processing"]["post"]["responses"]
+    assert "quota_exceeded" in upload["413"]["description"] and "quota_exceeded" in upload["429"]["description"]
+    assert "json_too_deep" in paths["/tasks/batch"]["post"]["responses"]["400"]["description"]
