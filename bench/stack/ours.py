@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import secrets
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from bench.stack.reference import BCRYPT_ROUNDS, PASSWORD, USERNAME
 from bench.tasks import PG_URL, REDIS_URL, _cleanup_redis, _pg_database
 from tests.conftest import write_config
 from tests.integration.supervised import Appliance
+from tests.procs import appliance_cmd
 
 NEVER = {"rate": "100000/s", "burst": 100000, "nodelay": True}
 ZONES = [
@@ -57,7 +59,12 @@ class ApplianceStack:
         app.sections["auth"] = {"bcrypt_rounds": BCRYPT_ROUNDS, "access_token_minutes": 60}
         app.sections["supervisor"]["heartbeat_interval"] = 2.0
         app.config = write_config(app.data, **app.sections)
-        self.app = app.start()
+        # app.start() would give the supervisor a session of its own: one autogroup, see reference.py
+        app.proc = subprocess.Popen(
+            appliance_cmd("run", "--config", str(app.config)), stdout=open(app.log, "ab"), stderr=subprocess.STDOUT, env=app.env
+        )
+        app.wait_for("appliance is up", timeout=90)
+        self.app = app
         self.port = app.port
         from appliance import accounts
         from appliance import db as dbmod
@@ -113,7 +120,12 @@ class ApplianceStack:
         self.db.close()
         return out
 
-    def history_rows(self) -> int:
+    def history_rows(self, ids: list[str]) -> int:
+        """Durable history rows of these tasks (queued, running, succeeded: three for a task that ran once)."""
+        from appliance import db as dbmod
         from appliance.db.models import TaskHistory
 
-        return TaskHistory.select().count()
+        self.db = dbmod.open_database(self.cfg)
+        total = sum(TaskHistory.select().where(TaskHistory.task.in_(ids[i : i + 500])).count() for i in range(0, len(ids), 500))
+        self.db.close()
+        return total

@@ -1,7 +1,7 @@
 """`python -m bench.stack.profile [--path /api/protected] [--seconds 15] [--role api]`: a py-spy flame graph under load.
 
 Starts the appliance the way the table does (PostgreSQL + Redis), logs in, runs
-wrk at 64 connections on --path and records one process of --role with py-spy
+wrk at 64 connections on --path (or, for /tasks/submit, the table's task submissions) and records one process of --role with py-spy
 into bench/results/profile-<role>.svg (and the collapsed stacks in .txt);
 prints the top functions by own time. Needs root or ptrace rights for py-spy.
 """
@@ -25,9 +25,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="bench.stack.profile", description=__doc__.split("\n")[0])
     ap.add_argument("--path", default="/api/protected")
     ap.add_argument("--seconds", type=int, default=15)
-    ap.add_argument("--role", default="api", choices=("api", "balancer"))
+    ap.add_argument("--role", default="api", choices=("api", "balancer", "worker"))
     ap.add_argument("--engine", default="postgresql", choices=("postgresql", "sqlite"))
     ap.add_argument("--conns", type=int, default=64)
+    ap.add_argument("--gil", action="store_true", help="only the thread holding the GIL: where the CPU goes, not the waits")
+    ap.add_argument("--tasks", type=int, default=3000, help="with --path /tasks/submit: how many to submit")
     args = ap.parse_args(argv)
     spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     tmp = Path(tempfile.mkdtemp(prefix="bench-profile-"))
@@ -38,10 +40,14 @@ def main(argv: list[str] | None = None) -> int:
         pid = stack.app.pids(args.role)[0]
         out = RESULTS / f"profile-{args.role}.svg"
         raw = RESULTS / f"profile-{args.role}.txt"  # collapsed stacks, for reading and for the closing note
-        load = threading.Thread(target=scenarios.get_load, args=(stack, args.path, args.conns, 2 * args.seconds + 2, token))
+        if args.path == "/tasks/submit":  # sample tasks from 8 client threads, as the table's task scenario
+            load = threading.Thread(target=scenarios.tasks_run, args=(stack, token, args.tasks))
+        else:
+            load = threading.Thread(target=scenarios.get_load, args=(stack, args.path, args.conns, 2 * args.seconds + 2, token))
         load.start()
         for fmt, path in (("raw", raw), ("flamegraph", out)):  # one format per py-spy run; 50 Hz keeps up on a busy machine
             cmd = [spy, "record", "-p", str(pid), "-d", str(args.seconds), "-r", "50", "-f", fmt, "-o", str(path), "--nonblocking"]
+            cmd += ["--gil"] if args.gil else []
             subprocess.run(cmd, check=False, capture_output=True)
         load.join()
         print(f"flame graph: {out}")

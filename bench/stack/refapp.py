@@ -180,7 +180,7 @@ def submit():
         return error(400, "validation_error", "task_type must be sample and data an object")
     priority = int(body.get("priority", 5))
     result = reftasks.sample.apply_async(args=[body.get("data", {})], priority=priority)
-    return jsonify({"status": "success", "data": {"task_id": result.id, "status": "queued", "priority": priority}}), 201
+    return jsonify({"status": "success", "data": {"task_id": result.id, "status": "queued", "priority": priority}})
 
 
 @app.get("/tasks/status/<task_id>")

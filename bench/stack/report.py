@@ -11,6 +11,10 @@ from importlib import metadata
 from pathlib import Path
 
 
+def load() -> str:
+    return ", ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def machine() -> str:
     model = "unknown CPU"
     try:
@@ -21,8 +25,7 @@ def machine() -> str:
     except OSError:
         pass
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    return f"{os.cpu_count()} cores, {model}, {mem:.0f} GiB RAM, Linux {platform.release()}; load average at start {load}"
+    return f"{os.cpu_count()} cores, {model}, {mem:.0f} GiB RAM, Linux {platform.release()}"
 
 
 def versions() -> str:
@@ -57,13 +60,16 @@ def ratio(ours: float | None, theirs: float | None) -> str:
     return f"{ours / theirs:.2f}x"
 
 
-def render(rows: list[tuple[str, str, str, str]], notes: list[str], started: dt.datetime, took: float, args: str) -> str:
+def render(
+    rows: list[tuple[str, str, str, str]], notes: list[str], started: dt.datetime, took: float, args: str, load_at_start: str
+) -> str:
     """The Markdown document: a header, the table, notes."""
     out = [
         "# Appliance vs the reference stack",
         "",
         f"- date: {started:%Y-%m-%d %H:%M} UTC, {took / 60:.1f} min (`python -m bench stack {args}`)".rstrip(),
-        f"- machine: {machine()}",
+        f"- machine: {machine()}; load average (1, 5, 15 min) at start {load_at_start}, at the end {load()} "
+        "(other work on the machine shows here: both stacks share it alike, round by round)",
         f"- versions: {versions()}",
         "",
         "| scenario | appliance | reference | ratio |",

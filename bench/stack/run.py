@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     if not shutil.which("wrk") or not Path(NGINX).exists():
         print("bench stack: needs wrk and nginx (make bench installs them from Debian)", file=sys.stderr)
         return 2
-    started, t0 = dt.datetime.now(dt.UTC), time.monotonic()
+    started, t0, load_at_start = dt.datetime.now(dt.UTC), time.monotonic(), report.load()
     tmp = Path(tempfile.mkdtemp(prefix="bench-stack-"))
     table = Table()
     notes: list[str] = []
@@ -107,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             report.ratio(after[a]["pss"], after[b]["pss"]),
         )
         table.add("processes", f"{idle[a]['processes']} ({idle[a]['kinds']})", f"{idle[b]['processes']} ({idle[b]['kinds']})", "–")
+        notes.append(f"PSS after the load by kind: appliance {after[a]['by_kind']}; reference {after[b]['by_kind']}.")
         if "kill" in only:
             _failures(table, stacks, tokens, args)
         ours.stop()
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
                 stack.stop()
         shutil.rmtree(tmp, ignore_errors=True)
     notes += NOTES
-    doc = report.render(table.rows, notes, started, time.monotonic() - t0, " ".join(argv or []))
+    doc = report.render(table.rows, notes, started, time.monotonic() - t0, " ".join(argv or []), load_at_start)
     print()
     print(doc)
     if args.out != "-":
@@ -143,7 +144,7 @@ def _measure(table: Table, stacks: list[Any], tokens: dict[str, str], args: Any,
                 kept[f"{path} {c}"] = res[b]
                 rate_row(table, f"GET {path}, {c} connections", res, a, b)
     if "login" in only:
-        res = alternate(stacks, args.rounds, lambda s: scenarios.login_load(s, 16, args.seconds))
+        res = alternate(stacks, args.rounds, lambda s: scenarios.login_load(s, 16, max(args.seconds, 6)))  # bcrypt: a few per second
         rate_row(table, "POST /auth/login (bcrypt 12), 16 connections", res, a, b, unit="logins/s")
     if "tasks" in only:
         res = alternate(stacks, args.rounds, lambda s: scenarios.tasks_run(s, tokens[s.name], args.tasks))
@@ -155,7 +156,10 @@ def _measure(table: Table, stacks: list[Any], tokens: dict[str, str], args: Any,
 def _task_rows(table: Table, res: dict[str, list[dict]], a: str, b: str, n: int) -> None:
     def cell(rs: list[dict]) -> str:
         short = sum(n - r["done"] for r in rs)
-        return f"{_med([r['tasks_per_s'] for r in rs]):,.0f} tasks/s" + (f", {short} not done" if short else "")
+        text = f"{_med([r['tasks_per_s'] for r in rs]):,.0f} tasks/s" + (f", {short} not done" if short else "")
+        if rs and rs[0].get("history") is not None:
+            text += f", {sum(r['history'] for r in rs):,} of {3 * n * len(rs):,} history rows durable"
+        return text
 
     ratios = [x["tasks_per_s"] / y["tasks_per_s"] for x, y in zip(res[a], res[b], strict=False) if y["tasks_per_s"]]
     table.add(f"{n} sample tasks over HTTP, end to end", cell(res[a]), cell(res[b]), f"{_med(ratios):.2f}x")
@@ -192,7 +196,7 @@ def _sqlite(table: Table, tmp: Path, ref_name: str, ref: dict[str, Any], tokens:
         token = scenarios.login_token(lite)
         if "get" in only:
             for path, auth in (("/health/ping", False), ("/api/protected", True)):
-                runs = [scenarios.get_load(lite, path, 64, args.seconds, token if auth else None) for _ in range(1 if args.quick else 2)]
+                runs = [scenarios.get_load(lite, path, 64, args.seconds, token if auth else None)]
                 rate_row(table, f"GET {path}, 64 connections — appliance on SQLite", {"l": runs, "r": ref[f"{path} 64"]}, "l", "r")
         if "tasks" in only:
             runs = [scenarios.tasks_run(lite, token, args.tasks)]

@@ -120,7 +120,7 @@ def submit_body(stack: Any, i: int) -> dict[str, Any]:
     return {"task_type": "sample", "data": data}  # the reference's task carries max_retries=3 itself
 
 
-def tasks_run(stack: Any, token: str, n: int, clients: int = 8, kill_after: float | None = None, settle: float = 90.0) -> dict[str, Any]:
+def tasks_run(stack: Any, token: str, n: int, clients: int = 16, kill_after: float | None = None, settle: float = 90.0) -> dict[str, Any]:
     """Submit `n` sample tasks over HTTP from `clients` threads and wait until each is done (or `settle` s after the last submit).
 
     With kill_after, one task worker process is killed (SIGKILL) that many seconds after the first
@@ -169,6 +169,10 @@ def tasks_run(stack: Any, token: str, n: int, clients: int = 8, kill_after: floa
     lost = sum(1 for s, _ in outcomes.values() if s in ("failed", "failure"))
     stuck = len(ids) - len(done) - lost
     latency = [(done[i] - submitted[i]) * 1000 for i in done]
+    history = None
+    if hasattr(stack, "history_rows"):
+        time.sleep(0.5)  # the workers' history buffers flush every 0.1 s
+        history = stack.history_rows(ids)
     last = max(done.values()) if done else first
     return {
         "tasks_per_s": len(done) / max(last - first, 1e-9),
@@ -179,6 +183,7 @@ def tasks_run(stack: Any, token: str, n: int, clients: int = 8, kill_after: floa
         "lost": lost,
         "stuck": stuck,
         "refused": refused[0],
+        "history": history,
     }
 
 
@@ -187,7 +192,7 @@ def tasks_run(stack: Any, token: str, n: int, clients: int = 8, kill_after: floa
 
 def footprint(stack: Any) -> dict[str, Any]:
     count, kinds = procs.counts(stack.roots())
-    return {"pss": procs.pss_mib(stack.roots()), "processes": count, "kinds": kinds}
+    return {"pss": procs.pss_mib(stack.roots()), "processes": count, "kinds": kinds, "by_kind": procs.pss_by_kind(stack.roots())}
 
 
 # --- 5. an api worker killed under load ---------------------------------------------------------------
