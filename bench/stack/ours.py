@@ -97,6 +97,12 @@ class ApplianceStack:
         assert self.app is not None and self.app.proc is not None
         return [self.app.proc.pid]
 
+    def names(self) -> dict[int, str]:
+        """pid -> role of every process the supervisor runs (children forked from a template share one command line)."""
+        assert self.app is not None and self.app.proc is not None
+        rows = self.app.status().get("processes", [])
+        return {self.app.proc.pid: "supervisor", **{r["pid"]: r["role"] for r in rows if r.get("pid")}}
+
     def api_worker_pid(self) -> int:
         assert self.app is not None
         return self.app.pids("api")[0]

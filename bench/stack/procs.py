@@ -28,25 +28,25 @@ def pss_mib(roots: list[int]) -> float:
     return total / 1048576
 
 
-def pss_by_kind(roots: list[int]) -> str:
-    """Total PSS per kind of process, largest first, e.g. "3 api 132 MiB, 1 balancer 36 MiB"."""
+def pss_by_kind(roots: list[int], names: dict[int, str] | None = None) -> str:
+    """Total PSS per kind of process, largest first, e.g. "3 api 132 MiB, 1 balancer 36 MiB" (`names`: pid -> kind, when known)."""
     n: Counter[str] = Counter()
     mib: Counter[str] = Counter()
     for p in tree(roots):
         with contextlib.suppress(psutil.Error):
-            kind = _kind(p)
+            kind = (names or {}).get(p.pid) or _kind(p)
             mib[kind] += p.memory_full_info().pss / 1048576
             n[kind] += 1
     return ", ".join(f"{n[k]} {k} {v:.0f} MiB" for k, v in mib.most_common())
 
 
-def counts(roots: list[int]) -> tuple[int, str]:
-    """How many processes run under `roots`, and a short breakdown by kind."""
+def counts(roots: list[int], names: dict[int, str] | None = None) -> tuple[int, str]:
+    """How many processes run under `roots`, and a short breakdown by kind (`names`: pid -> kind, when known)."""
     kinds: Counter[str] = Counter()
     procs = tree(roots)
     for p in procs:
         with contextlib.suppress(psutil.Error):
-            kinds[_kind(p)] += 1
+            kinds[(names or {}).get(p.pid) or _kind(p)] += 1
     return len(procs), ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
 
 

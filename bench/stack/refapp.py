@@ -32,6 +32,7 @@ from bench.stack import reftasks
 SECRET = os.environ.get("REF_JWT_SECRET", "reference-bench-secret")
 PG_DSN = os.environ.get("REF_PG_DSN", "")
 INSTANCE = os.environ.get("REF_INSTANCE", "api1")
+THREADS = int(os.environ.get("REF_THREADS", "8"))
 ACCESS_TTL = dt.timedelta(hours=1)
 REFRESH_TTL = dt.timedelta(days=30)
 
@@ -59,7 +60,7 @@ _redis = redis.Redis.from_url(reftasks.REDIS_URL)
 
 
 def pool() -> psycopg2.pool.ThreadedConnectionPool:
-    """The process's connection pool, made after gunicorn forked: 10 kept, as SQLAlchemy's pool_size 10 in the design.
+    """The process's connection pool, made after gunicorn forked: one kept per thread (SQLAlchemy keeps pool_size).
 
     (psycopg2's pool closes a returned connection beyond minconn, so minconn is the pool size.)
     """
@@ -67,7 +68,7 @@ def pool() -> psycopg2.pool.ThreadedConnectionPool:
     if _pool is None:
         with _pool_lock:
             if _pool is None:
-                _pool = psycopg2.pool.ThreadedConnectionPool(10, 10, PG_DSN)
+                _pool = psycopg2.pool.ThreadedConnectionPool(THREADS, THREADS, PG_DSN)
     return _pool
 
 

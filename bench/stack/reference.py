@@ -103,6 +103,7 @@ class ReferenceStack:
                         "bench.stack.refapp:app",
                     ],
                     REF_INSTANCE=f"api{i + 1}",
+                    REF_THREADS=str(API_THREADS),
                 )  # fmt: skip
             )
         celery = [sys.executable, "-m", "celery", "-A", "bench.stack.reftasks"]

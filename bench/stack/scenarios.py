@@ -161,7 +161,12 @@ def tasks_run(stack: Any, token: str, n: int, clients: int = 16, kill_after: flo
     deadline = time.monotonic() + settle
     outcomes: dict[str, tuple[str, float | None]] = {}
     while time.monotonic() < deadline:
-        outcomes = stack.task_outcomes(ids)
+        try:
+            outcomes = stack.task_outcomes(ids)
+        except Exception as exc:  # the shared database or Redis said no for a moment (connections): ask again
+            print(f"  ({stack.name}: reading task outcomes failed: {type(exc).__name__}: {str(exc)[:200]})", flush=True)
+            time.sleep(1)
+            continue
         if sum(1 for s, _ in outcomes.values() if s in ("succeeded", "failed", "failure")) >= len(ids):
             break
         time.sleep(0.25)
@@ -191,8 +196,9 @@ def tasks_run(stack: Any, token: str, n: int, clients: int = 16, kill_after: flo
 
 
 def footprint(stack: Any) -> dict[str, Any]:
-    count, kinds = procs.counts(stack.roots())
-    return {"pss": procs.pss_mib(stack.roots()), "processes": count, "kinds": kinds, "by_kind": procs.pss_by_kind(stack.roots())}
+    names = stack.names() if hasattr(stack, "names") else None
+    count, kinds = procs.counts(stack.roots(), names)
+    return {"pss": procs.pss_mib(stack.roots()), "processes": count, "kinds": kinds, "by_kind": procs.pss_by_kind(stack.roots(), names)}
 
 
 # --- 5. an api worker killed under load ---------------------------------------------------------------
