@@ -43,9 +43,10 @@ _REASONS = {
 # NUL cannot be stored (PostgreSQL refuses it in text and jsonb), so every string the server keeps is NUL-free
 NUL_FREE = "^[^\\x00]*$"
 JSON_VALUE = "JsonValue"
+JSON_LEVELS = 12  # JsonValue levels spelled out (deeper schemas make generators recurse too far)
 _JSON_REF = {"$ref": _REF.format(name=JSON_VALUE)}
 # a path segment the balancer accepts: no encoded '/', '\\' or NUL, and no dot segment
-_SEGMENT = {"type": "string", "pattern": "^[^/\\\\\\x00]+$", "not": {"enum": [".", ".."]}}
+_SEGMENT = {"type": "string", "pattern": r"^([^./\\\x00][^/\\\x00]*|\.[^./\\\x00][^/\\\x00]*|\.\.[^/\\\x00]+)$"}
 _DOC = (
     "REST API of the appliance; envelopes and codes per API.md. Rules the schemas cannot state are in each operation's "
     "description, with their error code in its responses. Every JSON body: no NUL characters in any string or key the "
@@ -164,19 +165,23 @@ def tighten(schema: Any) -> Any:
 
 
 def _json_values(levels: int) -> dict[str, Any]:
-    """JsonValue: any JSON value without NUL characters, nested at most `levels` deep ([api] json_max_depth), as one
-    component per level (spec tools do not all follow a recursive $ref)."""
+    """JsonValue: any JSON value without NUL characters, one component per level (spec tools do not all follow a
+    recursive $ref); below `levels` any value is allowed here, though the server refuses NUL at any depth."""
     out: dict[str, Any] = {}
     for level in range(levels):
         name = JSON_VALUE if level == 0 else f"{JSON_VALUE}{level}"
-        scalars: list[dict[str, Any]] = [{"type": "string", "pattern": NUL_FREE}, {"type": "number"}, {"type": "boolean"}, {"type": "null"}]
-        if level + 1 < levels:
-            inner = {"$ref": _REF.format(name=f"{JSON_VALUE}{level + 1}")}
-            scalars += [
+        inner: dict[str, Any] = {"$ref": _REF.format(name=f"{JSON_VALUE}{level + 1}")} if level + 1 < levels else {}
+        out[name] = {
+            "description": "any JSON value without NUL characters, nested at most [api] json_max_depth deep",
+            "anyOf": [
+                {"type": "string", "pattern": NUL_FREE},
+                {"type": "number"},
+                {"type": "boolean"},
+                {"type": "null"},
                 {"type": "array", "items": inner},
                 {"type": "object", "propertyNames": {"pattern": NUL_FREE}, "additionalProperties": inner},
-            ]
-        out[name] = {"description": "any JSON value without NUL characters, nested at most [api] json_max_depth deep", "anyOf": scalars}
+            ],
+        }
     return out
 
 
@@ -377,8 +382,7 @@ def build(app: falcon.App, title: str = "Appliance API") -> dict[str, Any]:
     roots |= {_ref_name(schemas[i]) for _, i in ttypes if i is not None}
     for name in _reachable(roots, components):
         components[name] = tighten(components[name])
-    ctx = getattr(app, "ctx", None)
-    components.update(_json_values(ctx.cfg.api.json_max_depth if ctx is not None else 64))
+    components.update(_json_values(JSON_LEVELS))
     error_ref = schemas[0]
     paths: dict[str, dict[str, Any]] = {}
     seen: set[str] = set()

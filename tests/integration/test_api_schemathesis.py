@@ -64,7 +64,7 @@ def test_schemathesis_finds_nothing_through_the_balancer(appliance, tmp_path):
     cli = Path(sys.executable).parent / "schemathesis"
     args = [str(cli), "run", f"{base}/openapi.json", "--checks", "all", "--phases", "examples,coverage,fuzzing,stateful"]
     args += ["--max-examples", "8", "--seed", "17", "--workers", "2", "--max-time", str(BUDGET_SECONDS), "--continue-on-failure"]
-    args += ["--header", f"Authorization: Bearer {token}", "--exclude-path-regex", SESSION_ENDING, "--request-timeout", "20"]
+    args += ["--header", f"Authorization: Bearer {token}", "--exclude-path-regex", SESSION_ENDING, "--request-timeout", "30"]
     args += ["--no-color", "--report", "json", "--report-json-path", str(report)]
     env = {**os.environ, "SCHEMATHESIS_HOOKS": "tests.integration.schemathesis_hooks", "PYTHONPATH": str(ROOT)}
     run = subprocess.run(args, capture_output=True, text=True, timeout=BUDGET_SECONDS + 120, cwd=ROOT, env=env)

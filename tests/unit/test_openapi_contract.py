@@ -107,7 +107,7 @@ def test_path_segments_the_balancer_refuses_are_outside_the_schema(doc):
     (param,) = doc["paths"]["/tasks/status/{task_id}"]["get"]["parameters"]
     pattern = re.compile(param["schema"]["pattern"])
     assert pattern.match("abc") and not pattern.match("a/b") and not pattern.match("a\\b") and not pattern.match("a\x00")
-    assert param["schema"]["not"] == {"enum": [".", ".."]}
+    assert not pattern.match(".") and not pattern.match("..") and pattern.match("...") and pattern.match(".a")
 
 
 def test_every_operation_lists_rate_limits_and_the_upload_form_its_parts(doc):
