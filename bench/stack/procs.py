@@ -28,6 +28,16 @@ def pss_mib(roots: list[int]) -> float:
     return total / 1048576
 
 
+def cpu_seconds(roots: list[int]) -> float:
+    """User + system CPU time of every live process under `roots` (children reaped meanwhile are not in it)."""
+    total = 0.0
+    for p in tree(roots):
+        with contextlib.suppress(psutil.Error):
+            t = p.cpu_times()
+            total += t.user + t.system
+    return total
+
+
 def pss_by_kind(roots: list[int], names: dict[int, str] | None = None) -> str:
     """Total PSS per kind of process, largest first, e.g. "3 api 132 MiB, 1 balancer 36 MiB" (`names`: pid -> kind, when known)."""
     n: Counter[str] = Counter()

@@ -58,10 +58,12 @@ def rate_row(table: Table, label: str, res: dict[str, list[dict]], ours: str, th
 
     def cell(rs: list[dict]) -> str:
         errors = sum(int(r.get("errors", 0)) for r in rs)
-        return (
+        text = (
             f"{_med([r[key] for r in rs]):,.0f} {unit}, p50 {_med([r['p50'] for r in rs]):.1f} / p99 {_med([r['p99'] for r in rs]):.1f} ms"
-            + (f", {errors} errors" if errors else "")
         )
+        if "cpu_ms" in rs[0]:
+            text += f", {_med([r['cpu_ms'] for r in rs]):.2f} ms CPU each"
+        return text + (f", {errors} errors" if errors else "")
 
     table.add(label, cell(a), cell(b), f"{_med(ratios):.2f}x (p99 {_med(p99):.2f}x)")
 
@@ -156,7 +158,8 @@ def _measure(table: Table, stacks: list[Any], tokens: dict[str, str], args: Any,
 def _task_rows(table: Table, res: dict[str, list[dict]], a: str, b: str, n: int) -> None:
     def cell(rs: list[dict]) -> str:
         short = sum(n - r["done"] for r in rs)
-        text = f"{_med([r['tasks_per_s'] for r in rs]):,.0f} tasks/s" + (f", {short} not done" if short else "")
+        text = f"{_med([r['tasks_per_s'] for r in rs]):,.0f} tasks/s, {_med([r['cpu_ms'] for r in rs]):.1f} ms CPU each"
+        text += f", {short} not done" if short else ""
         if rs and rs[0].get("history") is not None:
             text += f", {sum(r['history'] for r in rs):,} of {3 * n * len(rs):,} history rows durable"
         return text
@@ -217,6 +220,8 @@ NOTES = [
     "psycopg2 user lookup, bcrypt 12 login) -> Celery prefork worker (2 processes) + beat on Redis, results kept in Redis.",
     "Appliance: `appliance run` with 3 api workers (8 threads), 2 task workers (concurrency 4), scheduler, monitor; rate-limit zones that "
     "never reject; every task is a durable row with its history in the database; reference tasks keep only a Redis result.",
+    "CPU each = user + system time of every process of the stack during the run / requests (or tasks) done: "
+    "what one costs the machine, steadier than rates on a shared machine (the load generator is not counted).",
     "Tasks: submit-to-done = the task's recorded finish time - the client's submit time; kill -9 victims: one gunicorn worker "
     "(its master starts another) / one appliance api worker; one Celery prefork child / one appliance task worker; "
     "tasks are submitted with max_retries 3 on both. PSS counts every process of a stack (PostgreSQL and Redis are shared, not counted).",

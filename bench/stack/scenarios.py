@@ -70,7 +70,10 @@ def get_load(stack: Any, path: str, conns: int, seconds: int, token: str | None)
     """wrk on `path`: req/s, p50, p99 (ms), errors (non-2xx and socket errors); 1 s of warm-up first."""
     url = f"http://127.0.0.1:{stack.port}{path}"
     wrk(url, conns, 1, token)
-    return wrk(url, conns, seconds, token)
+    cpu = procs.cpu_seconds(stack.roots())
+    r = wrk(url, conns, seconds, token)
+    r["cpu_ms"] = (procs.cpu_seconds(stack.roots()) - cpu) * 1000 / max(r["rps"] * seconds, 1)  # per request, whole stack
+    return r
 
 
 # --- 2. logins --------------------------------------------------------------------------------------
@@ -148,6 +151,7 @@ def tasks_run(stack: Any, token: str, n: int, clients: int = 16, kill_after: flo
     if kill_after is not None:
         victim = stack.task_worker_pid()
         killer = threading.Timer(kill_after, lambda: os.kill(victim, signal.SIGKILL))
+    cpu = procs.cpu_seconds(stack.roots())
     first = time.time()
     threads = [threading.Thread(target=run) for _ in range(clients)]
     for t in threads:
@@ -170,6 +174,7 @@ def tasks_run(stack: Any, token: str, n: int, clients: int = 16, kill_after: flo
         if sum(1 for s, _ in outcomes.values() if s in ("succeeded", "failed", "failure")) >= len(ids):
             break
         time.sleep(0.25)
+    cpu = procs.cpu_seconds(stack.roots()) - cpu
     done = {i: f for i, (s, f) in outcomes.items() if s == "succeeded" and f is not None}
     lost = sum(1 for s, _ in outcomes.values() if s in ("failed", "failure"))
     stuck = len(ids) - len(done) - lost
@@ -189,6 +194,7 @@ def tasks_run(stack: Any, token: str, n: int, clients: int = 16, kill_after: flo
         "stuck": stuck,
         "refused": refused[0],
         "history": history,
+        "cpu_ms": cpu * 1000 / max(len(done), 1),  # per task, whole stack, submit to done
     }
 
 
