@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 DATA ?= appliance-data
 PYTEST_ARGS ?=
 
-.PHONY: install run test lint format docs bench clean binary test-e2e
+.PHONY: install run test lint format docs bench clean binary test-e2e test-systemd
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -50,6 +50,11 @@ test-e2e: $(STAMP)
 	@test -x dist/appliance || $(MAKE) binary
 	$(BIN)/pytest tests/e2e $(PYTEST_ARGS)
 	$(BIN)/python packaging/bare-host-smoke.py dist/appliance
+
+# The binary as a Type=notify service under a booted systemd (systemd-nspawn; packaging/systemd-smoke.py, root).
+test-systemd: $(STAMP)
+	@test -x dist/appliance || $(MAKE) binary
+	$(BIN)/python packaging/systemd-smoke.py dist/appliance
 
 # The appliance against the whole reference stack, one table into bench/results/latest.md (bench/stack/).
 # wrk and nginx come from Debian at bench time only; the install starts a system nginx on port 80, stopped

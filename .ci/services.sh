@@ -15,6 +15,10 @@ command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
 command -v chromedriver >/dev/null 2>&1 || need_apt+=(chromium-driver)
 command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
+# make test-e2e / test-systemd: the Debian roots (debootstrap, zstd) and booting one (systemd-container's nspawn).
+command -v debootstrap >/dev/null 2>&1 || need_apt+=(debootstrap)
+command -v zstd >/dev/null 2>&1 || need_apt+=(zstd)
+command -v systemd-nspawn >/dev/null 2>&1 || need_apt+=(systemd-container)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "installing: ${need_apt[*]}"
   apt-get update -qq

@@ -15,7 +15,6 @@ the user and the task again. Prints one line per step; exits non-zero naming the
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -30,10 +29,11 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import rootfs
+
 ROOT = Path(__file__).resolve().parent.parent
-CACHE = Path(os.environ.get("APPLIANCE_CI_CACHE") or "/var/cache/appliance-ci")
-ROOTFS = CACHE / "bookworm-minbase.tar.gz"
-SUITE = "bookworm"
+ROOTFS = rootfs.CACHE / "bookworm-minbase.tar.gz"
 INSIDE = "/usr/local/bin/appliance"
 
 
@@ -46,41 +46,13 @@ def fail(message: str) -> None:
     raise SystemExit(1)
 
 
-def apt_mirror() -> str | None:
-    """The Debian mirror this host's apt uses (so the script names none of its own)."""
-    sources = [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*"))]
-    for path in sources:
-        with contextlib.suppress(OSError):
-            for line in path.read_text().splitlines():
-                match = re.match(r"^(?:URIs:\s*|deb\s+(?:\[[^]]*\]\s+)?)(\S+/debian)/?(\s|$)", line.strip())
-                if match:
-                    return match.group(1)
-    return None
-
-
 def ensure_rootfs() -> Path:
-    """The cached root file system tarball, made with debootstrap when it is missing."""
-    if ROOTFS.is_file():
-        return ROOTFS
-    if not shutil.which("debootstrap"):
-        step("installing debootstrap")
-        subprocess.run(["apt-get", "install", "-y", "-qq", "debootstrap"], check=False, stdout=subprocess.DEVNULL)
-        if not shutil.which("debootstrap"):
-            subprocess.run(["apt-get", "update", "-qq"], check=False, stdout=subprocess.DEVNULL)
-            subprocess.run(["apt-get", "install", "-y", "-qq", "debootstrap"], check=True, stdout=subprocess.DEVNULL)
-    CACHE.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
-        target = Path(tmp) / "root"
-        mirror = apt_mirror()
-        step(f"debootstrap --variant=minbase {SUITE} (once; cached in {ROOTFS})")
-        cmd = ["debootstrap", "--variant=minbase", SUITE, str(target), *([mirror] if mirror else [])]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        if result.returncode != 0:
-            fail(f"debootstrap failed: {result.stderr[-2000:] or result.stdout[-2000:]}")
-        partial = ROOTFS.with_suffix(".partial")
-        subprocess.run(["tar", "-C", str(target), "-czf", str(partial), "."], check=True)
-        partial.rename(ROOTFS)
-    return ROOTFS
+    """The cached root file system tarball, made with debootstrap when it is missing (packaging/rootfs.py)."""
+    try:
+        return rootfs.ensure_rootfs(ROOTFS, step=step)
+    except rootfs.RootfsError as exc:
+        fail(str(exc))
+        raise
 
 
 class Host:
@@ -89,7 +61,7 @@ class Host:
     def __init__(self, binary: Path, work: Path):
         self.root = work / "root"
         self.root.mkdir()
-        subprocess.run(["tar", "-C", str(self.root), "-xzf", str(ensure_rootfs())], check=True)
+        rootfs.unpack(ensure_rootfs(), self.root)
         pythons = [p.name for p in (self.root / "usr" / "bin").glob("python*")]
         if pythons:
             fail(f"the root file system has {pythons}: it is not a host without Python")

@@ -60,11 +60,15 @@ def render(cfg: Any, *, user: str = "appliance", executable: str | None = None, 
         f"Group={user}",
         f"WorkingDirectory={data_dir}",
         f"ExecStart={exec_start(config, executable)}",
-        "ExecReload=/bin/kill -HUP $MAINPID",
+        # The shell's own kill: a minimal root (Debian minbase) has no /bin/kill; $$ is a literal $ for systemd.
+        "ExecReload=/bin/sh -c 'kill -HUP $$MAINPID'",
         "KillMode=mixed",
         "KillSignal=SIGTERM",
         f"TimeoutStartSec={int(sup.startup_timeout) + 30}",
         f"TimeoutStopSec={int(sup.grace_period) + 15}",
+        # After the watchdog's SIGABRT (forwarded by the bootloader; a frozen supervisor cannot act on it) there is
+        # nothing to drain: SIGKILL the whole service after 10 s, not after the stop timeout.
+        "TimeoutAbortSec=10",
         "Restart=on-failure",
         "RestartSec=2",
         f"WatchdogSec={max(10, int(sup.heartbeat_timeout))}",

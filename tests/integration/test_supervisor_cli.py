@@ -36,7 +36,7 @@ def test_systemd_unit_prints_a_hardened_unit(tmp_path):
     cfg = write_config(tmp_path / "data")
     result = run("systemd-unit", "--config", str(cfg), "--user", "appliance")
     assert result.returncode == 0, result.stderr
-    for line in ("Type=notify", "ExecReload=/bin/kill -HUP $MAINPID", "ProtectSystem=strict", "NoNewPrivileges=yes"):
+    for line in ("Type=notify", "ExecReload=/bin/sh -c 'kill -HUP $$MAINPID'", "ProtectSystem=strict", "NoNewPrivileges=yes"):
         assert line in result.stdout.splitlines()
     assert f"ReadWritePaths={(tmp_path / 'data').resolve()}" in result.stdout
 

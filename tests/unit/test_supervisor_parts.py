@@ -141,7 +141,7 @@ def test_unit_is_hardened(make_config):
     unit = render(cfg, user="svc", executable="/usr/bin/appliance")
     for line in (
         "Type=notify",
-        "ExecReload=/bin/kill -HUP $MAINPID",
+        "ExecReload=/bin/sh -c 'kill -HUP $$MAINPID'",
         "Restart=on-failure",
         "User=svc",
         "NoNewPrivileges=yes",
