@@ -129,7 +129,7 @@ def _prepare(cfg: Any, caller: Caller, req: SubmitRequest, where: str = "") -> d
         "priority": req.priority,
         "input": req.data,
         "max_retries": retry.max_retries,
-        "retry_delay": retry.retry_delay,
+        "retry_delay": round(retry.retry_delay, 3),  # milliseconds: a float PostgreSQL's real column can hold
         "exponential_backoff": retry.exponential_backoff,
         "callbacks": cbs,
         "eta": eta,

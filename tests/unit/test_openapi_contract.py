@@ -207,3 +207,10 @@ def test_the_security_answers_are_in_the_document(doc):
     upload = paths["/api/data-processing"]["post"]["responses"]
     assert "quota_exceeded" in upload["413"]["description"] and "quota_exceeded" in upload["429"]["description"]
     assert "json_too_deep" in paths["/tasks/batch"]["post"]["responses"]["400"]["description"]
+
+
+def test_a_tiny_retry_delay_is_stored_on_both_engines(client):
+    token = user_token(client, "tinydelay")
+    body = {"task_type": "sample", "retry_config": {"max_retries": 1, "retry_delay": 4.5244170683254284e-147}}
+    r = client.simulate_post("/tasks/submit", json=body, headers=bearer(token))
+    assert r.status_code == 200, r.text  # PostgreSQL's real column refused the value: a 500
