@@ -7,10 +7,13 @@ design's own health check (`sample` echoes its data) runs on a real worker proce
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
+from typing import Any
 
 from appliance import queue as queue_mod
 from appliance.db.models import NodeHeartbeat, Schedule, ScheduleRun, Task
@@ -19,6 +22,24 @@ from appliance.times import utcnow
 from tests.integration import test_tasks_support as support
 
 tenv = support.tenv  # the fixture
+
+
+@contextlib.contextmanager
+def statements(handle: Any) -> Iterator[list[list[str]]]:
+    """The first three words of every statement this thread runs meanwhile; an instrument: each still runs for real."""
+    seen: list[list[str]] = []
+    real = type(handle).execute_sql
+
+    def counting(sql, params=None, *args, **kw):
+        if threading.current_thread() is threading.main_thread():
+            seen.append(sql.split(None, 3)[:3])
+        return real(handle, sql, params, *args, **kw)
+
+    handle.execute_sql = counting
+    try:
+        yield seen
+    finally:
+        del handle.execute_sql
 
 
 def run_next(env) -> str | None:
@@ -193,21 +214,9 @@ def test_submit_is_one_statement_and_one_queue_push(tenv):
     """The hot path: one INSERT of the task row on the caller's connection, one message; history comes batched."""
     service.submit(tenv.cfg, service.SYSTEM, {"task_type": "sample"})  # warm (connection, registry, queue)
     records.flush()
-    seen: list[str] = []
-    handle = tenv.handle
-    real = type(handle).execute_sql
-
-    def counting(sql, params=None, *args, **kw):  # an instrument: every statement still runs for real
-        if threading.current_thread() is threading.main_thread():
-            seen.append(sql.split(None, 3)[:3])
-        return real(handle, sql, params, *args, **kw)
-
     before = queue_mod.depth(tenv.cfg)["pending"]
-    handle.execute_sql = counting
-    try:
+    with statements(tenv.handle) as seen:
         ids = [service.submit(tenv.cfg, service.SYSTEM, {"task_type": "sample", "data": {"n": i}})["task_id"] for i in range(5)]
-    finally:
-        del handle.execute_sql
     assert seen == [["INSERT", "INTO", '"task"']] * 5
     assert queue_mod.depth(tenv.cfg)["pending"] == before + 5
     records.flush()
@@ -286,20 +295,8 @@ def test_a_sample_task_is_three_statements_in_the_worker(tenv):
     tenv.submit("sample")
     run_next(tenv)  # warm (connection, registry, queue)
     tid = tenv.submit("sample", {"message": "hi"})
-    seen: list[list[str]] = []
-    handle = tenv.handle
-    real = type(handle).execute_sql
-
-    def counting(sql, params=None, *args, **kw):  # an instrument: every statement still runs for real
-        if threading.current_thread() is threading.main_thread():
-            seen.append(sql.split(None, 3)[:3])
-        return real(handle, sql, params, *args, **kw)
-
-    handle.execute_sql = counting
-    try:
+    with statements(tenv.handle) as seen:
         assert run_next(tenv) == tid
-    finally:
-        del handle.execute_sql
     # then run_next's flush: the history and log lines of the task, one multi-row INSERT each
     assert seen == [["UPDATE", '"task"', "SET"]] * 3 + [["INSERT", "INTO", '"task_history"'], ["INSERT", "INTO", '"task_log"']]
     t = tenv.task(tid)
