@@ -101,6 +101,7 @@ def login_load(stack: Any, conns: int, seconds: float) -> dict[str, float]:
                     errors[0] += 1
         client.close()
 
+    cpu = procs.cpu_seconds(stack.roots())
     started = time.monotonic()
     threads = [threading.Thread(target=run) for _ in range(conns)]
     for t in threads:
@@ -108,9 +109,10 @@ def login_load(stack: Any, conns: int, seconds: float) -> dict[str, float]:
     for t in threads:
         t.join()
     elapsed = time.monotonic() - started
+    cpu_ms = (procs.cpu_seconds(stack.roots()) - cpu) * 1000 / max(len(latencies), 1)
     if not latencies:
-        return {"rps": 0.0, "p50": float("nan"), "p99": float("nan"), "errors": errors[0]}
-    return {"rps": len(latencies) / elapsed, "p50": pct(latencies, 50), "p99": pct(latencies, 99), "errors": errors[0]}
+        return {"rps": 0.0, "p50": float("nan"), "p99": float("nan"), "errors": errors[0], "cpu_ms": cpu_ms}
+    return {"rps": len(latencies) / elapsed, "p50": pct(latencies, 50), "p99": pct(latencies, 99), "errors": errors[0], "cpu_ms": cpu_ms}
 
 
 # --- 3. tasks ---------------------------------------------------------------------------------------
