@@ -43,7 +43,7 @@ _REASONS = {
 # NUL cannot be stored (PostgreSQL refuses it in text and jsonb), so every string the server keeps is NUL-free
 NUL_FREE = "^[^\\x00]*$"
 JSON_VALUE = "JsonValue"
-JSON_LEVELS = 4  # JsonValue levels spelled out (deeper schemas make generators recurse too far)
+JSON_LEVELS = 12  # JsonValue levels spelled out (deeper schemas make generators recurse too far)
 _JSON_REF = {"$ref": _REF.format(name=JSON_VALUE)}
 # a path segment the balancer accepts: no encoded '/', '\\' or NUL, and no dot segment
 _SEGMENT = {"type": "string", "pattern": r"^([^./\\\x00][^/\\\x00]*|\.[^./\\\x00][^/\\\x00]*|\.\.[^/\\\x00]+)$"}
