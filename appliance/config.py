@@ -276,6 +276,9 @@ class SupervisorSettings(Section):
     heartbeat_timeout: Annotated[float, _h("a child silent this long is killed and restarted", gt=0, le=3600)] = 30.0
     max_restarts: Annotated[int, _h("restarts within restart_window that mark a child failed", ge=1, le=1000)] = 5
     restart_window: Annotated[float, _h("seconds of the crash-loop window", gt=0, le=86400)] = 60.0
+    template: Annotated[
+        bool, _h("fork children from one preloaded template process (shared memory, fast restarts); false: exec each child")
+    ] = True
 
 
 class LoggingSettings(Section):

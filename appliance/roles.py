@@ -25,6 +25,13 @@ ROLES: dict[str, str] = {
     "monitor": "appliance.monitor.server:serve",
 }
 
+# The template (appliance/template.py) imports, once, every module of this package (roles import
+# much of it lazily while they set up: create_app alone imports some twenty) and these libraries
+# the roles import lazily, so every child forked from it shares those pages. Importing opens nothing.
+PRELOAD_LIBRARIES = ("uvloop", "waitress", "waitress.server", "pyotp", "psutil")
+# prometheus_client picks its value class when imported: only import it where the multiprocess dir is set.
+METRICS_MODULES = ("prometheus_client", "prometheus_client.multiprocess")
+
 CONFIG_ENV = "APPLIANCE_CONFIG_JSON"
 EXIT_BOOT_FAILURE = 3  # a child that cannot boot exits with this; the supervisor does not retry forever
 
@@ -48,6 +55,20 @@ def resolve(role: str) -> Any:
         raise SystemExit(f"appliance: unknown role {role!r}; known roles: {', '.join(ROLES)}")
     module, _, func = target.partition(":")
     return getattr(importlib.import_module(module), func)
+
+
+def preload_modules() -> list[str]:
+    """Every module the template imports: each role's own, every module of this package, then libraries."""
+    import pkgutil
+
+    import appliance
+
+    names = [target.partition(":")[0] for target in ROLES.values()]
+    names += [m.name for m in pkgutil.walk_packages(appliance.__path__, "appliance.") if not m.name.endswith("__main__")]
+    names += PRELOAD_LIBRARIES
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        names += METRICS_MODULES
+    return names
 
 
 def available(role: str) -> bool:

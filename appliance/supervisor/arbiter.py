@@ -44,6 +44,7 @@ from appliance.supervisor.kinds import Kind
 from appliance.supervisor.notify import Notifier
 from appliance.supervisor.policy import RestartPolicy, RestartTracker
 from appliance.supervisor.relay import Relay
+from appliance.supervisor.template import Template, reap_orphans
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,15 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
 # systemd's variables are for the supervisor alone; children must not notify or think they were socket-activated.
 PRIVATE_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", LISTEN_FDS_ENV)
 Phase = Generator[None, None, None]
+ORPHAN_SWEEP = 1.0  # seconds between looks for exited orphans (a subreaper inherits them)
+
+
+def child_env() -> dict[str, str]:
+    """The environment every child starts from: ours without systemd's private variables."""
+    env = {k: v for k, v in os.environ.items() if k not in PRIVATE_ENV}
+    env["PYTHONUNBUFFERED"] = "1"
+    env[PARENT_ENV] = str(os.getpid())
+    return env
 
 
 @dataclass
@@ -93,6 +103,7 @@ class Arbiter:
         settings_for: Callable[[Any], Settings] | None = None,
         on_dead: Callable[[int], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        template: Template | None = None,
     ):
         self.cfg = cfg
         self.kinds_for = kinds_for
@@ -115,9 +126,9 @@ class Arbiter:
         self.exit_code: int | None = None
         self.started_wall = time.time()
         self.snapshot: dict[str, Any] = {}
-        self.base_env = {k: v for k, v in os.environ.items() if k not in PRIVATE_ENV}
-        self.base_env["PYTHONUNBUFFERED"] = "1"
-        self.base_env[PARENT_ENV] = str(os.getpid())
+        self.base_env = child_env()
+        self.template = template  # forks children that share its imported code; None: every child is exec'd
+        self._next_sweep = 0.0
         self._wake_r = self._wake_w = -1
         self._spawned = 0
         self._status_line = ""
@@ -137,6 +148,7 @@ class Arbiter:
                 self._dispatch_signals()
                 now = self.clock()
                 self._reap(now)
+                self._tend_template(now)
                 self._respawn(now)
                 self._probe(now)
                 self._check_hung()
@@ -148,6 +160,8 @@ class Arbiter:
                     self._sleep(self.settings.tick)
         finally:
             self._kill_everything()
+            if self.template is not None:
+                self.template.stop()
             self._restore_signals()
             self.close_listeners()
             self._publish()
@@ -253,9 +267,12 @@ class Arbiter:
         if child.kind.listeners and self.listeners:
             fds = tuple(s.fileno() for s in self.listeners)
             env[LISTEN_FDS_ENV] = ",".join(str(fd) for fd in fds)
+        command = child.kind.command(child.index)
+        proc: Any = self.template.launch(command, env, fds) if self.template is not None else None
+        child.via = "template" if proc is not None else "exec"
         try:
-            proc = subprocess.Popen(
-                child.kind.command(child.index),
+            proc = proc or subprocess.Popen(
+                command,
                 env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
@@ -273,7 +290,13 @@ class Arbiter:
         child.started_at, child.started_wall, child.last_probe = now, time.time(), 0.0
         assert proc.stdout is not None
         child.relay = Relay(proc.stdout, child.kind.role, proc.pid, self.settings.log_format)
-        log.info("started %s (pid %d)", child.name, proc.pid, extra=fields(child_role=child.kind.role, child_pid=proc.pid))
+        log.info(
+            "started %s (pid %d, %s)",
+            child.name,
+            proc.pid,
+            "forked from the template" if child.via == "template" else "exec",
+            extra=fields(child_role=child.kind.role, child_pid=proc.pid, child_via=child.via),
+        )
 
     def terminate(self, child: Child, sig: int = signal.SIGTERM) -> None:
         if child.proc is None:
@@ -342,6 +365,19 @@ class Arbiter:
             indent(tail),
             extra=fields(child_role=child.kind.role, restart_delay=decision.delay),
         )
+
+    def _tend_template(self, now: float) -> None:
+        """Restart the template when it died; reap orphans a child left to us (we are their subreaper)."""
+        if self.template is None:
+            return
+        if not self.stopping:
+            self.template.tick(now)
+        if now >= self._next_sweep:
+            self._next_sweep = now + ORPHAN_SWEEP
+            known = {c.proc.pid for c in self.children if c.proc is not None}
+            if self.template.pid:
+                known.add(self.template.pid)
+            reap_orphans(known)
 
     def _respawn(self, now: float) -> None:
         if self.stopping:
@@ -471,6 +507,7 @@ class Arbiter:
                 "started": c.started_wall if c.proc is not None else None,
                 "address": c.kind.address(c.index),
                 "exit_status": c.exit_status,
+                "via": c.via,
             }
             for c in self.children
         ]
@@ -483,6 +520,8 @@ class Arbiter:
             if summary != self._status_line:
                 self._status_line = summary
                 self.notifier.status(summary)
+        if self.template is not None:  # shown, but not part of health: without it children are exec'd
+            rows.append(self.template.row())
         self.snapshot = {
             "pid": os.getpid(),
             "phase": self.phase_name,

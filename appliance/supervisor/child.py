@@ -9,7 +9,6 @@ arbiter's loop is the only writer; the control thread reads its snapshot.
 from __future__ import annotations
 
 import signal
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ class Child:
     index: int
     cfg: Any
     tracker: RestartTracker
-    proc: subprocess.Popen[bytes] | None = None
+    proc: Any = None  # a subprocess.Popen, or a ForkedProcess (template.py) with the same poll/kill/wait/pid/stdout
     relay: Relay | None = None
     state: str = "new"  # starting, up, draining, stopping, backoff, failed, stopped
     pid: int | None = None
@@ -41,6 +40,7 @@ class Child:
     boot_failure: bool = False
     exit_status: int | None = None
     heartbeat: Path | None = None  # this process's own file: an old and a new process may share an index
+    via: str = ""  # how the process was started: "template" (forked from it) or "exec"
 
     @property
     def name(self) -> str:

@@ -24,6 +24,10 @@ def register(sub: Any, add_config: Callable[[argparse.ArgumentParser], None]) ->
     p.add_argument("--exec", dest="executable", metavar="PATH", help="the appliance executable (default: this one)")
     p.set_defaults(func=cmd_systemd_unit)
 
+    from appliance import template
+
+    template.register(sub)
+
 
 def _config(args: argparse.Namespace) -> Any:
     from appliance.config import ConfigError, load_config

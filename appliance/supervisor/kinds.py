@@ -50,6 +50,12 @@ def child_command(role: str, index: int, log_format: str) -> list[str]:
     return [*base, "_child", role, "--index", str(index), "--log-format", log_format]
 
 
+def template_command(fd: int, log_format: str) -> list[str]:
+    """The template process (appliance/template.py), from the same executable; fd is its end of the socketpair."""
+    base = [sys.executable] if getattr(sys, "frozen", False) else [sys.executable, "-m", "appliance"]
+    return [*base, "_template", "--fd", str(fd), "--log-format", log_format]
+
+
 def appliance_kinds(cfg: Any, log_format: str, available: Callable[[str], bool] = roles.available) -> list[Kind]:
     """The table for a real appliance from its config; roles not in this build are left out with a log line."""
 

@@ -2,6 +2,9 @@
 
 1. Read and validate the config (a bad one exits 2 naming every bad key; nothing has started).
 2. Take the data dir's lock (one appliance per data dir; a second one exits naming the pid).
+   Before that, with no thread, socket or database open yet: import every role's code and
+   fork the template process children are forked from (appliance/template.py), the
+   supervisor being their child subreaper, so all share those pages.
 3. Apply pending migrations (so children never race to create tables).
 4. Empty and prepare the shared metrics directory, before any child starts.
 5. Open the public listening socket(s): the supervisor holds them for its
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import socket
 import sys
 from pathlib import Path
@@ -22,12 +26,14 @@ from typing import Any
 
 from appliance import heartbeat, metrics, onefile
 from appliance.logs import setup_logging
-from appliance.supervisor.arbiter import Arbiter, Settings
+from appliance.supervisor.arbiter import Arbiter, Settings, child_env
 from appliance.supervisor.channel import Channel
 from appliance.supervisor.control import ControlServer, socket_path
-from appliance.supervisor.kinds import appliance_kinds
+from appliance.supervisor.kinds import appliance_kinds, template_command
 from appliance.supervisor.lock import AlreadyRunning, DataDirLock
 from appliance.supervisor.notify import Notifier
+from appliance.supervisor.policy import RestartPolicy
+from appliance.supervisor.template import Template, subreaper
 
 log = logging.getLogger("appliance.supervisor")
 
@@ -129,6 +135,17 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     fmt = getattr(args, "log_format", None) or cfg.logging.format
     setup_logging("supervisor", fmt, cfg.logging.level)
+    template, code = start_template(cfg, fmt)
+    if code is not None:
+        return code  # this is the template, or a child it forked, on its way out
+    try:
+        return _run_supervisor(cfg, fmt, template)
+    finally:
+        if template is not None:
+            template.stop()
+
+
+def _run_supervisor(cfg: Any, fmt: str, template: Template | None) -> int:
     onefile.detach_group()  # one-file binary: a signal to the whole group reaches us once, through the bootloader
     lock = DataDirLock(run_dir(cfg) / "appliance.lock")
     try:
@@ -138,12 +155,41 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_FAIL
     try:
         onefile.sweep_stale(run_dir(cfg))  # the unpacked dir of a one-file start that was SIGKILLed
-        return _run_locked(cfg, cfg.source, fmt)
+        return _run_locked(cfg, cfg.source, fmt, template)
     finally:
         lock.release()
 
 
-def _run_locked(cfg: Any, source: str, fmt: str) -> int:
+def start_template(cfg: Any, fmt: str) -> tuple[Template | None, int | None]:
+    """The template (zygote) children are forked from: (template, None) here, (None, exit status) in the fork.
+
+    This process imports every role's code first, then forks the template before it has a
+    thread, a socket or a database connection, so the template and every child share those
+    pages with the supervisor too. None when `[supervisor] template = false` or when we cannot
+    be the children's subreaper (a child the template forks must become ours); then every child
+    is started with exec.
+    """
+    if not cfg.supervisor.template:
+        return None, None
+    if not subreaper():
+        log.warning("cannot become a child subreaper (prctl): children are started with exec, without the template")
+        return None, None
+    import gc
+
+    from appliance import template as preloader
+
+    os.environ[metrics.ENV] = str(metrics.metrics_dir(cfg))  # prepared (emptied) before any child starts
+    _, failed = preloader.preload()
+    for line in failed:
+        log.warning("cannot preload %s", line)
+    gc.collect()
+    gc.freeze()
+    template = Template(lambda fd: template_command(fd, fmt), child_env(), fmt, RestartPolicy.from_config(cfg))
+    code = template.fork_first()
+    return (None, code) if code is not None else (template, None)
+
+
+def _run_locked(cfg: Any, source: str, fmt: str, template: Template | None) -> int:
     from appliance import db
 
     try:
@@ -168,6 +214,7 @@ def _run_locked(cfg: Any, source: str, fmt: str) -> int:
         reload_config=lambda: load(source),
         settings_for=lambda c: Settings.from_config(c, rdir, fmt, url),
         on_dead=metrics.mark_dead,
+        template=template,
     )
     beat = heartbeat.Heartbeat(cfg, "supervisor", 0, env={})  # its own row in /health/nodes (no file, no parent check)
     beat.start()

@@ -1,6 +1,6 @@
 """The arbiter's startup and stop phases (generators stepped once per loop tick, like rollout.py).
 
-Startup: start every child of the table, wait until all are ready (bounded by
+Startup: wait (bounded) for the template to be ready, start every child of the table, wait until all are ready (bounded by
 startup_timeout); a boot failure (exit 3) or a crash loop fails it at once.
 On failure everything is stopped and `appliance run` exits 1, logging the
 failing child's last lines; on success one line with the URL and READY=1.
@@ -30,12 +30,18 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Phase = Generator[None, None, None]
+TEMPLATE_WAIT = 20.0  # seconds startup waits for the template before starting children with exec
 
 
 def startup(arb: Arbiter) -> Phase:
     arb.phase_name = "starting"
     arb.notifier.status("starting")
     deadline = arb.clock() + arb.settings.startup_timeout
+    if arb.template is not None:  # children forked from it share its imports; it was started before the migrations
+        while not arb.template.settled() and arb.clock() < min(deadline, arb.template.started_at + TEMPLATE_WAIT):
+            yield
+        if not arb.template.settled():
+            log.warning("the template is not ready after %.0fs; children are started with exec until it is", TEMPLATE_WAIT)
     for kind in arb.kinds:
         for slot in range(kind.count):
             arb.spawn(arb.add_child(kind, slot, slot))
@@ -52,11 +58,29 @@ def startup(arb: Arbiter) -> Phase:
             yield from fail_startup(arb, pending[0], f"{pending[0].name} was not ready within {arb.settings.startup_timeout:.0f}s")
             return
         yield
+    yield from routed(arb)
     arb.phase_name = "running"
     counts = ", ".join(f"{k.count} {k.role}" for k in arb.kinds)
     log.info("appliance is up on %s (%s)", arb.settings.url, counts, extra=fields(url=arb.settings.url))
     arb._status_line = f"serving on {arb.settings.url}"
     arb.notifier.ready(arb._status_line)
+
+
+def routed(arb: Arbiter, timeout: float = 5.0) -> Phase:
+    """Wait (bounded) until the balancer applied the upstreams as they are now: READY means requests reach them.
+
+    Children forked from the template are up in a fraction of a second, the balancer often
+    before the api workers, so it learns of them through the channel just before READY.
+    """
+    version = arb.channel.version
+    if not version or not arb.balancer_serving():
+        return
+    until = arb.clock() + timeout
+    while arb.clock() < until:
+        state = arb.channel.read_state()
+        if state is not None and state.version >= version:
+            return
+        yield
 
 
 def fail_startup(arb: Arbiter, child: Child, why: str) -> Phase:

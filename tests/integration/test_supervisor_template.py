@@ -1,0 +1,138 @@
+"""The template process (appliance/template.py) under a real `appliance run`: children forked from it serve,
+they are the supervisor's own children, kill -9 of the template under a stream of GETs loses no request and
+it comes back (children forked from the new one serve), a child's crash leaves it alone, a SIGHUP's new config
+reaches the children it forks, a broken operator file fails only its role naming the file, and
+`[supervisor] template = false` starts every child with exec as before."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import write_config
+from tests.integration.supervised import Appliance, Stream, http_json, wait_until
+
+
+@pytest.fixture(scope="module")
+def appliance(tmp_path_factory):
+    app = Appliance(tmp_path_factory.mktemp("template"), api_workers=2, task_workers=1, monitor=True)
+    app.start()
+    yield app
+    assert app.stop() == 0
+
+
+def template_row(app: Appliance) -> dict:
+    return next(r for r in app.status()["processes"] if r["role"] == "template")
+
+
+def ppid(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
+
+
+def cmdline(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")[:-1]
+
+
+def test_every_child_is_forked_from_the_template_and_is_the_supervisors_child(appliance):
+    status = appliance.status()
+    rows = [r for r in status["processes"] if r["role"] != "template"]
+    assert {r["role"] for r in rows} == {"api", "worker", "scheduler", "monitor", "balancer"}
+    assert all(r["via"] == "template" and r["state"] == "up" for r in rows), rows
+    template = template_row(appliance)
+    assert template["state"] == "up" and template["pid"]
+    for r in rows:
+        # Forked, never exec'd: the command line is the supervisor's; re-parented to it (it is their subreaper).
+        assert cmdline(r["pid"]) == cmdline(appliance.proc.pid)
+        assert ppid(r["pid"]) == appliance.proc.pid
+    assert http_json(appliance.port, "GET", "/health/ping")[0] == 200
+    result = appliance.cli("status")
+    assert result.returncode == 0 and "\ntemplate " in result.stdout, result.stdout
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_template_under_gets_loses_no_request(appliance):
+    old = template_row(appliance)["pid"]
+    children = {r["pid"] for r in appliance.status()["processes"] if r["role"] != "template" and r["pid"]}
+    with Stream(appliance.port, threads=3) as stream:
+        time.sleep(0.3)
+        os.kill(old, signal.SIGKILL)
+        back = wait_until(lambda: (row := template_row(appliance))["state"] == "up" and row["pid"] not in (None, old), 30)
+        assert back, template_row(appliance)
+        time.sleep(0.5)
+        # The children never noticed: not one was restarted.
+        assert {r["pid"] for r in appliance.status()["processes"] if r["role"] != "template" and r["pid"]} == children
+        # A child that dies now is forked from the new template, and serves.
+        slot, pid = next(iter(appliance.pids("api").items()))
+        os.kill(pid, signal.SIGKILL)
+        assert wait_until(lambda: appliance.pids("api").get(slot) not in (None, pid), 15)
+        time.sleep(0.5)
+    assert stream.failures == [], stream.failures
+    assert stream.ok > 20 and stream.refused == 0
+    line = appliance.wait_for(f"the template (pid {old}) was killed by SIGKILL")
+    assert "children keep serving" in line
+    new_api = next(r for r in appliance.status()["processes"] if r["role"] == "api" and r["slot"] == slot)
+    assert new_api["via"] == "template" and "_template" in cmdline(new_api["pid"])  # the new template is exec'd
+    assert ppid(new_api["pid"]) == appliance.proc.pid
+
+
+@pytest.mark.slow
+def test_a_childs_crash_leaves_the_template_alone(appliance):
+    template = template_row(appliance)
+    slot, pid = next(iter(appliance.pids("worker").items()))
+    os.kill(pid, signal.SIGKILL)
+    assert wait_until(lambda: appliance.pids("worker").get(slot) not in (None, pid), 15)
+    after = template_row(appliance)
+    assert (after["pid"], after["restarts"], after["state"]) == (template["pid"], template["restarts"], "up")
+
+
+@pytest.mark.slow
+def test_a_sighup_config_reaches_the_children_the_template_forks(appliance):
+    good = appliance.config.read_text()
+    done_before = appliance.count("reload done")
+    assert "threads = 4" in good
+    try:
+        appliance.config.write_text(good.replace("threads = 4", "threads = 3"))
+        appliance.signal(signal.SIGHUP)
+        appliance.wait_for("reload done", timeout=60, after=done_before)
+    finally:
+        appliance.config.write_text(good)
+    ready = [e for e in appliance.lines() if e.get("role") == "api" and e.get("message") == "api worker ready"]
+    assert ready[-1]["threads"] == 3 and ready[-2]["threads"] == 3
+    assert all(r["via"] == "template" for r in appliance.status()["processes"] if r["role"] == "api")
+
+
+@pytest.mark.slow
+def test_a_broken_operator_file_fails_its_role_naming_the_file(tmp_path):
+    apps = tmp_path / "apps"
+    apps.mkdir()
+    (apps / "broken.py").write_text("import nonexistent_module_xyz\n")
+    app = Appliance(tmp_path, api_workers=1, task_workers=1)
+    app.sections["api"]["apps_dir"] = str(apps)
+    write_config(app.data, **app.sections)
+    app.start(wait=False)
+    try:
+        assert app.proc.wait(60) == 1
+        text = app.log.read_text()
+        assert str(apps / "broken.py") in text and "nonexistent_module_xyz" in text
+        assert "api[0] could not boot" in text
+        assert "started api[0] (pid" in text and "forked from the template" in text
+    finally:
+        app.stop()
+
+
+@pytest.mark.slow
+def test_template_off_starts_every_child_with_exec(tmp_path):
+    app = Appliance(tmp_path, api_workers=1, task_workers=1, supervisor={"template": False})
+    app.start()
+    try:
+        rows = app.status()["processes"]
+        assert all(r["role"] != "template" for r in rows)
+        assert all(r["via"] == "exec" for r in rows)
+        assert all("_child" in cmdline(r["pid"]) for r in rows if r["pid"])
+        assert http_json(app.port, "GET", "/health/ping")[0] == 200
+    finally:
+        assert app.stop() == 0
