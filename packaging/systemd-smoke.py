@@ -19,6 +19,7 @@ security`. Exits non-zero naming the step that failed (also when it cannot run a
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import os
 import re
@@ -286,16 +287,6 @@ def wait_for(what: str, check, timeout: float, interval: float = 0.2):
     fail(f"{what}: not within {timeout:.0f} s")
 
 
-def roles(procs: dict[int, tuple[int, str]]) -> dict[int, str]:
-    """pid -> role of the appliance's children (`appliance _child ROLE ...`)."""
-    out = {}
-    for pid, (_ppid, cmd) in procs.items():
-        match = re.search(r"\b_child (\w+)", cmd)
-        if match:
-            out[pid] = match.group(1)
-    return out
-
-
 def service_tree(c: Container) -> tuple[int, int, dict[int, str]]:
     """(MainPID, the supervisor, its children by role), checked: MainPID is the file's bootloader, a child of
     PID 1, whose one child is the supervisor (`appliance run`, the process that speaks sd_notify)."""
@@ -307,7 +298,19 @@ def service_tree(c: Container) -> tuple[int, int, dict[int, str]]:
     if len(kids) != 1 or " run " not in procs[kids[0]][1] + " ":
         fail(f"MainPID {main} should have one child, the supervisor: {procs}")
     sup = kids[0]
-    children = {p: r for p, r in roles(procs).items() if procs[p][0] == sup}
+    # Roles as the supervisor reports them (`appliance status`): a child forked from the template process
+    # keeps the template's command line, so /proc does not say which role it is.
+    out = c.run(f"runuser -u appliance -- {INSIDE} status --json --config {CONFIG}", check=False).stdout
+    try:
+        doc = json.loads(out)
+    except ValueError:
+        fail(f"`appliance status --json` answered {out[:300]!r}")
+    if doc.get("pid") != sup:
+        fail(f"`appliance status` names supervisor pid {doc.get('pid')}, MainPID's child is {sup}")
+    children = {r["pid"]: r["role"] for r in doc.get("processes", []) if r.get("pid")}
+    strangers = set(children) - set(procs) - set(c.procs())  # again: a reload may have started one meanwhile
+    if strangers:
+        fail(f"processes the supervisor reports that do not run the file: {strangers}")
     return main, sup, children
 
 
@@ -508,14 +511,35 @@ def reload_under_load(c: Container, port: int, token: str) -> None:
     step(
         f"`systemctl reload` (returned in {returned:.2f} s): ActiveState {' -> '.join(seq)}, reloading for "
         f"{back - reloading:.2f} s (RELOADING=1 .. READY=1); {gets.counts()}, 0 failed; "
-        f"api/worker pids {sorted(before)} -> {sorted(fresh)} in {reload_took:.2f} s"
+        f"api/worker pids {sorted(before)} -> {sorted(fresh)} (seen {reload_took:.2f} s after the reload began); "
+        f"the supervisor's log: {rollout_span(c)}"
     )
+
+
+def rollout_span(c: Container) -> str:
+    """How long the last rolling restart took by the supervisor's own log lines (SIGHUP .. reload done)."""
+    begun = done = None
+    for line in c.journal("-o", "cat").splitlines():
+        with contextlib.suppress(ValueError, AttributeError):
+            doc = json.loads(line)
+            if doc.get("message", "").startswith("SIGHUP: reloading"):
+                begun, done = doc, None
+            elif doc.get("message", "").startswith("reload done") and begun:
+                done = doc
+    if not (begun and done):
+        fail("the journal has no 'SIGHUP: reloading' .. 'reload done' pair from the supervisor")
+
+    def stamp(d: dict) -> float:
+        return datetime.datetime.fromisoformat(d["time"].replace("Z", "+00:00")).timestamp()
+
+    return f"{done['message']} in {stamp(done) - stamp(begun):.2f} s"
 
 
 def sigkill_main(c: Container, port: int) -> None:
     """SIGKILL of the main process: systemd restarts it (Restart=on-failure) and it serves again."""
     restarts = int(c.show("NRestarts")["NRestarts"])
     main, sup, children = service_tree(c)
+    old = set(c.procs())  # the supervisor's children and the template process too
     t = time.monotonic()
     c.run("systemctl kill -s SIGKILL --kill-who=main appliance")
     wait_for("restart after SIGKILL", lambda: int(c.show("NRestarts")["NRestarts"]) > restarts and serves(port), 120, 0.2)
@@ -523,7 +547,7 @@ def sigkill_main(c: Container, port: int) -> None:
     new_main = int(c.show("MainPID")["MainPID"])
     if "code=killed, status=9/KILL" not in c.journal():
         fail("the journal does not say the main process was killed by SIGKILL")
-    left = set(c.procs()) & ({main, sup} | set(children))
+    left = set(c.procs()) & old
     if left:
         fail(f"processes of the killed instance still run: {left}")
     step(f"SIGKILL of MainPID {main}: restarted (MainPID {new_main}) and serving again in {took:.2f} s, nothing of the old one left")
@@ -533,7 +557,7 @@ def watchdog(c: Container, port: int) -> None:
     """SIGSTOP of the supervisor: result watchdog, killed and restarted, none of its processes lingers."""
     restarts = int(c.show("NRestarts")["NRestarts"])
     main, sup, children = service_tree(c)
-    old = {main, sup} | set(children)
+    old = set(c.procs())
     t = time.monotonic()
     c.run(f"kill -STOP {sup}")
     wait_for("the watchdog", lambda: "Failed with result 'watchdog'" in c.journal(), 150, 0.5)
