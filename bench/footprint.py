@@ -12,6 +12,10 @@ dir from `appliance init` on free loopback ports:
   balancer from 4 client threads (bounded, loopback);
 - child restart: kill -9 of api[0], time until its port answers /health/ping again
   (median of --restarts).
+Python reads compiled bytecode as an installed appliance does (a pip install or the one-file
+binary ship .pyc files): PYTHONDONTWRITEBYTECODE is dropped and the .pyc files go to
+PYTHONPYCACHEPREFIX=--pycache (outside the source tree), written by one warm-up start; --no-pyc
+measures with whatever the environment says.
 The reference stack's total (nginx, 3 gunicorn/Flask, Celery worker and beat, Redis, a dashboard)
 comes from bench/results/latest.md written by `python -m bench stack` when present, else it is
 the 286 MiB measured for issue 13, marked as such.
@@ -78,7 +82,7 @@ def reference_total() -> tuple[float, str]:
 class Run:
     """One `appliance run` of a fresh `appliance init` data dir on free loopback ports."""
 
-    def __init__(self, work: Path, api_workers: int | None, extra_env: dict[str, str]):
+    def __init__(self, work: Path, api_workers: int | None, extra_env: dict[str, str], pycache: str = ""):
         sys.path.insert(0, str(ROOT))
         from tests.procs import free_range
 
@@ -95,6 +99,9 @@ class Run:
         )
         if api_workers:
             self.env["APPLIANCE_API__WORKERS"] = str(api_workers)
+        if pycache:
+            self.env.pop("PYTHONDONTWRITEBYTECODE", None)
+            self.env["PYTHONPYCACHEPREFIX"] = pycache
         self.data = work / "data"
         self.log = work / "run.log"
         cmd = [sys.executable, "-m", "appliance"]
@@ -193,7 +200,10 @@ class Run:
 
 def measure(api_workers: int | None, args: argparse.Namespace) -> dict[str, object]:
     with tempfile.TemporaryDirectory(prefix="bench-footprint-") as tmp:
-        run = Run(Path(tmp), api_workers, dict(kv.split("=", 1) for kv in args.env))
+        run = Run(Path(tmp), api_workers, dict(kv.split("=", 1) for kv in args.env), "" if args.no_pyc else args.pycache)
+        if not args.no_pyc:  # the warm-up start writes the .pyc files an installed appliance would have
+            run.start()
+            run.stop()
         try:
             ready = [run.start()]
             time.sleep(args.settle)
@@ -229,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--settle", type=float, default=5.0, help="seconds after READY before the idle figure")
     p.add_argument("--restarts", type=int, default=3, help="kill -9 of api[0] this many times")
     p.add_argument("--starts", type=int, default=3, help="starts to READY (median)")
+    p.add_argument("--pycache", default="/tmp/appliance-bench-pycache", help="PYTHONPYCACHEPREFIX for the runs")
+    p.add_argument("--no-pyc", action="store_true", help="leave PYTHONDONTWRITEBYTECODE / PYTHONPYCACHEPREFIX as they are")
     p.add_argument("--env", action="append", default=[], help="KEY=VALUE for `appliance run` (e.g. a config override)")
     args = p.parse_args(argv)
     ref, ref_note = reference_total()

@@ -70,7 +70,9 @@ def _duration(seconds: float | None) -> str:
 
 def render_status(doc: dict[str, Any]) -> str:
     out = [f"appliance {doc.get('phase')} on {doc.get('url')} (supervisor pid {doc.get('pid')}, config {doc.get('config')})"]
-    out.append(f"{'role':<10} {'index':>5} {'pid':>7} {'state':<9} {'restarts':>8} {'uptime':>8} {'cpu%':>6} {'memory':>8}  address")
+    out.append(
+        f"{'role':<10} {'index':>5} {'pid':>7} {'state':<9} {'restarts':>8} {'uptime':>8} {'cpu%':>6} {'memory':>8} {'pss':>8}  address"
+    )
     me = doc.get("supervisor") or {}
     rows = [{"role": "supervisor", "index": 0, "slot": 0, "pid": doc.get("pid"), "state": doc.get("phase"), "restarts": 0, **me}]
     if doc.get("started"):
@@ -80,8 +82,11 @@ def render_status(doc: dict[str, Any]) -> str:
         cpu = "-" if r.get("cpu") is None else f"{r['cpu']:.1f}"
         out.append(
             f"{r['role']:<10} {r['index']:>5} {r.get('pid') or '-':>7} {r['state']:<9} {r['restarts']:>8} "
-            f"{_duration(r.get('uptime')):>8} {cpu:>6} {_size(r.get('rss')):>8}  {r.get('address') or ''}"
+            f"{_duration(r.get('uptime')):>8} {cpu:>6} {_size(r.get('rss')):>8} {_size(r.get('pss')):>8}  {r.get('address') or ''}"
         )
+    total = [r["pss"] for r in rows if r.get("pss")]
+    if total:  # rss counts the pages children share with the template in each of them; pss divides them
+        out.append(f"memory: {_size(sum(total))} PSS in {len(total)} processes")
     ups = doc.get("upstreams")
     if ups:
         out.append("upstreams (as the balancer sees them):")

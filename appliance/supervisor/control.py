@@ -36,8 +36,18 @@ def socket_path(run_dir: Path) -> Path:
     return run_dir / SOCKET_NAME
 
 
+def pss(pid: int) -> float | None:
+    """Proportional set size in bytes (Linux smaps_rollup): shared pages count divided by their sharers."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        with open(f"/proc/{pid}/smaps_rollup") as fh:
+            for line in fh:
+                if line.startswith("Pss:"):
+                    return float(line.split()[1]) * 1024
+    return None
+
+
 def process_usage(pids: list[int], sample: float = 0.2) -> dict[int, dict[str, float]]:
-    """cpu % (over `sample` seconds) and rss of each live pid."""
+    """cpu % (over `sample` seconds), rss and pss of each live pid."""
     import psutil
 
     procs: dict[int, Any] = {}
@@ -50,7 +60,7 @@ def process_usage(pids: list[int], sample: float = 0.2) -> dict[int, dict[str, f
     out: dict[int, dict[str, float]] = {}
     for pid, p in procs.items():
         with contextlib.suppress(psutil.Error):
-            out[pid] = {"cpu": p.cpu_percent(None), "rss": float(p.memory_info().rss)}
+            out[pid] = {"cpu": p.cpu_percent(None), "rss": float(p.memory_info().rss), "pss": pss(pid)}
     return out
 
 

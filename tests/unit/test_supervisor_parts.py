@@ -136,6 +136,22 @@ def test_status_rendering_marks_unhealthy():
     assert "failed" in text and "47.7M" in text and "queued 2" in text and "UNHEALTHY" in text
 
 
+def test_status_rendering_shows_pss_and_its_total():
+    doc = {
+        "phase": "running",
+        "pid": 1,
+        "healthy": True,
+        "supervisor": {"pss": 10 * 2**20},
+        "processes": [
+            {"role": "api", "index": 0, "slot": 0, "pid": 10, "state": "up", "restarts": 0, "rss": 50e6, "pss": 12 * 2**20},
+            {"role": "template", "index": 0, "slot": 0, "pid": 11, "state": "up", "restarts": 0, "rss": 60e6, "pss": 8 * 2**20},
+        ],
+    }
+    text = render_status(doc)
+    assert "12.0M" in text and "\ntemplate " in text
+    assert "memory: 30.0M PSS in 3 processes" in text
+
+
 def test_unit_is_hardened(make_config):
     cfg = make_config(supervisor={"grace_period": 20})
     unit = render(cfg, user="svc", executable="/usr/bin/appliance")
