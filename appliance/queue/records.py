@@ -70,12 +70,13 @@ class _Buffer:
             logs, self.logs = self.logs, []
         if not history and not logs:
             return
+        global _history_insert, _log_insert
+        _history_insert = _history_insert or _RowInsert(TaskHistory)
+        _log_insert = _log_insert or _RowInsert(TaskLog)
         try:
             with database.atomic():
-                for chunk in _chunks(history, 200):
-                    TaskHistory.insert_many(chunk).execute()
-                for chunk in _chunks(logs, 200):
-                    TaskLog.insert_many(chunk).execute()
+                _history_insert.execute(database.obj, history)
+                _log_insert.execute(database.obj, logs)
         except Exception as exc:
             # A row of a task deleted meanwhile (foreign key) must not block the others: one by one.
             log.warning("batched history write failed (%s); writing rows one by one", type(exc).__name__)
@@ -137,17 +138,20 @@ def history_now(task_id: str, status: str, message: str = "") -> None:
 # --- new task rows ----------------------------------------------------------------------
 
 
-class _TaskInsert:
-    """INSERT of whole task rows, written once: every column of Task in model order, defaults applied.
+class _RowInsert:
+    """INSERT of whole rows of `model`, written once: every column but an auto id, in model order, defaults applied.
 
-    Submit's one statement. peewee's query builder spends about as long composing an 18-column
-    INSERT as PostgreSQL spends executing it, so the SQL text is built once per (engine param,
-    row count) and each row only runs the fields' own db_value conversions (JSON, dates, FKs).
+    Submit's one statement (Task) and the batched history and log writes. peewee's query builder
+    spends about as long composing an 18-column INSERT as PostgreSQL spends executing it (and most
+    of a worker's flush of history rows), so the SQL text is built once per (engine param, row
+    count) and each row only runs the fields' own db_value conversions (JSON, dates, FKs).
     """
 
-    def __init__(self) -> None:
-        self.fields = [(f.name, f.db_value, f.default) for f in Task._meta.sorted_fields]
-        self.columns = ", ".join(f'"{f.column_name}"' for f in Task._meta.sorted_fields)
+    def __init__(self, model: Any = Task) -> None:
+        fields = [f for f in model._meta.sorted_fields if not isinstance(f, pw.AutoField)]
+        self.table = model._meta.table_name
+        self.fields = [(f.name, f.db_value, f.default) for f in fields]
+        self.columns = ", ".join(f'"{f.column_name}"' for f in fields)
         self.sql: dict[tuple[str, int], str] = {}
 
     def values(self, row: dict[str, Any]) -> list[Any]:
@@ -161,15 +165,22 @@ class _TaskInsert:
         sql = self.sql.get((param, rows))
         if sql is None:
             one = "(" + ", ".join([param] * len(self.fields)) + ")"
-            sql = self.sql[(param, rows)] = f'INSERT INTO "task" ({self.columns}) VALUES ' + ", ".join([one] * rows)
+            sql = self.sql[(param, rows)] = f'INSERT INTO "{self.table}" ({self.columns}) VALUES ' + ", ".join([one] * rows)
         return sql
 
     def chunk(self, param: str) -> int:
         # SQLite builds may cap bound variables at 999; PostgreSQL takes 65535
         return max(1, (999 if param == "?" else 10000) // len(self.fields))
 
+    def execute(self, db: Any, rows: list[dict[str, Any]]) -> None:
+        """Insert `rows` in statements of at most chunk() rows (the caller holds the transaction)."""
+        for part in _chunks(rows, self.chunk(db.param)):
+            db.execute_sql(self.statement(db.param, len(part)), [v for row in part for v in self.values(row)])
 
-_task_insert: _TaskInsert | None = None
+
+_task_insert: _RowInsert | None = None
+_history_insert: _RowInsert | None = None
+_log_insert: _RowInsert | None = None
 
 
 def insert_tasks(rows: list[dict[str, Any]]) -> None:
@@ -179,17 +190,13 @@ def insert_tasks(rows: list[dict[str, Any]]) -> None:
     caller hands its message to the queue. Several rows are one transaction of multi-row INSERTs.
     """
     global _task_insert
-    ins = _task_insert = _task_insert or _TaskInsert()
+    ins = _task_insert = _task_insert or _RowInsert(Task)
     db = database.obj
-    param = db.param
     if len(rows) == 1:
-        db.execute_sql(ins.statement(param, 1), ins.values(rows[0]))
+        db.execute_sql(ins.statement(db.param, 1), ins.values(rows[0]))
         return
-    size = ins.chunk(param)
     with database.atomic():
-        for part in _chunks(rows, size):
-            params = [v for row in part for v in ins.values(row)]
-            db.execute_sql(ins.statement(param, len(part)), params)
+        ins.execute(db, rows)
 
 
 # --- transitions ----------------------------------------------------------------------

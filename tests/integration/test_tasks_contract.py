@@ -318,3 +318,25 @@ def test_progress_reports_a_cancel_request_and_a_lost_attempt(tenv):
     Task.update(status="failed").where(Task.id == tid).execute()  # taken away (a reaper, a forced cancel)
     Task.update(cancel_requested=False).where(Task.id == tid).execute()
     assert records.set_progress(tid, 1, 40.0, "too late") is True and tenv.task(tid).progress == 20.0
+
+
+def test_history_and_log_lines_are_flushed_without_the_query_builder(tenv, monkeypatch):
+    """The worker's batched writes: multi-row INSERTs whose text is built once, every line durable in order."""
+    import peewee as pw
+
+    from appliance.db.models import TaskHistory, TaskLog
+
+    tid = tenv.submit("sample")
+    records.flush()
+    built: list[str] = []
+    real = pw.Insert.__sql__
+    monkeypatch.setattr(pw.Insert, "__sql__", lambda self, ctx: built.append("insert") or real(self, ctx))
+    for i in range(300):  # more than one statement's worth on SQLite (999 bound values)
+        records.add_history(tid, "running", f"step {i}")
+        records.add_log(tid, f"line {i}", "warning" if i % 2 else "info")
+    records.flush()
+    assert built == []
+    steps = [h.message for h in TaskHistory.select().where(TaskHistory.task == tid).order_by(TaskHistory.id) if h.status == "running"]
+    assert steps == [f"step {i}" for i in range(300)]
+    lines = list(TaskLog.select().where(TaskLog.task == tid).order_by(TaskLog.id))
+    assert [(r.line, r.level) for r in lines] == [(f"line {i}", "warning" if i % 2 else "info") for i in range(300)]
