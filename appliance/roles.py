@@ -36,11 +36,26 @@ CONFIG_ENV = "APPLIANCE_CONFIG_JSON"
 EXIT_BOOT_FAILURE = 3  # a child that cannot boot exits with this; the supervisor does not retry forever
 
 
+_inherited: tuple[str, Any] | None = None
+
+
+def inherit_config(cfg: Any) -> None:
+    """Called before the template is forked: a child handed this very config uses this object as it is.
+
+    Parsing the tree again would cost every child time and a megabyte or so of pages of its own;
+    a child handed another config (after a SIGHUP) parses what it was given.
+    """
+    global _inherited
+    _inherited = (cfg.to_json().decode(), cfg)
+
+
 def child_config(args: argparse.Namespace) -> Any:
     from appliance.config import Config, ConfigError, load_config
 
     raw = os.environ.get(CONFIG_ENV)
     if raw:
+        if _inherited is not None and raw == _inherited[0]:
+            return _inherited[1]
         return Config.from_json(raw)
     try:
         return load_config(args.config)

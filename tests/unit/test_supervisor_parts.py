@@ -183,3 +183,20 @@ def test_packaged_unit_matches_the_generator():
 
     committed = Path(__file__).resolve().parents[2] / "packaging" / "appliance.service"
     assert committed.read_text() == packaged(), "regenerate packaging/appliance.service with appliance.supervisor.unit.packaged()"
+
+
+def test_a_child_handed_the_inherited_config_uses_that_object_and_parses_any_other(make_config, monkeypatch):
+    import argparse
+
+    from appliance import roles
+
+    cfg = make_config(api={"threads": 3})
+    monkeypatch.setattr(roles, "_inherited", None)
+    roles.inherit_config(cfg)
+    args = argparse.Namespace(config=None)
+    monkeypatch.setenv(roles.CONFIG_ENV, cfg.to_json().decode())
+    assert roles.child_config(args) is cfg
+    other = make_config(api={"threads": 5})  # a SIGHUP's new config
+    monkeypatch.setenv(roles.CONFIG_ENV, other.to_json().decode())
+    got = roles.child_config(args)
+    assert got is not cfg and got.api.threads == 5
