@@ -124,12 +124,16 @@ def serve(fd: int, log_format: str) -> int:
                 return 0  # the supervisor closed its end or is gone
             reply = handle(msg, fds, supervisor)
             sock.send(json.dumps(reply).encode())
-    except BecomeChild as child:
-        sock.close()
-        return become_child(child)
+    except BecomeChild as raised:
+        child = raised
     except OSError as exc:
         log.error("template stops: %s", exc)
         return 1
+    # The role runs outside the except block: inside it every exception the child raises would
+    # carry BecomeChild as its __context__, and httptools reports a callback's error only through
+    # that context (the balancer then closed connections it should have answered with 400).
+    sock.close()
+    return become_child(child)
 
 
 def handle(msg: bytes, fds: list[int], supervisor: int) -> dict[str, Any]:
