@@ -443,8 +443,8 @@ def start_and_use(c: Container, port: int, password: str) -> str:
     main, sup, children = service_tree(c)
     if props["ActiveState"] != "active" or props["SubState"] != "running":
         fail(f"not active/running: {props}")
-    if f"127.0.0.1:{port}" not in props["StatusText"]:
-        fail(f"StatusText does not say what runs: {props['StatusText']!r}")
+    if not all(part in props["StatusText"] for part in (f"127.0.0.1:{port}", "1 balancer", "2 api", "1 worker")):
+        fail(f"StatusText does not say what runs (where it serves, how many of each role): {props['StatusText']!r}")
     step(
         f"ActiveState=active SubState=running MainPID={main} (the file; its child {sup} is the supervisor, which "
         f"notifies; NotifyAccess={props['NotifyAccess']}) StatusText={props['StatusText']!r} WatchdogUSec={props['WatchdogUSec']}"

@@ -242,7 +242,7 @@ class Arbiter:
                 raise  # startup and shutdown have no fallback: the loop's `finally` kills every child
             log.exception("the reload failed; the processes that run keep serving")
             self.phase, self.phase_name = None, "running"
-            self.notifier.ready(f"serving on {self.settings.url}")
+            self.notifier.ready(self.serving_line())
 
     # --- children ------------------------------------------------------------------------------
 
@@ -480,6 +480,10 @@ class Arbiter:
 
     # --- health, watchdog, status ----------------------------------------------------------------------
 
+    def serving_line(self) -> str:
+        """systemd's StatusText while it serves: the URL and what runs (e.g. "1 balancer, 2 api, 1 worker")."""
+        return f"serving on {self.settings.url}: " + ", ".join(f"{k.count} {k.role}" for k in self.kinds)
+
     def healthy(self) -> bool:
         """All is well enough for the systemd watchdog: the loop runs and the public side can serve."""
         if self.phase_name == "stopping":
@@ -516,7 +520,7 @@ class Arbiter:
         degraded = any(r["state"] not in fine for r in rows)
         if self.phase_name == "running":
             problems = [f"{r['role']}[{r['index']}] {r['state']}" for r in rows if r["state"] not in ("up", "draining")]
-            summary = f"serving on {self.settings.url}" + (f"; {', '.join(problems)}" if problems else "")
+            summary = self.serving_line() + (f"; {', '.join(problems)}" if problems else "")
             if summary != self._status_line:
                 self._status_line = summary
                 self.notifier.status(summary)

@@ -89,7 +89,7 @@ def rollout(arb: Arbiter) -> Phase:
             yield from retire(arb, child)
         log.info("reload done: %d processes replaced", replaced, extra={"fields": {"replaced": replaced}})
     arb.phase_name = "running"
-    arb.notifier.ready(f"serving on {arb.settings.url}")
+    arb.notifier.ready(arb.serving_line())
     if arb.reload_pending:
         arb.reload_pending = False
         yield from rollout(arb)
@@ -103,7 +103,7 @@ def read_new_config(arb: Arbiter) -> Any:
         new_cfg = arb.reload_config() if arb.reload_config else arb.cfg
     except Exception as exc:  # ConfigError names every bad key; anything else must not stop the appliance either
         log.error("reload refused; the running configuration stays: %s", exc)
-        arb.notifier.ready(f"serving on {arb.settings.url}; reload refused: {str(exc).splitlines()[-1].strip()}")
+        arb.notifier.ready(f"{arb.serving_line()}; reload refused: {str(exc).splitlines()[-1].strip()}")
         return None
     for key in restart_only_changes(arb.cfg, new_cfg):
         log.warning("%s changed: it takes effect when the appliance restarts; the reload applies everything else", key)

@@ -216,5 +216,8 @@ def test_notify_sequence_on_an_abstract_socket(supervise):
     reloading = next(m for m in got if m.startswith("RELOADING=1"))
     assert "MONOTONIC_USEC=" in reloading
     assert any(m.startswith("STATUS=") or "\nSTATUS=" in m for m in got)
+    # READY's STATUS (systemd's StatusText) says where it serves and what runs, after the start and after the reload
+    readies = [m for m in got if m.startswith("READY=1")]
+    assert len(readies) == 2 and all("\nSTATUS=serving on " in m and m.endswith(": 1 api") for m in readies), readies
     # the children never see the systemd variables
     assert "NOTIFY_SOCKET" not in json.dumps([e for e in sup.lines() if e.get("role") == "api"])
