@@ -44,7 +44,7 @@ from appliance.supervisor.kinds import Kind
 from appliance.supervisor.notify import Notifier
 from appliance.supervisor.policy import RestartPolicy, RestartTracker
 from appliance.supervisor.relay import Relay
-from appliance.supervisor.template import Template, reap_orphans
+from appliance.supervisor.template import Orphans, Template
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +129,7 @@ class Arbiter:
         self.base_env = child_env()
         self.template = template  # forks children that share its imported code; None: every child is exec'd
         self._next_sweep = 0.0
+        self._orphans = Orphans()
         self._wake_r = self._wake_w = -1
         self._spawned = 0
         self._status_line = ""
@@ -377,7 +378,7 @@ class Arbiter:
             known = {c.proc.pid for c in self.children if c.proc is not None}
             if self.template.pid:
                 known.add(self.template.pid)
-            reap_orphans(known)
+            self._orphans.sweep(known, now)
 
     def _respawn(self, now: float) -> None:
         if self.stopping:

@@ -135,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     fmt = getattr(args, "log_format", None) or cfg.logging.format
     setup_logging("supervisor", fmt, cfg.logging.level)
+    onefile.detach_group()  # one-file binary: a signal to the whole group reaches us once, through the bootloader
     template, code = start_template(cfg, fmt)
     if code is not None:
         return code  # this is the template, or a child it forked, on its way out
@@ -146,7 +147,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_supervisor(cfg: Any, fmt: str, template: Template | None) -> int:
-    onefile.detach_group()  # one-file binary: a signal to the whole group reaches us once, through the bootloader
     lock = DataDirLock(run_dir(cfg) / "appliance.lock")
     try:
         lock.acquire()

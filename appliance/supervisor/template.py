@@ -12,8 +12,8 @@
 - `tick(now)` notices the template's death (kill -9, a crash) and restarts it with the
   children's backoff and crash-loop rule (policy.py); children keep serving meanwhile. Given
   up, it stays off and every child is started with exec.
-- Orphans: being a subreaper, we also inherit any process a child leaves behind; reap_orphans()
-  reaps those that exited, so none stays a zombie.
+- Orphans: being a subreaper, we also inherit any process a child leaves behind; Orphans.sweep()
+  reaps those that exited, so none stays a zombie, and stops those that live on untracked.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 PR_SET_CHILD_SUBREAPER = 36
 ANSWER_TIMEOUT = 5.0
+START_TIMEOUT = 30.0  # a template that has not said it is ready by then is killed (and restarted with backoff)
 
 
 def subreaper() -> bool:
@@ -197,6 +198,9 @@ class Template:
                 self._on_exit(code, now)
             elif self.state == "starting" and self.sock is not None:
                 self._read_ready()
+                if self.state == "starting" and now - self.started_at > START_TIMEOUT:
+                    log.error("the template (pid %s) is not ready after %.0fs: killing it", self.pid, START_TIMEOUT)
+                    self.kill()
         if self.state == "backoff" and now >= self.next_start:
             self.start(now)
 
@@ -310,20 +314,56 @@ class Template:
         }
 
 
-def reap_orphans(known: set[int]) -> list[int]:
-    """Reap exited processes that are our children but not one we track (left to us as the subreaper)."""
-    reaped = []
-    me = os.getpid()
+class Orphans:
+    """Processes left to us as the subreaper that we do not track: the exited are reaped, the live are stopped.
+
+    Such a process is a descendant whose parent died: the task process of a killed task worker
+    (which would run its task a second time next to the retry), or a child the template forked
+    just as it was killed, whose pid we never learnt (it would hold its role's port). One that is
+    still alive and unknown at two sweeps in a row (ORPHAN_GRACE apart at least) gets SIGKILL.
+    """
+
+    def __init__(self) -> None:
+        self.seen: dict[int, float] = {}
+
+    def sweep(self, known: set[int], now: float) -> tuple[list[int], list[int]]:
+        """(reaped, killed) pids."""
+        reaped, killed, alive = [], [], {}
+        for pid in _children():
+            if pid in known:
+                continue
+            if _zombie(pid):
+                with contextlib.suppress(ChildProcessError):
+                    if os.waitpid(pid, os.WNOHANG)[0]:
+                        reaped.append(pid)
+                continue
+            first = alive[pid] = self.seen.get(pid, now)
+            if now - first >= ORPHAN_GRACE:
+                log.warning("pid %d (%s) was left to the supervisor by a process that died: stopping it", pid, _command(pid))
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+        self.seen = alive
+        return reaped, killed
+
+
+ORPHAN_GRACE = 1.0
+
+
+def _children() -> list[int]:
+    out: list[int] = []
     with contextlib.suppress(OSError):
-        for task in Path(f"/proc/{me}/task").iterdir():
+        for task in Path(f"/proc/{os.getpid()}/task").iterdir():
             with contextlib.suppress(OSError, ValueError):
-                for pid in map(int, (task / "children").read_text().split()):
-                    if pid in known or not _zombie(pid):
-                        continue
-                    with contextlib.suppress(ChildProcessError):
-                        if os.waitpid(pid, os.WNOHANG)[0]:
-                            reaped.append(pid)
-    return reaped
+                out += map(int, (task / "children").read_text().split())
+    return out
+
+
+def _command(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()[:120]
+    except OSError:
+        return "?"
 
 
 def _zombie(pid: int) -> bool:
