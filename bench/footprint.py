@@ -42,10 +42,10 @@ LATEST = ROOT / "bench" / "results" / "latest.md"
 REFERENCE_FALLBACK_MIB = 286.0
 
 
-def pss_kib(pid: int) -> int:
+def pss_kib(pid: int, field: str = "Pss") -> int:
     with contextlib.suppress(OSError):
         for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1])
     return 0
 
@@ -140,13 +140,14 @@ class Run:
         return query(self.data / "run" / "control.sock")
 
     def pss(self) -> tuple[float, int, dict[str, list[float]]]:
-        """Total PSS (MiB), process count, PSS per role (MiB, one entry per process)."""
+        """Total PSS (MiB), process count, PSS per role (MiB, one entry per process); self.anon: the Pss_Anon part."""
         assert self.proc is not None
         names = {r["pid"]: r["role"] for r in self.status()["processes"] if r["pid"]}
         names[self.proc.pid] = "supervisor"
         per: dict[str, list[float]] = {}
         pids = descendants(self.proc.pid)
         total = 0
+        self.anon = sum(pss_kib(pid, "Pss_Anon") for pid in pids) / 1024
         for pid in pids:
             kib = pss_kib(pid)
             total += kib
@@ -208,6 +209,7 @@ def measure(api_workers: int | None, args: argparse.Namespace) -> dict[str, obje
             ready = [run.start()]
             time.sleep(args.settle)
             idle, count, per = run.pss()
+            idle_anon = run.anon
             requests = run.load(args.load_seconds)
             after, _, _ = run.pss()
             restarts = []
@@ -225,6 +227,7 @@ def measure(api_workers: int | None, args: argparse.Namespace) -> dict[str, obje
             "ready": statistics.median(ready),
             "ready_runs": ready,
             "idle": idle,
+            "idle_anon": idle_anon,
             "after": after,
             "processes": count,
             "per": per,
@@ -252,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench footprint: {label} ...", flush=True)
         results[label] = r = measure(n or None, args)
         print(f"  processes {r['processes']}, idle PSS {r['idle']:.1f} MiB, after load {r['after']:.1f} MiB ({r['requests']} GETs)")
+        # File-backed pages (libraries) count divided by every process on the host mapping them, other
+        # programs' included: the anonymous part is what the appliance's own processes hold.
+        print(f"  of the idle PSS, anonymous (Pss_Anon): {r['idle_anon']:.1f} MiB")
         print(f"  READY {r['ready']:.2f} s (runs {', '.join(f'{s:.2f}' for s in r['ready_runs'])})")
         print(f"  api[0] kill -9 -> serving again {r['restart']:.2f} s (runs {', '.join(f'{s:.2f}' for s in r['restart_runs'])})")
         for role, values in sorted(r["per"].items()):
