@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 import pytest
 
-from appliance.queue import addresses, callbacks
+from appliance import addresses, outbound
 from tests import procs
 from tests.integration import test_tasks_support as support
 
@@ -173,7 +173,7 @@ def test_allowed_receivers_get_signed_callbacks_through_no_proxy(make_env, recei
     for got in rx.got:
         url = sent_to[got["path"]]
         assert got["method"] == "POST" and verify(secret, url, got["headers"], got["body"]), got
-        assert callbacks.verify(secret, url, got["body"], got["headers"]["X-Appliance-Timestamp"], got["headers"]["X-Appliance-Signature"])
+        assert outbound.verify(secret, url, got["body"], got["headers"]["X-Appliance-Timestamp"], got["headers"]["X-Appliance-Signature"])
         assert not verify(secret, url + "x", got["headers"], got["body"])  # bound to its URL
         assert not verify("y" * 32, url, got["headers"], got["body"])
     done = rx.paths("/done?k=1")[0]
@@ -210,10 +210,10 @@ def test_the_post_goes_to_the_address_that_was_vetted(receivers):
 
     url = f"http://hooks.rebind.test:{rx.port}/done"
     allow = addresses.Policy.from_entries(["127.0.0.1/32"])
-    assert callbacks.post(url, b"{}", "s" * 32, "completion", 5.0, 0, allow, resolver=resolver) is None
+    assert outbound.post(url, b"{}", "s" * 32, "completion", 5.0, 0, allow, resolver=resolver) is None
     assert asked == ["hooks.rebind.test"] and rx.got[0]["headers"]["Host"] == f"hooks.rebind.test:{rx.port}"
     # the same name answering with loopback under the default policy: refused, nothing sent, not retried
-    why = callbacks.post(url, b"{}", "s" * 32, "completion", 5.0, 3, addresses.Policy(), resolver=resolver)
+    why = outbound.post(url, b"{}", "s" * 32, "completion", 5.0, 3, addresses.Policy(), resolver=resolver)
     assert why == "refused: hooks.rebind.test resolves to 127.0.0.1, a loopback address (allow it with [queue] callback_allow)"
     assert len(rx.got) == 1 and asked == ["hooks.rebind.test"] * 2
 
@@ -231,14 +231,14 @@ def test_https_callbacks_check_the_certificate_against_the_name(receivers, tmp_p
     tls.sni_callback = lambda sock, name, ctx: server_names.append(name)
     rx = receivers(tls)
     monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "cert.pem"))  # this test's CA: the self-signed certificate
-    monkeypatch.setattr(callbacks, "_tls", None)  # the client context is made once per process: make it again
+    monkeypatch.setattr(outbound, "_tls", None)  # the client context is made once per process: make it again
 
     def resolver(host, port, *args, **kw):
         return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))]
 
     allow = addresses.Policy.from_entries(["127.0.0.1/32"])
     good = f"https://hooks.tls.test:{rx.port}/done"
-    assert callbacks.post(good, b"{}", "s" * 32, "completion", 5.0, 0, allow, resolver=resolver) is None
+    assert outbound.post(good, b"{}", "s" * 32, "completion", 5.0, 0, allow, resolver=resolver) is None
     assert server_names == ["hooks.tls.test"] and rx.got[0]["headers"]["Host"] == f"hooks.tls.test:{rx.port}"
-    why = callbacks.post(f"https://other.tls.test:{rx.port}/done", b"{}", "s" * 32, "completion", 5.0, 0, allow, resolver=resolver)
+    why = outbound.post(f"https://other.tls.test:{rx.port}/done", b"{}", "s" * 32, "completion", 5.0, 0, allow, resolver=resolver)
     assert why is not None and "CERTIFICATE_VERIFY_FAILED" in why and len(rx.got) == 1, why

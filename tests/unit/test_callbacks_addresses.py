@@ -1,4 +1,4 @@
-"""Where a task callback may go (appliance.queue.addresses) and how it is signed (appliance.queue.callbacks).
+"""Where a task callback may go (appliance.addresses, appliance.queue.callbacks) and how it is signed (appliance.outbound).
 
 Pure logic: no traffic is sent. Literals are parsed by the system resolver in numeric mode (no DNS),
 "localhost" comes from /etc/hosts; every other resolver answer is a getaddrinfo-shaped list built here.
@@ -13,8 +13,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from appliance import addresses, outbound
 from appliance.errors import ValidationFailed
-from appliance.queue import addresses, callbacks
+from appliance.queue import callbacks
 
 DEFAULT = addresses.Policy()
 
@@ -218,15 +219,15 @@ def test_good_callback_urls_pass():
 
 def test_signature_binds_timestamp_url_and_body():
     secret, url, body = "s" * 32, "https://hooks.example.com/cb", b'{"a":1}'
-    sig = callbacks.sign(secret, "1700000000", url, body)
+    sig = outbound.sign(secret, "1700000000", url, body)
     assert sig.startswith("v1=") and len(sig) == 3 + 64
-    assert callbacks.verify(secret, url, body, "1700000000", sig, now=1700000100)
-    assert not callbacks.verify("t" * 32, url, body, "1700000000", sig, now=1700000100)
-    assert not callbacks.verify(secret, url + "x", body, "1700000000", sig, now=1700000100)  # sent elsewhere
-    assert not callbacks.verify(secret, url, body + b" ", "1700000000", sig, now=1700000100)
-    assert not callbacks.verify(secret, url, body, "1700000001", sig, now=1700000100)
-    assert not callbacks.verify(secret, url, body, "1700000000", sig, now=1700000000 + callbacks.REPLAY_WINDOW + 1)  # a replay
-    assert not callbacks.verify(secret, url, body, "soon", sig) and not callbacks.verify(secret, url, body, "1700000000", "")
+    assert outbound.verify(secret, url, body, "1700000000", sig, now=1700000100)
+    assert not outbound.verify("t" * 32, url, body, "1700000000", sig, now=1700000100)
+    assert not outbound.verify(secret, url + "x", body, "1700000000", sig, now=1700000100)  # sent elsewhere
+    assert not outbound.verify(secret, url, body + b" ", "1700000000", sig, now=1700000100)
+    assert not outbound.verify(secret, url, body, "1700000001", sig, now=1700000100)
+    assert not outbound.verify(secret, url, body, "1700000000", sig, now=1700000000 + outbound.REPLAY_WINDOW + 1)  # a replay
+    assert not outbound.verify(secret, url, body, "soon", sig) and not outbound.verify(secret, url, body, "1700000000", "")
 
 
 def test_callback_allow_entries_are_checked_when_the_config_loads(make_config):

@@ -1,4 +1,4 @@
-"""Where a task callback may go: vetting of destination addresses (the SSRF defence).
+"""Where an outbound POST (a task callback, an alert webhook) may go: vetting of destination addresses (the SSRF defence).
 
 A callback URL comes from an ordinary user, while the worker that POSTs it sits
 inside the operator's network. So a destination is refused unless every
@@ -40,7 +40,7 @@ _LOW32 = 0xFFFFFFFF
 
 
 class Refused(Exception):
-    """A destination the policy does not let a callback reach; the message says which address and why."""
+    """A destination the policy does not let a POST reach; the message says which address and why."""
 
 
 @dataclass(frozen=True)
