@@ -58,7 +58,7 @@ test-systemd: $(STAMP)
 
 # The appliance against the whole reference stack, one table into bench/results/latest.md (bench/stack/).
 # wrk and nginx come from Debian at bench time only; the install starts a system nginx on port 80, stopped
-# again here. PostgreSQL/Redis: APPLIANCE_TEST_PG_URL / APPLIANCE_TEST_REDIS_URL (from .ci/test-env when present).
+# again here. PostgreSQL/Redis: APPLIANCE_TEST_PG_URL / APPLIANCE_TEST_REDIS_URL (from .ci/test-env when not set).
 # BENCH_ARGS=--quick for a short run.
 BENCH_ARGS ?=
 
@@ -66,7 +66,7 @@ bench: $(STAMP)
 	@command -v wrk >/dev/null && command -v nginx >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk nginx >/dev/null \
 		&& if [ -f /run/nginx.pid ]; then kill "$$(cat /run/nginx.pid)"; fi)
 	$(BIN)/pip install -q -e '.[bench]'
-	@if [ -f .ci/test-env ]; then . ./.ci/test-env; fi; $(BIN)/python -m bench stack $(BENCH_ARGS)
+	@if [ -z "$$APPLIANCE_TEST_PG_URL" ] && [ -f .ci/test-env ]; then . ./.ci/test-env; fi; $(BIN)/python -m bench stack $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist .pytest_cache .ruff_cache
