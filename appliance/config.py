@@ -18,6 +18,7 @@ import os
 import re
 import tomllib
 import typing
+import urllib.parse
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -175,7 +176,7 @@ class QueueSettings(Section):
     callback_allow: Annotated[
         list[str],
         _h(
-            "CIDRs and host names task callbacks may reach although internal (loopback, private, link-local... "
+            "CIDRs and host names task callbacks and [monitor] alert_webhook may reach although internal (loopback, private, link-local... "
             "are refused by default), e.g. ['10.1.2.0/24', 'hooks.internal']"
         ),
     ] = []
@@ -266,6 +267,13 @@ class MonitorSettings(Section):
         bool, _h("/metrics through the balancer needs an admin token; false also needs /metrics in [balancer] public_prefixes")
     ] = True
     session_minutes: Annotated[int, _h("a /status login lasts this long (server-side), then asks again", ge=1, le=1440)] = 60
+    alert_webhook: Annotated[
+        str,
+        _h(
+            "http(s) URL every firing and resolved alert is POSTed to, signed like task callbacks; an internal host "
+            "must be in [queue] callback_allow (the same allow-list); empty means off"
+        ),
+    ] = ""
     alerts: Annotated[AlertSettings, _h("alert thresholds, in [monitor.alerts]")] = msgspec.field(default_factory=AlertSettings)
 
 
@@ -449,6 +457,11 @@ def _check_relations(cfg: Config, where: str, problems: list[str]) -> None:
             problems.append(
                 f"{where}: [queue] callback_allow entry {entry!r} is invalid; allowed: a CIDR (10.0.0.0/8, fd00::/8) or a host name"
             )
+    if cfg.monitor.alert_webhook and not _is_post_url(cfg.monitor.alert_webhook):
+        problems.append(
+            f"{where}: [monitor] alert_webhook = {cfg.monitor.alert_webhook!r} is invalid; "
+            "allowed: an http:// or https:// URL with a host (no user:password@, no spaces) or empty"
+        )
 
 
 _HOST_NAME_RE = re.compile(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?")
@@ -460,6 +473,17 @@ def _is_cidr(entry: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _is_post_url(url: str) -> bool:
+    if len(url) > 2000 or not url.isascii() or any(c <= " " or c == "\x7f" for c in url):
+        return False
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - a bad port raises here
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname) and parts.username is None and parts.password is None
 
 
 def _is_host_port(addr: str) -> bool:

@@ -1,4 +1,4 @@
-"""The monitor's own prometheus instruments (alerts), made on first use in the shared metrics directory."""
+"""The monitor's own prometheus instruments (alerts, the alert webhook), made on first use in the shared metrics directory."""
 
 from __future__ import annotations
 
@@ -17,6 +17,9 @@ def _get() -> dict[str, Any]:
 
                 _made["total"] = Counter("appliance_alerts", "alert transitions by alert and state (firing, resolved)", ["alert", "state"])
                 _made["firing"] = Gauge("appliance_alerts_firing", "alerts firing now", multiprocess_mode="livemax")
+                _made["webhook"] = Counter(
+                    "appliance_alert_webhook", "alert changes for [monitor] alert_webhook by result (sent, failed, dropped)", ["result"]
+                )
     return _made
 
 
@@ -30,3 +33,8 @@ def alert(name: str, state: str, firing: int) -> None:
     m = _get()
     m["total"].labels(alert=name, state=state).inc()
     m["firing"].set(firing)
+
+
+def webhook(result: str) -> None:
+    """Count one alert webhook outcome: sent, failed (after its retries) or dropped (queue full)."""
+    _get()["webhook"].labels(result=result).inc()

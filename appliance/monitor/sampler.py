@@ -1,8 +1,9 @@
 """The monitor's sampling loop: every [monitor] sample_interval, one sample of everything.
 
 A sample is one JSON-able dict (processes, host, api, tasks, database, redis,
-security, overview, alerts). The latest is kept whole (`latest()`, what the
-page's tables show); a compact point of the numbers the charts draw goes into
+security, overview, alerts; each alert change also goes to the alert webhook of
+appliance/monitor/webhook.py when one is set). The latest is kept whole
+(`latest()`, what the page's tables show); a compact point of the numbers the charts draw goes into
 the hour-long ring buffer (`history`). The status page, /health/status and
 /health/nodes read the host part through appliance/hostsample.py. `sample_once(now)`
 is the whole step, so tests can drive it with their own clock.
@@ -20,6 +21,7 @@ from appliance.monitor import instruments, stores
 from appliance.monitor.alerts import Alerts
 from appliance.monitor.collectors import HostCollector, ProcessCollector, TrafficCollector
 from appliance.monitor.history import History
+from appliance.monitor.webhook import AlertWebhook
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +125,7 @@ class Sampler(threading.Thread):
         self.redis = stores.RedisProbe(cfg.redis.url)
         self.history = History(HISTORY_SECONDS, self.interval)
         self.alerts = Alerts(cfg.monitor.alerts, self._count_alert)
+        self.webhook = AlertWebhook.from_config(cfg, instruments.webhook)
         self._latest: dict[str, Any] = {}
         self._stop = threading.Event()
         self.cost = 0.0  # cpu seconds this thread spent sampling, for the README's figure
@@ -163,7 +166,9 @@ class Sampler(threading.Thread):
         sample.update(self._stores(now))
         sample["redis"] = self.redis.sample()
         sample["overview"] = overview(sample)
-        self.alerts.evaluate(sample, now)
+        for change in self.alerts.evaluate(sample, now):
+            if self.webhook is not None:
+                self.webhook.send(change)
         sample["alerts"] = self.alerts.view()
         self.history.add(point(sample))
         self._publish(sample)

@@ -42,3 +42,19 @@ def test_the_sample_config_documents_the_nested_table_and_reads_back() -> None:
     assert "| `monitor.alerts.hold_seconds` | `30.0` |" in config.render_markdown_table()
     child = config.Config.from_json(config.Config().to_json())  # how the supervisor hands the tree to children
     assert child.monitor.alerts == config.AlertSettings()
+
+
+def test_the_alert_webhook_is_an_http_url_or_empty_and_a_bad_one_is_named(tmp_path: Path) -> None:
+    assert _load(tmp_path, "").monitor.alert_webhook == ""  # off by default
+    good = "https://hooks.example.com/alerts?k=1"
+    assert _load(tmp_path, f'[monitor]\nalert_webhook = "{good}"\n').monitor.alert_webhook == good
+    for bad in (
+        "ftp://hooks.example.com/x",
+        "hooks.example.com/alerts",
+        "http://user:pw@hooks.example.com/",
+        "http://h:99999/",
+        "http://a b/",
+    ):
+        with pytest.raises(ConfigError) as err:
+            _load(tmp_path, f'[monitor]\nalert_webhook = "{bad}"\n')
+        assert any("[monitor] alert_webhook" in p and "is invalid" in p for p in err.value.problems), (bad, err.value.problems)
