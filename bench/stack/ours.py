@@ -107,6 +107,10 @@ class ApplianceStack:
         assert self.app is not None
         return self.app.pids("api")[0]
 
+    def api_worker_pids(self) -> set[int]:
+        assert self.app is not None
+        return set(self.app.pids("api").values())
+
     def task_worker_pid(self) -> int:
         assert self.app is not None
         return self.app.pids("worker")[0]

@@ -178,6 +178,9 @@ class ReferenceStack:
         """A gunicorn worker (its master starts another), the peer of one appliance api worker."""
         return procs.children(self.gunicorns[0].pid)[0]
 
+    def api_worker_pids(self) -> set[int]:
+        return {pid for g in self.gunicorns for pid in procs.children(g.pid)}
+
     def task_worker_pid(self) -> int:
         """One prefork child of the Celery worker, the peer of one appliance task worker."""
         assert self.worker is not None
