@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import secrets
 import sqlite3
 import stat
 import tarfile
@@ -35,10 +36,11 @@ def _user(app: Appliance, name: str) -> None:
     assert result.returncode == 0, result.stderr
 
 
-def _users(app: Appliance) -> str:
+def _users(app: Appliance) -> set[str]:
+    """The user names `appliance user list` shows (its second column)."""
     result = app.cli("user", "list")
     assert result.returncode == 0, result.stderr
-    return result.stdout
+    return {line.split()[1] for line in result.stdout.splitlines()[1:] if len(line.split()) > 1}
 
 
 def _members(archive: Path) -> dict[str, bytes]:
@@ -48,10 +50,12 @@ def _members(archive: Path) -> dict[str, bytes]:
 
 @pytest.mark.slow
 def test_round_trip_while_running(tmp_path, engine, request):
+    # Names of this test's own: on PostgreSQL the session's database holds other tests' users too.
+    bob, carol = f"bob_{secrets.token_hex(3)}", f"carol_{secrets.token_hex(3)}"
     app = _appliance(tmp_path, engine, request).start()
     try:
-        _user(app, "bob")
-        token = _login(app, "bob")
+        _user(app, bob)
+        token = _login(app, bob)
         status, body = http_json(app.port, "POST", "/tasks/submit", {"task_type": "sample", "data": {"n": 42}}, token)
         assert status in (200, 201, 202), body
         task_id = body["data"]["task_id"]
@@ -78,7 +82,7 @@ def test_round_trip_while_running(tmp_path, engine, request):
         refused = app.cli("restore", str(archive))
         assert refused.returncode == 1 and "while the appliance runs" in refused.stderr, refused.stderr
         assert (app.data / "appliance.toml").exists()
-        _user(app, "carol")  # after the backup: gone once it is restored
+        _user(app, carol)  # after the backup: gone once it is restored
     finally:
         assert app.stop() == 0
 
@@ -90,13 +94,13 @@ def test_round_trip_while_running(tmp_path, engine, request):
     if engine == "postgresql":
         assert (kept[0] / "database.pgdump").stat().st_size > 0  # the replaced database is kept too
     users = _users(app)
-    assert "bob" in users and "carol" not in users
+    assert bob in users and carol not in users, users
     assert (app.data / "uploads" / "u1" / "rows.csv").read_text() == "a,b\n1,2\n"
 
     app.start(wait=False)  # its log goes on after the first run's lines
     app.wait_for("appliance is up", timeout=90, after=1)
     try:
-        token = _login(app, "bob")
+        token = _login(app, bob)
         status, body = http_json(app.port, "GET", f"/tasks/status/{task_id}", token=token)
         assert status == 200 and body["data"]["status"] == "succeeded", body
     finally:
