@@ -70,9 +70,7 @@ def test_metrics_pass_promtool_move_with_traffic_and_stay_bounded(appliance: App
     status, body = http_json(appliance.port, "POST", "/tasks/submit", {"task_type": "sample", "data": {}}, token=token)
     assert status == 200, body
     done = 'appliance_tasks_total{status="succeeded",type="sample"}'
-    text = wait_until(lambda: (t := _scrape(appliance)) and _value(t, protected) >= before + 25 and _value(t, done) >= 1 and t, timeout=30)
-    assert text, "the request and task counters did not move"
-    for family in (
+    families = (
         "appliance_http_request_duration_seconds_bucket",
         "appliance_upstream_up",
         "appliance_upstream_in_flight",
@@ -80,8 +78,15 @@ def test_metrics_pass_promtool_move_with_traffic_and_stay_bounded(appliance: App
         "appliance_process_cpu_seconds_total",
         "appliance_process_resident_memory_bytes",
         "appliance_alerts_firing",
-    ):
-        assert re.search(rf"^{family}[{{ ]", text, re.M), family
+    )
+
+    def moved(t: str) -> bool:
+        # The counters moved, and the monitor's sampler has taken a sample since the appliance came up
+        # (the process and queue families come from its latest sample, one every sample_interval).
+        return _value(t, protected) >= before + 25 and _value(t, done) >= 1 and all(re.search(rf"^{f}[{{ ]", t, re.M) for f in families)
+
+    text = wait_until(lambda: (t := _scrape(appliance)) and moved(t) and t, timeout=30)
+    assert text, "the request and task counters did not move, or a family never appeared: " + _scrape(appliance)[-3000:]
     check = subprocess.run([PROMTOOL, "check", "metrics"], input=text.encode(), capture_output=True, timeout=30)
     assert check.returncode == 0, check.stdout.decode() + check.stderr.decode()
 
