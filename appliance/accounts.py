@@ -25,7 +25,10 @@ from appliance.db.models import User, database
 from appliance.times import utcnow
 
 USERNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{3,64}$")
-EMAIL_RE = re.compile(r"^[^@\s]{1,64}@[A-Za-z0-9.-]{1,253}\.[A-Za-z]{2,63}$")
+# The local part refuses '@', controls and every space, spelled out: the pattern is published in
+# /openapi.json, and `\s` means another set in JSON Schema's ECMA-262 regexes than in Python's.
+_NOT_LOCAL = r"@\x00-\x20\x7f-\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff"
+EMAIL_RE = re.compile(rf"^[^{_NOT_LOCAL}]{{1,64}}@[A-Za-z0-9.-]{{1,253}}\.[A-Za-z]{{2,63}}$")
 ROLES = ("admin", "user")
 
 

@@ -44,7 +44,9 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 PG_DUMP_FILE = "database.pgdump"
 SECRET_FILES = ("secrets.toml", "tls/key.pem")
-SKIPPED_DIRS = ("run",)  # locks, sockets, heartbeats and metrics of a running appliance: rebuilt at start
+# Runtime state of a running appliance, rebuilt at start: locks, sockets and heartbeats (run/), and
+# the live mmap'd prometheus files (metrics/, emptied by the supervisor; they change while archived).
+SKIPPED_DIRS = ("run", "metrics")
 
 
 class BackupError(Exception):
@@ -289,6 +291,18 @@ def _latest_schema() -> int:
     return max((number for number, _name, _func in migrations.MIGRATIONS), default=0)
 
 
+class _HashingReader:
+    """A file object that hashes what tarfile reads from it (the bytes that go into the archive)."""
+
+    def __init__(self, fh: Any):
+        self._fh, self.digest = fh, hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        chunk = self._fh.read(size)
+        self.digest.update(chunk)
+        return chunk
+
+
 def _write_archive(target: Path, manifest: dict[str, Any], members: list[tuple[Path, str]], progress: Progress) -> None:
     partial = target.with_name(f".{target.name}.partial")
     fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -305,8 +319,14 @@ def _write_archive(target: Path, manifest: dict[str, Any], members: list[tuple[P
                 info.uid = info.gid = 0
                 info.uname = info.gname = ""
                 info.mode = 0o600
+                expected = manifest["files"].get(name, {}).get("sha256")
                 with open(path, "rb") as fh:
-                    tar.addfile(info, fh)
+                    hashing = _HashingReader(fh)
+                    tar.addfile(info, hashing)
+                if expected is not None and hashing.digest.hexdigest() != expected:
+                    # A file that changed between the manifest and the archive would make a backup that
+                    # restore refuses: say so now, while the operator can run it again.
+                    raise BackupError(f"{path} changed while it was being backed up; run the backup again")
                 done += info.size
                 progress.fraction("archive", done / total)
             raw.flush()

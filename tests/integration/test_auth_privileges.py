@@ -35,7 +35,7 @@ def test_cli_role_and_active_changes_revoke_tokens_at_a_running_worker(tmp_path,
     pg_url = request.getfixturevalue("pg_url") if engine == "postgresql" else None
     cfg_path = worker_config(tmp_path / "data", pg_url=pg_url)
     _cli(cfg_path, "migrate")
-    name = f"carol{secrets.token_hex(3)}"  # the session's PostgreSQL database is shared with other tests
+    name = f"carol{secrets.token_hex(3)}"
     _cli(cfg_path, "user", "create", name, "--password-stdin", stdin=PASSWORD + "\n")
     worker = start_worker(cfg_path)
     try:

@@ -1,7 +1,7 @@
 """Shared fixtures of the task tests (no tests here): a backend per parameter, API client, users, workers.
 
 Backends: "sqlite" = SQLite database + SqliteHuey in the data dir; "postgresql" =
-the session's PostgreSQL database + Redis (PriorityRedisHuey) under a key prefix
+a fresh PostgreSQL database + Redis (PriorityRedisHuey) under a key prefix
 of its own. `TaskEnv` bundles the config, an in-process Falcon test client, three
 users (admin, alice, bob) with tokens, and helpers to start real worker and
 scheduler processes (tests.procs) and to wait for task states.
@@ -22,7 +22,7 @@ from falcon import testing
 from appliance import accounts, tokens
 from appliance import db as dbmod
 from appliance.config import load_config
-from appliance.db.models import ALL_MODELS, Task
+from appliance.db.models import Task
 from appliance.queue import records
 from tests import procs
 from tests.conftest import write_config
@@ -112,12 +112,6 @@ class TaskEnv:
         return Task.get_by_id(task_id)
 
 
-def _truncate(handle: Any, cfg: Any) -> None:
-    if dbmod.engine_name(cfg) == "postgresql":
-        tables = ", ".join(f'"{m._meta.table_name}"' for m in ALL_MODELS)
-        handle.execute_sql(f"TRUNCATE {tables} RESTART IDENTITY CASCADE")
-
-
 def make_env(kind: str, base: Path, request: pytest.FixtureRequest, **queue: Any) -> TaskEnv:
     sections: dict[str, Any] = {
         "queue": {
@@ -140,7 +134,6 @@ def make_env(kind: str, base: Path, request: pytest.FixtureRequest, **queue: Any
     cfg = load_config(path, env={})
     handle = dbmod.open_database(cfg)
     dbmod.migrate(handle)
-    _truncate(handle, cfg)
     from appliance.api.app import create_app
 
     client = testing.TestClient(create_app(cfg, db=handle, check_responses=True, load_apps=False))
