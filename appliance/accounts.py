@@ -1,7 +1,7 @@
 """User accounts: creation, passwords, roles, disabling. Used by the CLI and the API.
 
-Errors are AccountError with a snake_case code, the field at fault and the
-HTTP status they deserve, so the API renders them without translating.
+Errors are AccountError (an AppError) with a snake_case code, the field at
+fault and the HTTP status they deserve, so the API renders them like any other.
 
 User names are unique ignoring case (`Admin` cannot be registered beside
 `admin`; a unique index on lower(username) holds it under races) and are
@@ -20,8 +20,9 @@ from typing import Any
 import peewee as pw
 
 from appliance import passwords, revocation
-from appliance.db.errors import Conflict, translated
+from appliance.db.errors import ConstraintConflict, translated
 from appliance.db.models import User, database
+from appliance.errors import AppError
 from appliance.times import utcnow
 
 USERNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{3,64}$")
@@ -32,10 +33,12 @@ EMAIL_RE = re.compile(rf"^[^{_NOT_LOCAL}]{{1,64}}@[A-Za-z0-9.-]{{1,253}}\.[A-Za-
 ROLES = ("admin", "user")
 
 
-class AccountError(Exception):
+class AccountError(AppError):
+    """An account operation refused: code, message, the field at fault (also in details) and the status."""
+
     def __init__(self, code: str, message: str, field: str | None = None, status: int = 400):
-        self.code, self.message, self.field, self.status = code, message, field, status
-        super().__init__(message)
+        super().__init__(message, code=code, status=status, details={"field": field} if field else None)
+        self.field = field
 
 
 def validate_username(username: str) -> str:
@@ -73,7 +76,7 @@ def create_user(
     try:
         with translated(), database.atomic():
             return User.create(username=username, email=email, password_hash=hashed, role=role, full_name=full_name)
-    except Conflict:
+    except ConstraintConflict:
         raise AccountError("username_taken", "username or email is already taken", "username", 409) from None
 
 

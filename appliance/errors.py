@@ -1,8 +1,12 @@
 """One error hierarchy and one envelope for every HTTP answer of the appliance.
 
 Everything the API raises for a client descends from AppError (status, code,
-message, details); the API's single error handler and the balancer both build
-the body with `error_body`, so every error a client sees has the same shape:
+message, details, headers), as every falcon error descends from HTTPError: the
+core's own errors too (accounts.AccountError, tokens.TokenError,
+identity.IdentityError, logins.LoginRefused, and appliance.db.errors'
+DatabaseError family, which peewee errors are translated into). The API
+renders an AppError in one handler; it and the balancer build the body with
+`error_body`, so every error a client sees has the same shape:
 {"status": "error", "error": {"code", "message", "details"?, "request_id"?}}.
 """
 
@@ -29,7 +33,12 @@ def success_body(data: Any, **extra: Any) -> bytes:
 
 
 class AppError(Exception):
-    """A client-facing error: HTTP status, snake_case code, human sentence, optional details."""
+    """A client-facing error: HTTP status, snake_case code, human sentence, optional details.
+
+    `message` is what the client reads; `reason`, when given, is what `str()` says
+    instead (for logs and operators: a driver's text, why a signature failed), so
+    an error can keep its cause without showing it to the client.
+    """
 
     status = 400
     code = "bad_request"
@@ -42,8 +51,9 @@ class AppError(Exception):
         details: dict[str, Any] | None = None,
         status: int | None = None,
         headers: dict[str, str] | None = None,
+        reason: str | None = None,
     ):
-        super().__init__(message)
+        super().__init__(reason or message)
         self.message = message
         if code:
             self.code = code

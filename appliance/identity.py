@@ -27,6 +27,8 @@ from typing import Any
 
 import orjson
 
+from appliance.errors import Unauthorized
+
 HEADER = "X-Appliance-Identity"
 HEADER_LOWER = HEADER.lower()
 CLIENT_HEADER = "X-Appliance-Client"
@@ -36,8 +38,13 @@ MAX_AGE = 120.0  # seconds; the header is made per request, so it is always fres
 _FIELDS = ("sub", "usr", "role", "jti", "fam", "gen", "exp")
 
 
-class IdentityError(Exception):
-    """The identity header is forged, malformed or stale."""
+class IdentityError(Unauthorized):
+    """The identity header is forged, malformed or stale (401); `str()` says which, the client is not told."""
+
+    code = "invalid_identity"
+
+    def __init__(self, reason: str):
+        super().__init__("the identity header is not valid", reason=reason)
 
 
 def _b64(data: bytes) -> str:

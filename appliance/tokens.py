@@ -19,16 +19,17 @@ from typing import Any
 
 import jwt
 
+from appliance.errors import Unauthorized
+
 _REQUIRED = ["exp", "iat", "nbf", "iss", "aud", "jti", "sub", "typ"]
 
 
-class TokenError(Exception):
-    """A token was refused; `code` is the snake_case error code for the envelope."""
+class TokenError(Unauthorized):
+    """A token was refused (401); `code` is the snake_case error code for the envelope."""
 
     def __init__(self, code: str, message: str):
-        self.code = code
-        self.message = message
-        super().__init__(message)
+        challenge = f'Bearer realm="appliance", error="invalid_token", error_description="{message}"'
+        super().__init__(message, code=code, headers={"WWW-Authenticate": challenge})
 
 
 @dataclass(frozen=True)

@@ -28,9 +28,10 @@ Conventions for a route module (built-in, tasks/data, or an operator app)
   {"status": "success", "data": ..., "links"?, "metadata"?}; `data` may be a Struct,
   dict or list. Declare `response=` as the type of `data`.
 - Errors: raise appliance.errors.AppError subclasses (BadRequest, ValidationFailed,
-  Unauthorized, Forbidden, NotFound, Conflict, TooManyRequests, ...); AccountError,
-  TokenError and database errors are translated too; anything else is logged with its
-  traceback and answered as a 500 envelope with the request id.
+  Unauthorized, Forbidden, NotFound, Conflict, TooManyRequests, ...); the core's
+  AccountError, TokenError and database errors are AppErrors too, and a raw peewee error
+  is translated by appliance.db.errors; anything else is logged with its traceback and
+  answered as a 500 envelope with the request id.
 - The caller: `require_user(req)` / `require_admin(req)` return an Identity
   (user_id, username, role, jti, family, generation; `is_admin`).
   `current_identity(req)` returns None for anonymous callers.

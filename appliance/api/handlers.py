@@ -1,7 +1,9 @@
 """Exceptions become responses here, and only here.
 
-- AppError (appliance.errors) -> its status, code, message, details, headers.
-- AccountError, TokenError, IdentityError, database errors -> the AppError they mean.
+- AppError (appliance.errors) -> its status, code, message, details, headers; the core's
+  errors (AccountError, TokenError, IdentityError, LoginRefused, the database errors) are
+  AppErrors, so they take this path too.
+- a raw peewee error -> translated by appliance.db.errors.translate, then as above.
 - falcon's own HTTPError (404 no route, 405, 400 bad params, 413, 415, ...) -> the same envelope.
 - anything else -> logged with its traceback, answered as a plain 500 with the request id;
   no stack trace or exception text ever reaches the client.
@@ -16,10 +18,8 @@ from typing import Any
 import falcon
 import peewee as pw
 
-from appliance import accounts, tokens
 from appliance.db import errors as dberrors
 from appliance.errors import AppError, error_body
-from appliance.identity import IdentityError
 from appliance.logs import fields
 
 log = logging.getLogger(__name__)
@@ -52,32 +52,25 @@ def _write(req: falcon.Request, resp: falcon.Response, status: int, code: str, m
 
 
 def _app_error(req: falcon.Request, resp: falcon.Response, ex: AppError, params: Any) -> None:
+    if isinstance(ex, dberrors.DatabaseError):
+        _log_database(req, ex)
     for name, value in ex.headers.items():
         resp.set_header(name, value)
     _write(req, resp, ex.status, ex.code, ex.message, ex.details)
 
 
-def _account_error(req: falcon.Request, resp: falcon.Response, ex: accounts.AccountError, params: Any) -> None:
-    _write(req, resp, ex.status, ex.code, ex.message, {"field": ex.field} if ex.field else None)
+def _log_database(req: falcon.Request, ex: dberrors.DatabaseError) -> None:
+    if isinstance(ex, dberrors.DatabaseUnavailable):
+        log.warning("database unavailable: %s", str(ex)[:300], extra=fields(path=req.path))
+    elif not isinstance(ex, dberrors.ConstraintConflict):  # our bug or the schema's: keep the traceback
+        log.error("database error in %s %s", req.method, req.path, exc_info=ex, extra=fields(path=req.path, method=req.method))
 
 
-def _token_error(req: falcon.Request, resp: falcon.Response, ex: tokens.TokenError, params: Any) -> None:
-    resp.set_header("WWW-Authenticate", f'Bearer realm="appliance", error="invalid_token", error_description="{ex.message}"')
-    _write(req, resp, 401, ex.code, ex.message)
-
-
-def _identity_error(req: falcon.Request, resp: falcon.Response, ex: IdentityError, params: Any) -> None:
-    _write(req, resp, 401, "invalid_identity", "the identity header is not valid")
-
-
-def _db_unavailable(req: falcon.Request, resp: falcon.Response, ex: Exception, params: Any) -> None:
-    log.warning("database unavailable: %s", str(ex).strip()[:300], extra=fields(path=req.path))
-    resp.set_header("Retry-After", "2")
-    _write(req, resp, 503, "database_unavailable", "the database is not available; try again shortly")
-
-
-def _db_conflict(req: falcon.Request, resp: falcon.Response, ex: Exception, params: Any) -> None:
-    _write(req, resp, 409, "conflict", "the change conflicts with existing data")
+def _peewee_error(req: falcon.Request, resp: falcon.Response, ex: pw.PeeweeException, params: Any) -> None:
+    """A raw peewee error that no `translated()` block caught: translated here, then answered as ours."""
+    err = dberrors.translate(ex)
+    err.__cause__ = ex
+    _app_error(req, resp, err, params)
 
 
 def _falcon_error(req: falcon.Request, resp: falcon.Response, ex: falcon.HTTPError, params: Any) -> None:
@@ -108,11 +101,4 @@ def install(app: falcon.App) -> None:
     app.add_error_handler(Exception, _unexpected)
     app.add_error_handler(falcon.HTTPError, _falcon_error)
     app.add_error_handler(AppError, _app_error)
-    app.add_error_handler(accounts.AccountError, _account_error)
-    app.add_error_handler(tokens.TokenError, _token_error)
-    app.add_error_handler(IdentityError, _identity_error)
-    app.add_error_handler(dberrors.DatabaseUnavailable, _db_unavailable)
-    app.add_error_handler(pw.OperationalError, _db_unavailable)
-    app.add_error_handler(pw.InterfaceError, _db_unavailable)
-    app.add_error_handler(dberrors.Conflict, _db_conflict)
-    app.add_error_handler(pw.IntegrityError, _db_conflict)
+    app.add_error_handler(pw.PeeweeException, _peewee_error)

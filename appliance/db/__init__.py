@@ -2,16 +2,16 @@
 
 Offers: `open_database(cfg)` (binds every model in this process), the models
 (`from appliance.db.models import User, Task, ...`), `migrate()`, and the
-errors `DatabaseError`, `DatabaseUnavailable`, `Conflict` with `translated()`.
+errors `DatabaseError`, `DatabaseUnavailable`, `ConstraintConflict` (AppErrors) with `translated()`.
 """
 
 from appliance.db.connection import describe, engine_name, open_database, open_for_role
-from appliance.db.errors import Conflict, DatabaseError, DatabaseUnavailable, translated
+from appliance.db.errors import ConstraintConflict, DatabaseError, DatabaseUnavailable, translated
 from appliance.db.migrations import current_version, migrate, pending
 from appliance.db.models import database
 
 __all__ = [
-    "Conflict",
+    "ConstraintConflict",
     "DatabaseError",
     "DatabaseUnavailable",
     "current_version",

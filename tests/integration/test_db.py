@@ -35,7 +35,7 @@ def test_json_fields_and_history_round_trip(db) -> None:
 
 def test_unique_violation_becomes_conflict(db) -> None:
     User.create(username="bob", email="b@example.com", password_hash="x")
-    with pytest.raises(dbmod.Conflict), dbmod.translated(), db.atomic():
+    with pytest.raises(dbmod.ConstraintConflict), dbmod.translated(), db.atomic():
         User.create(username="bob", email="other@example.com", password_hash="x")
     assert User.select().count() == 1
 
@@ -236,7 +236,7 @@ def test_recovery_codes_table_exists_after_migration(db) -> None:
 
     user = User.create(username="rita", email="r@example.com", password_hash="x")
     RecoveryCode.create(user=user, code_hash="h" * 64)
-    with pytest.raises(dbmod.Conflict), dbmod.translated(), db.atomic():
+    with pytest.raises(dbmod.ConstraintConflict), dbmod.translated(), db.atomic():
         RecoveryCode.create(user=user, code_hash="h" * 64)
 
 
@@ -265,7 +265,7 @@ def test_case_clashing_user_names_make_the_migration_refuse_naming_them(engine, 
         User.update(username="admin-old").where(User.id == ids["Admin"]).execute()
         User.delete().where(User.id == ids["BOB"]).execute()
         assert dbmod.migrate(handle) == [(3, "user names unique ignoring case")]
-        with pytest.raises(dbmod.Conflict), dbmod.translated(), handle.atomic():
+        with pytest.raises(dbmod.ConstraintConflict), dbmod.translated(), handle.atomic():
             User.create(username="CAROL", email="c2@example.com", password_hash="x")
     finally:
         handle.close_all() if hasattr(handle, "close_all") else handle.close()

@@ -7,12 +7,14 @@ import time
 
 import falcon
 import jwt
+import peewee as pw
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from appliance import identity, tokens
+from appliance import accounts, identity, tokens
 from appliance.api import openapi
+from appliance.db import errors as dberrors
 from tests.api_support import AUTH, bearer, client_for, register, user_token
 
 
@@ -76,6 +78,62 @@ def test_unexpected_exceptions_become_500_without_details(db_config, db, caplog)
     err = _envelope_error(r, 500, "internal_error")
     assert "secret internals" not in r.text and err["request_id"] == "trace-me-1"
     assert any("secret internals" in (rec.exc_text or str(rec.exc_info)) for rec in caplog.records if rec.exc_info)
+
+
+def test_every_error_of_the_core_is_an_app_error():
+    from appliance import accounts, errors, logins
+    from appliance.db import errors as dberrors
+
+    for cls in (accounts.AccountError, tokens.TokenError, identity.IdentityError, logins.LoginRefused, dberrors.DatabaseError):
+        assert issubclass(cls, errors.AppError), cls
+    assert not hasattr(dberrors, "Conflict")  # one class named Conflict: appliance.errors.Conflict
+    refused = identity.IdentityError("identity header is stale")
+    assert (refused.status, refused.code, refused.message, str(refused)) == (
+        401,
+        "invalid_identity",
+        "the identity header is not valid",
+        "identity header is stale",
+    )
+
+
+@pytest.mark.parametrize(
+    ("raised", "status", "code", "message"),
+    [
+        (
+            lambda: pw.OperationalError("could not connect to server at 10.0.0.5"),
+            503,
+            "database_unavailable",
+            "the database is not available",
+        ),
+        (lambda: pw.InterfaceError("connection already closed"), 503, "database_unavailable", "the database is not available"),
+        (lambda: pw.IntegrityError("UNIQUE constraint failed: user.email"), 409, "conflict", "the change conflicts"),
+        (lambda: pw.ProgrammingError('syntax error at or near "SELEKT"'), 500, "internal_error", "the server hit an unexpected error"),
+        (lambda: dberrors.DatabaseUnavailable("database is locked"), 503, "database_unavailable", "the database is not available"),
+        (lambda: accounts.AccountError("email_taken", "email is already registered", "email", 409), 409, "email_taken", "email is"),
+        (lambda: tokens.TokenError("token_expired", "token has expired"), 401, "token_expired", "token has expired"),
+    ],
+)
+def test_core_and_raw_database_errors_answer_their_envelope(db_config, db, raised, status, code, message):
+    """Raw peewee errors are translated in appliance.db.errors; no driver text reaches the client."""
+    from appliance.api.app import create_app
+
+    app = create_app(db_config)
+
+    class Raise:
+        def on_get(self, req, resp):
+            raise raised()
+
+    app.add_route("/raise", Raise())
+    r = falcon.testing.TestClient(app).simulate_get("/raise")
+    err = _envelope_error(r, status, code)
+    assert err["message"].startswith(message), err
+    assert not any(word in r.text for word in ("10.0.0.5", "UNIQUE", "SELEKT", "locked", "closed"))
+    if status == 503:
+        assert r.headers["retry-after"] == "2"
+    if code == "email_taken":
+        assert err["details"] == {"field": "email"}
+    if code == "token_expired":
+        assert 'error="invalid_token"' in r.headers["www-authenticate"]
 
 
 def test_request_id_echoed_or_generated(client):

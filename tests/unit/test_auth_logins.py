@@ -11,7 +11,7 @@ import pyotp
 import pytest
 
 from appliance import accounts, identity, logins
-from appliance.db import Conflict, translated
+from appliance.db import ConstraintConflict, translated
 from appliance.db.models import AuditEvent, RecoveryCode, TokenFamily, User
 from tests.api_support import AUTH, PASSWORD, bearer, client_for, login, register
 
@@ -117,7 +117,7 @@ def test_user_names_are_unique_ignoring_case_and_login_ignores_case(client):
     with pytest.raises(accounts.AccountError) as exc:
         accounts.create_user("SAM", None, PASSWORD, rounds=10)
     assert exc.value.status == 409
-    with pytest.raises(Conflict), translated():  # the unique index on lower(username) holds under races too
+    with pytest.raises(ConstraintConflict), translated():  # the unique index on lower(username) holds under races too
         User.create(username="sAm", email="s3@example.com", password_hash="x")
     data = login(client, "SAM")
     assert data["user"]["username"] == "Sam"
