@@ -3,7 +3,8 @@
 Each benchmark is a module bench/<name>.py (or package) with `main(argv) -> int`;
 the names come first, every argument from the first option on goes to each of
 them. `make bench` runs `stack`: the appliance against the reference stack
-(bench/stack/). `python -m bench all` runs every benchmark there is.
+(bench/stack/), then `locust`: the reference design's locust load test
+(bench/locust/). `python -m bench all` runs every benchmark there is.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-KNOWN = ("stack", "balancer", "tasks")  # in this order when present; others after them
+KNOWN = ("stack", "locust", "balancer", "tasks")  # in this order when present; others after them
 DEFAULT = ["stack"]
 
 
