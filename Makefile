@@ -59,14 +59,17 @@ test-systemd: $(STAMP)
 # The appliance against the whole reference stack, one table into bench/results/latest.md (bench/stack/).
 # wrk and nginx come from Debian at bench time only; the install starts a system nginx on port 80, stopped
 # again here. PostgreSQL/Redis: APPLIANCE_TEST_PG_URL / APPLIANCE_TEST_REDIS_URL (from .ci/test-env when not set).
-# BENCH_ARGS=--quick for a short run.
+# BENCH_ARGS=--quick for a short run. Then the reference design's locust test (bench/locust/), 60 s with 5 and
+# with 20 users against `appliance run` on the default config, adds its section to the same file (LOCUST_ARGS).
 BENCH_ARGS ?=
+LOCUST_ARGS ?=
 
 bench: $(STAMP)
 	@command -v wrk >/dev/null && command -v nginx >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk nginx >/dev/null \
 		&& if [ -f /run/nginx.pid ]; then kill "$$(cat /run/nginx.pid)"; fi)
 	$(BIN)/pip install -q -e '.[bench]'
 	@if [ -z "$$APPLIANCE_TEST_PG_URL" ] && [ -f .ci/test-env ]; then . ./.ci/test-env; fi; $(BIN)/python -m bench stack $(BENCH_ARGS)
+	$(BIN)/python -m bench locust $(LOCUST_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist .pytest_cache .ruff_cache
