@@ -55,6 +55,8 @@ class Run:
     p99: float
     reasons: list[Failure] = field(default_factory=list)
     refused_by_zone: dict[str, int] = field(default_factory=dict)  # the appliance's own counters
+    logins: int = 0  # POST /auth/login requests and their median (bcrypt: they make the tail of a short run)
+    login_p50: float = float("nan")
 
     def count(self, kind: str) -> int:
         return sum(f.count for f in self.reasons if f.kind == kind)
@@ -121,10 +123,12 @@ def read_failures(path: Path) -> list[Failure]:
 def read_run(prefix: Path, users: int, zones: Iterable[Any], refused_by_zone: dict[str, int] | None = None) -> Run:
     """The Aggregated row of <prefix>_stats.csv and the labelled lines of <prefix>_failures.csv."""
     with Path(f"{prefix}_stats.csv").open(newline="") as fh:
-        agg = next(r for r in csv.DictReader(fh) if r["Name"] == "Aggregated")
+        rows = list(csv.DictReader(fh))
+    agg = next(r for r in rows if r["Name"] == "Aggregated")
+    login = next((r for r in rows if r["Name"] == LOGIN and r["Type"] == "POST"), {})
 
-    def num(key: str) -> float:
-        value = agg.get(key) or "nan"
+    def num(key: str, row: dict[str, str] = agg) -> float:
+        value = row.get(key) or "nan"
         return float("nan") if value == "N/A" else float(value)
 
     failures = label(read_failures(Path(f"{prefix}_failures.csv")), zones, refused_by_zone)
@@ -138,6 +142,8 @@ def read_run(prefix: Path, users: int, zones: Iterable[Any], refused_by_zone: di
         p99=num("99%"),
         reasons=sorted(failures, key=lambda f: (KINDS.index(f.kind), -f.count)),
         refused_by_zone=dict(refused_by_zone or {}),
+        logins=int(login.get("Request Count") or 0),
+        login_p50=num("50%", login),
     )
 
 
@@ -169,8 +175,9 @@ def render(runs: list[Run], header: list[str], notes: list[str]) -> str:
     for r in runs:
         zones = ", ".join(f"{z} {n:,}" for z, n in sorted(r.refused_by_zone.items())) or "none"
         reasons = "; ".join(f"{f.count:,} × {f.method} {f.name}: {f.label}" for f in r.reasons) or "none"
+        logins = f" Logins: {r.logins} (p50 {r.login_p50:,.0f} ms, bcrypt)." if r.logins else ""
         out.append(
-            f"- {r.users} users, failures by reason: {reasons}. Refused by the appliance's rate-limit zones (its own counter): {zones}."
+            f"- {r.users} users, failures by reason: {reasons}. Refused by the appliance's rate-limit zones (its own counter): {zones}.{logins}"
         )
     out += [*[f"- {n}" for n in notes], ""]
     return "\n".join(out)

@@ -19,6 +19,7 @@ def _write_run(prefix: Path, failures: list[tuple[str, str, str, int]]) -> None:
     Path(f"{prefix}_stats.csv").write_text(
         STATS_HEADER
         + "\nGET,/health/ping,300,0,3,4,1,90,60,5.0,0.0,3,4,4,5,6,8,12,20,90,90,90"
+        + "\nPOST,/auth/login,20,14,4,500,1,2600,60,0.3,0.2,1900,2000,2100,2200,2400,2500,2600,2600,2600,2600,2600"
         + "\n,Aggregated,1200,61,4,9.5,1,1100,120,20.25,1.0,4,5,6,7,9,19,300,1100,1100,1100,1100\n"
     )
     with open(f"{prefix}_failures.csv", "w", newline="") as fh:
@@ -58,6 +59,7 @@ def test_a_run_is_read_and_its_failures_are_told_apart(tmp_path: Path):
     )
     run = summary.read_run(prefix, 20, ZONES, {"login": 14, "api": 0})
     assert (run.users, run.requests, run.failures, run.rps, run.p50, run.p95, run.p99) == (20, 1200, 61, 20.25, 4, 19, 1100)
+    assert (run.logins, run.login_p50) == (20, 1900)
     assert run.count(summary.INTENDED) == 14
     assert run.count(summary.AFTER_LOGIN) == 30
     assert run.count(summary.UNEXPECTED) == 2 + 3  # a 429 no zone covers is not the config's doing
