@@ -142,7 +142,10 @@ class BalancerSettings(Section):
 
 class ApiSettings(Section):
     workers: Annotated[int, _h("API worker processes; 0 means one per CPU", ge=0, le=256)] = 0
-    base_port: Annotated[int, _h("loopback port of the first worker; others follow", ge=1024, le=65000)] = 8101
+    base_port: Annotated[
+        int,
+        _h("0: each worker gets a loopback port the kernel picks (no planning); else worker i listens on base_port + i", ge=0, le=65000),
+    ] = 0
     threads: Annotated[int, _h("waitress threads per worker", ge=1, le=256)] = 8
     connection_limit: Annotated[int, _h("waitress connections per worker", ge=10, le=100000)] = 1000
     max_body_bytes: Annotated[int, _h("largest JSON body a worker accepts (413 beyond)", ge=1024)] = 1048576
@@ -259,7 +262,9 @@ class AlertSettings(Section):
 
 class MonitorSettings(Section):
     enabled: Annotated[bool, _h("run the monitor process (/status, /metrics)")] = True
-    port: Annotated[int, _h("loopback port of the monitor", ge=1024, le=65535)] = 8190
+    port: Annotated[
+        int, _h("0: a loopback port the kernel picks (no planning); else the monitor's fixed loopback port", ge=0, le=65535)
+    ] = 0
     sample_interval: Annotated[
         float, _h("seconds between samples of the status page's collectors (an hour of them is kept)", gt=0, le=3600)
     ] = 2.0
@@ -445,6 +450,9 @@ def _check_relations(cfg: Config, where: str, problems: list[str]) -> None:
     for label, addr in (("listen", cfg.balancer.listen), ("redirect_listen", cfg.balancer.redirect_listen)):
         if addr and not _is_host_port(addr):
             problems.append(f"{where}: [balancer] {label} = {addr!r} is invalid; allowed: host:port, e.g. 127.0.0.1:8080")
+    for label, port in (("[api] base_port", cfg.api.base_port), ("[monitor] port", cfg.monitor.port)):
+        if 0 < port < 1024:
+            problems.append(f"{where}: {label} = {port} is invalid; allowed: 0 (the kernel picks a free port) or 1024 and above")
     names = [z.name for z in cfg.rate_limits.zones]
     for dup in sorted({n for n in names if names.count(n) > 1}):
         problems.append(f"{where}: [rate_limits] zone name {dup!r} is used more than once; zone names must be unique")

@@ -13,3 +13,8 @@ LISTEN_FDS_ENV = "APPLIANCE_LISTEN_FDS"
 RUN_DIR = "run"
 UPSTREAMS_FILE = "upstreams.json"  # supervisor -> balancer: the local upstream groups, versioned
 BALANCER_STATE_FILE = "balancer-state.json"  # balancer -> supervisor: what it applied, in flight per upstream
+
+# Environment: the file an internal listener (api worker, monitor) writes the loopback "host:port" it bound to,
+# so the supervisor learns a port the kernel picked (appliance/listen_address.py).
+ADDRESS_FILE_ENV = "APPLIANCE_ADDRESS_FILE"
+ADDRESS_DIR = "addresses"  # under RUN_DIR: one file per process, named like its heartbeat file

@@ -32,12 +32,18 @@ FILE_ENV = "APPLIANCE_HEARTBEAT_FILE"
 PARENT_ENV = "APPLIANCE_SUPERVISOR_PID"
 
 _status = "starting"
+_info: dict[str, Any] = {}
 
 
 def set_status(status: str) -> None:
     """What this process is doing, as shown in /health/nodes (starting, running, draining, stopping)."""
     global _status
     _status = status
+
+
+def set_info(**values: Any) -> None:
+    """Facts shown in this process's /health/nodes info from the next beat on (e.g. its listening address)."""
+    _info.update(values)
 
 
 def node_id(cfg: Any, role: str, index: int) -> str:
@@ -135,7 +141,7 @@ class Heartbeat(threading.Thread):
             "rss": rss,
             "started_at": self.started_at,
             "last_heartbeat": now,
-            "info": {"index": self.index},
+            "info": {"index": self.index, **_info},
         }
         try:
             if self._db is None:

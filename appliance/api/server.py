@@ -1,4 +1,7 @@
-"""The api role: `serve(cfg, index)` runs one worker, waitress on 127.0.0.1:(base_port + index).
+"""The api role: `serve(cfg, index)` runs one worker, waitress on a loopback port.
+
+The port is the kernel's pick (127.0.0.1:0, announced to the supervisor: listen_address.py), or
+base_port + index when the operator pinned [api] base_port.
 
 Boot: point prometheus at the shared metrics dir (before it is imported), open
 the database (the supervisor migrates; a standalone worker migrates a stale
@@ -127,7 +130,9 @@ def serve(cfg: Any, index: int) -> int:
         return EXIT_BOOT_FAILURE
     import waitress
 
-    port = cfg.api.base_port + index
+    from appliance import listen_address
+
+    port = listen_address.port_for(cfg.api.base_port, index)
     body_limit = max(cfg.api.max_body_bytes, cfg.api.upload_max_bytes) + 1048576
     try:
         server = waitress.create_server(
@@ -144,11 +149,17 @@ def serve(cfg: Any, index: int) -> int:
     except OSError as exc:
         log.error("cannot listen on 127.0.0.1:%d: %s", port, exc.strerror or exc)
         return 1
+    port = server.effective_port
+    try:
+        address = listen_address.announce(port)
+    except OSError as exc:
+        log.error("cannot announce the address 127.0.0.1:%d to the supervisor: %s", port, exc)
+        return 1
     app.ctx.start_background()
     drainer = Drainer(server, app.ctx, cfg.supervisor.grace_period)
     signal.signal(signal.SIGTERM, drainer.start)
     signal.signal(signal.SIGINT, drainer.start)
-    log.info("api worker ready", extra=fields(index=index, port=port, threads=cfg.api.threads, node_id=app.ctx.node_id))
+    log.info("api worker ready", extra=fields(index=index, address=address, threads=cfg.api.threads, node_id=app.ctx.node_id))
     try:
         server.run()
     finally:

@@ -3,13 +3,15 @@
 Upstream groups come from <data_dir>/run/upstreams.json, written by the
 supervisor (write tmp + os.replace) and announced with SIGUSR1; the file's
 mtime is also polled as a fallback. Its shape:
-  {"version": 3, "groups": {"api": [{"address": "127.0.0.1:8101", "weight": 1, "state": "up"}],
-                            "monitor": [{"address": "127.0.0.1:8190", "weight": 1, "state": "up"}]}}
+  {"version": 3, "groups": {"api": [{"address": "127.0.0.1:40113", "weight": 1, "state": "up"}],
+                            "monitor": [{"address": "127.0.0.1:40127", "weight": 1, "state": "up"}]}}
+(the ports the kernel picked for each child, which the supervisor learnt from it).
 A "draining" upstream gets no new requests; one that disappears from the file
 is drained and removed once nothing is in flight. Without the file (a
 standalone balancer) the groups are the api workers at 127.0.0.1:[api]
-base_port + i and the monitor port. Remote upstreams of [balancer] upstreams
-are added to their group either way.
+base_port + i and the monitor at [monitor] port, when those are pinned (without
+a supervisor nobody knows a port the kernel picked). Remote upstreams of
+[balancer] upstreams are added to their group either way.
 
 The balancer answers in <data_dir>/run/balancer-state.json (atomically, at most
 every 0.5 s and after each reload): the last applied version and, per group,
@@ -63,11 +65,17 @@ class UpstreamTable:
 
     # -- which upstreams ------------------------------------------------------------------
     def standalone(self) -> dict[str, Any]:
+        """The local groups without a supervisor: the pinned ports of [api] base_port and [monitor] port."""
         cfg = self.cfg
+        base = cfg.api.base_port
         groups: dict[str, list[dict[str, Any]]] = {
-            "api": [{"address": f"127.0.0.1:{cfg.api.base_port + i}", "weight": 1, "state": "up"} for i in range(cfg.api_workers)]
+            "api": [{"address": f"127.0.0.1:{base + i}", "weight": 1, "state": "up"} for i in range(cfg.api_workers)] if base else []
         }
-        if cfg.monitor.enabled:
+        if not base:
+            log.warning(
+                "no %s and [api] base_port = 0: no local api workers; pin [api] base_port to run without the supervisor", CONTROL_FILE
+            )
+        if cfg.monitor.enabled and cfg.monitor.port:
             groups["monitor"] = [{"address": f"127.0.0.1:{cfg.monitor.port}", "weight": 1, "state": "up"}]
         return {"version": 0, "groups": groups}
 

@@ -17,6 +17,7 @@ import socket
 from typing import Any
 
 from appliance import identity, metrics
+from appliance.contract import RUN_DIR
 from appliance.errors import error_body
 from appliance.times import now_iso
 
@@ -99,32 +100,34 @@ def make_app(cfg: Any, node_id: str, site: Any = None, exposition: Any = None) -
 
 
 def serve(cfg: Any, index: int) -> int:
-    """Role entry: serve the monitor on 127.0.0.1:[monitor] port until SIGTERM."""
+    """Role entry: serve the monitor on loopback until SIGTERM: the kernel's pick of port, or [monitor] port when set."""
     metrics.prepare(cfg)
     from waitress.server import create_server
 
+    from appliance import listen_address
     from appliance.db.connection import open_database
     from appliance.monitor.sampler import Sampler
     from appliance.monitor.web import StatusSite
 
     node_id = f"{cfg.server.node_name or socket.gethostname()}:monitor:{index}"
     db = open_database(cfg)
-    sampler = Sampler(cfg, db, cfg.path("run"))
+    sampler = Sampler(cfg, db, cfg.path(RUN_DIR))
     sampler.start()
     site = StatusSite(cfg, sampler, db)
     server = create_server(
         make_app(cfg, node_id, site, conventional_exposition(sampler, db)),
         host="127.0.0.1",
-        port=cfg.monitor.port,
+        port=listen_address.port_for(cfg.monitor.port),
         threads=4,
         ident="appliance-monitor",
     )
+    address = listen_address.announce(server.effective_port)
 
     def stop(signum: int, frame: Any) -> None:
         raise SystemExit(0)  # waitress's run() catches it and shuts its task threads down
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    log.info("monitor listening", extra={"fields": {"address": f"127.0.0.1:{cfg.monitor.port}", "pid": os.getpid()}})
+    log.info("monitor listening", extra={"fields": {"address": address, "pid": os.getpid()}})
     server.run()
     return 0

@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from appliance import roles
-from appliance.contract import LISTEN_FDS_ENV
+from appliance import listen_address, roles
+from appliance.contract import ADDRESS_DIR, ADDRESS_FILE_ENV, LISTEN_FDS_ENV
 from appliance.heartbeat import FILE_ENV, PARENT_ENV
 from appliance.logs import fields
 from appliance.supervisor import phases, readiness
@@ -117,6 +117,7 @@ class Arbiter:
         self.clock = clock
         self.channel = Channel(settings.run_dir)
         self.heartbeat_dir = settings.run_dir / "heartbeat"
+        self.address_dir = settings.run_dir / ADDRESS_DIR  # where children that listen announce their port
         self.children: list[Child] = []
         self.signals: deque[int] = deque()
         self.phase: Phase | None = None
@@ -138,9 +139,10 @@ class Arbiter:
 
     def run(self) -> int:
         """Run until stopped; the exit status of `appliance run`."""
-        self.heartbeat_dir.mkdir(parents=True, exist_ok=True)
-        for stale in self.heartbeat_dir.iterdir():
-            stale.unlink(missing_ok=True)
+        for folder in (self.heartbeat_dir, self.address_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+            for stale in folder.iterdir():
+                stale.unlink(missing_ok=True)
         self.channel.reset()
         self._install_signals()
         self.phase = phases.startup(self)
@@ -264,6 +266,10 @@ class Arbiter:
         env = dict(self.base_env)
         env[roles.CONFIG_ENV] = child.cfg.to_json().decode()
         env[FILE_ENV] = str(hb)
+        self._forget_address(child)
+        if child.kind.listens:  # it announces where it listens here; a port the kernel picked is learnt from it
+            child.address_file = self.address_dir / hb.name
+            env[ADDRESS_FILE_ENV] = str(child.address_file)
         fds: tuple[int, ...] = ()
         if child.kind.listeners and self.listeners:
             fds = tuple(s.fileno() for s in self.listeners)
@@ -320,6 +326,7 @@ class Arbiter:
     def _on_exit(self, child: Child, code: int, now: float) -> None:
         pid = child.proc.pid if child.proc else 0
         child.proc, child.exit_status = None, code
+        self._forget_address(child)
         if self.on_dead:
             with contextlib.suppress(Exception):
                 self.on_dead(pid)
@@ -398,13 +405,29 @@ class Arbiter:
 
     def is_ready(self, child: Child, now: float) -> bool:
         kind = child.kind
-        if kind.readiness == "http" and kind.port:
-            return readiness.http_ok(kind.port(child.index), kind.ready_path)
-        if kind.readiness == "tcp" and kind.port:
-            return readiness.tcp_ok(kind.port(child.index))
+        if kind.readiness in ("http", "tcp") and kind.listens:
+            address = child.address or self._learn_address(child)
+            if address is None:  # it has not bound its port yet
+                return False
+            return readiness.http_ok(address, kind.ready_path) if kind.readiness == "http" else readiness.tcp_ok(address)
         if kind.readiness == "balancer":
             return readiness.balancer_ready(self.channel.state_path, child.started_wall, child.pid or 0)
         return readiness.heartbeat_ready(self.heartbeat_path(child), child.started_wall, now - child.started_at)
+
+    def _learn_address(self, child: Child) -> str | None:
+        if child.address_file is None:
+            return None
+        child.address = listen_address.read(child.address_file)
+        if child.address is not None:
+            log.info("%s listens on %s", child.name, child.address, extra=fields(child_role=child.kind.role, address=child.address))
+        return child.address
+
+    def _forget_address(self, child: Child) -> None:
+        """A process that ends (or is replaced) takes a port the kernel picked with it; a fixed one stays."""
+        if child.address_file is not None:
+            child.address_file.unlink(missing_ok=True)
+            child.address_file = None
+        child.address = child.kind.address(child.index)
 
     def _check_hung(self) -> None:
         if self.stopping:
@@ -428,7 +451,7 @@ class Arbiter:
     def upstream_groups(self) -> dict[str, list[tuple[str, str]]]:
         groups: dict[str, list[tuple[str, str]]] = {k.group: [] for k in self.kinds if k.group}
         for child in self.children:
-            group, address = child.kind.group, child.kind.address(child.index)
+            group, address = child.kind.group, child.address
             if group and address and child.proc is not None and child.state in ("up", "draining"):
                 groups.setdefault(group, []).append((address, "draining" if child.state == "draining" else "up"))
         return groups
@@ -510,7 +533,7 @@ class Arbiter:
                 "state": c.state,
                 "restarts": c.restarts,
                 "started": c.started_wall if c.proc is not None else None,
-                "address": c.kind.address(c.index),
+                "address": c.address,
                 "exit_status": c.exit_status,
                 "via": c.via,
             }

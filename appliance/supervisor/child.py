@@ -41,6 +41,8 @@ class Child:
     exit_status: int | None = None
     heartbeat: Path | None = None  # this process's own file: an old and a new process may share an index
     via: str = ""  # how the process was started: "template" (forked from it) or "exec"
+    address: str | None = None  # where it listens: the kind's fixed address, or the one it announced
+    address_file: Path | None = None  # where it announces it (a kind that listens on a port the kernel picks)
 
     @property
     def name(self) -> str:

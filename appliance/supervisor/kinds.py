@@ -4,7 +4,9 @@ Each Kind says: the role, how many processes, how readiness is checked, whether
 a dead one is restarted, whether it sits behind the balancer (taken out of
 upstreams.json and drained before it stops), how it is replaced on SIGHUP
 (started next to the old one, or stopped first because only one may run), and
-its port for an index. The arbiter knows nothing about roles beyond this table,
+whether it listens on loopback: at a fixed port for an index, or (port 0, the
+default) at one the kernel picks, which the child announces and the arbiter
+reads back (appliance/listen_address.py). The arbiter knows nothing about roles beyond this table,
 so tests can run it with stand-in children.
 """
 
@@ -16,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from appliance import roles
+from appliance import listen_address, roles
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +31,7 @@ class Kind:
     count: int
     readiness: Readiness
     command: Callable[[int], list[str]]
-    port: Callable[[int], int] | None = None
+    port: Callable[[int], int] | None = None  # its loopback port for an index; 0: the kernel picks, the child announces it
     group: str | None = None  # upstream group in upstreams.json (api, monitor)
     drained: bool = False  # taken out of the balancer and drained before it stops
     replace: Literal["overlap", "stop_first", "never"] = "overlap"
@@ -37,8 +39,15 @@ class Kind:
     listeners: bool = False  # gets the public listening sockets (APPLIANCE_LISTEN_FDS + pass_fds)
     ready_path: str = "/health/ping"  # for readiness "http"
 
+    @property
+    def listens(self) -> bool:
+        """True when its processes serve HTTP on loopback (and so have an address)."""
+        return self.port is not None
+
     def address(self, index: int) -> str | None:
-        return f"127.0.0.1:{self.port(index)}" if self.port else None
+        """The fixed address of process `index`, or None when it has none or the kernel picks its port."""
+        port = self.port(index) if self.port else 0
+        return f"127.0.0.1:{port}" if port else None
 
 
 def child_command(role: str, index: int, log_format: str) -> list[str]:
@@ -68,7 +77,7 @@ def appliance_kinds(cfg: Any, log_format: str, available: Callable[[str], bool] 
             count=cfg.api_workers,
             readiness="http",
             command=cmd("api"),
-            port=lambda i: cfg.api.base_port + i,
+            port=lambda i: listen_address.port_for(cfg.api.base_port, i),
             group="api",
             drained=True,
         ),
@@ -79,7 +88,7 @@ def appliance_kinds(cfg: Any, log_format: str, available: Callable[[str], bool] 
             count=1 if cfg.monitor.enabled else 0,
             readiness="tcp",
             command=cmd("monitor"),
-            port=lambda i: cfg.monitor.port,
+            port=lambda i: listen_address.port_for(cfg.monitor.port),
             group="monitor",
             replace="stop_first",
         ),

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance import heartbeat, metrics, onefile
+from appliance.contract import RUN_DIR
 from appliance.logs import setup_logging
 from appliance.supervisor.arbiter import Arbiter, Settings, child_env
 from appliance.supervisor.channel import Channel
@@ -41,7 +42,7 @@ EXIT_OK, EXIT_FAIL, EXIT_CONFIG = 0, 1, 2
 
 
 def run_dir(cfg: Any) -> Path:
-    return cfg.path("run")
+    return cfg.path(RUN_DIR)
 
 
 def public_url(cfg: Any) -> str:

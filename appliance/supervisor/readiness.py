@@ -1,7 +1,8 @@
 """Is a starting child ready? One small probe per kind of readiness, each bounded by a short timeout.
 
-- http: GET <path> on the child's loopback port answers 200 (api workers: /health/ping).
-- tcp: the child's port accepts a connection (monitor).
+- http: GET <path> at the child's loopback address answers 200 (api workers: /health/ping).
+- tcp: the child's address accepts a connection (monitor).
+  (Both once the address is known: a port the kernel picked is first announced by the child.)
 - balancer: the balancer wrote run/balancer-state.json since it started (the
   supervisor holds the listening socket, so "it accepts" proves nothing);
   when the state names a pid, it must be this child's.
@@ -19,8 +20,15 @@ from pathlib import Path
 MIN_UP = 0.25  # seconds a heartbeat-ready child must stay up before it counts
 
 
-def http_ok(port: int, path: str = "/health/ping", timeout: float = 0.5) -> bool:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+def _split(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def http_ok(address: str, path: str = "/health/ping", timeout: float = 0.5) -> bool:
+    """GET `path` at "host:port" answers 200."""
+    host, port = _split(address)
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
     try:
         conn.request("GET", path, headers={"X-Request-ID": "supervisor-readiness"})
         resp = conn.getresponse()
@@ -32,8 +40,9 @@ def http_ok(port: int, path: str = "/health/ping", timeout: float = 0.5) -> bool
         conn.close()
 
 
-def tcp_ok(port: int, timeout: float = 0.3) -> bool:
-    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=timeout):
+def tcp_ok(address: str, timeout: float = 0.3) -> bool:
+    """The address ("host:port") accepts a connection."""
+    with contextlib.suppress(OSError), socket.create_connection(_split(address), timeout=timeout):
         return True
     return False
 

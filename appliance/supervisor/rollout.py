@@ -5,9 +5,10 @@ signals and crashes are still handled while it waits):
 1. RELOADING=1 to systemd; read and validate the config file again. An
    invalid one is refused with a log line naming the problem; the old
    config keeps serving (READY=1 again).
-2. For each api worker slot in turn: start a new worker on a spare port
-   (base_port + workers + slot, alternating with base_port + slot on the next
-   reload), wait until it answers /health/ping, let the loop add it to
+2. For each api worker slot in turn: start a new worker on a spare index
+   (workers + slot, alternating with slot on the next reload; so a spare port
+   when base_port is pinned, and its own port the kernel picks by default),
+   wait until it answers /health/ping, let the loop add it to
    upstreams.json, mark the old one draining (no new requests), wait until
    balancer-state.json shows the balancer applied that and has nothing in
    flight to it (bounded by grace_period), then SIGTERM the old one.
@@ -180,7 +181,7 @@ def drain(arb: Arbiter, child: Child) -> Phase:
     child.state = "draining"
     yield  # the loop publishes upstreams.json with it draining and signals the balancer
     version = arb.channel.version
-    address = child.kind.address(child.index)
+    address = child.address
     if not arb.balancer_serving() or not address or not child.kind.group:
         return
     deadline = arb.clock() + arb.settings.grace_period
@@ -211,8 +212,8 @@ def discard(arb: Arbiter, child: Child) -> Phase:
 
 
 def spare_index(arb: Arbiter, kind: Kind, old: Child) -> int:
-    """Index (so port) for the process replacing `old`: api workers alternate between slot and slot + count."""
-    if kind.port is None:
+    """Index (so node id, and fixed port if any) for the process replacing `old`: api workers alternate between slot and slot + count."""
+    if not kind.listens:
         return old.index
     used = {c.index for c in arb.children if c.kind.role == kind.role}
     for candidate in (old.slot, old.slot + kind.count):

@@ -1,4 +1,8 @@
-"""Helpers to run a real `appliance run` on free loopback ports, stream GETs through it and read its status."""
+"""Helpers to run a real `appliance run` on a free loopback port, stream GETs through it and read its status.
+
+Only the balancer's port is planned: the api workers and the monitor listen where the kernel puts
+them (the default), and `address(role)` / `monitor_port` ask the running appliance where that is.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.conftest import write_config
-from tests.procs import appliance_cmd, free_range, stop
+from tests.procs import appliance_cmd, free_port, stop
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -23,14 +27,13 @@ class Appliance:
     """One `appliance run` in a temp data dir; JSON log lines in `log`."""
 
     def __init__(self, tmp: Path, api_workers: int = 2, task_workers: int = 1, monitor: bool = False, env: dict | None = None, **sections):
-        base = free_range(api_workers * 2 + 4)
-        self.port, self.monitor_port, self.api_base = base, base + 1, base + 2
+        self.port = free_port()
         sup = {"grace_period": 10.0, "startup_timeout": 60.0, "heartbeat_interval": 1.0, **sections.pop("supervisor", {})}
         self.sections: dict[str, Any] = {
             "balancer": {"listen": f"127.0.0.1:{self.port}", "health_interval": 0.5, "access_log": False, **sections.pop("balancer", {})},
-            "api": {"workers": api_workers, "base_port": self.api_base, "threads": 4},
+            "api": {"workers": api_workers, "threads": 4},
             "queue": {"workers": task_workers, "concurrency": 2},
-            "monitor": {"enabled": monitor, "port": self.monitor_port},
+            "monitor": {"enabled": monitor},
             "auth": {"bcrypt_rounds": 10},
             "supervisor": sup,
             **sections,
@@ -94,6 +97,16 @@ class Appliance:
         from appliance.supervisor.control import query
 
         return query(self.data / "run" / "control.sock")
+
+    def addresses(self, role: str) -> dict[int, str]:
+        """slot -> "127.0.0.1:PORT" of the live processes of a role that listen (api, monitor)."""
+        rows = self.status()["processes"]
+        return {r["slot"]: r["address"] for r in rows if r["role"] == role and r["pid"] and r["state"] == "up" and r["address"]}
+
+    @property
+    def monitor_port(self) -> int:
+        """The loopback port the monitor listens on now (the kernel's pick, unless [monitor] port pins it)."""
+        return int(self.addresses("monitor")[0].rsplit(":", 1)[1])
 
     def pids(self, role: str) -> dict[int, int]:
         """slot -> pid of the live processes of a role."""
