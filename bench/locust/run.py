@@ -76,13 +76,20 @@ def _one_run(tmp: Path, users: int, seconds: int, spawn_rate: float) -> summary.
     from appliance.config import load_config
     from tests.conftest import write_config
     from tests.integration.supervised import Appliance
+    from tests.procs import free_range
 
-    # ports sized for the default worker count (one per CPU) and its rolling-restart spares; nothing else is set
-    app = Appliance(tmp, api_workers=os.cpu_count() or 1)
+    # Nothing but ports is set. They are pinned to free ones (the default worker count, one per CPU, and its
+    # rolling-restart spares; the monitor after them), so the monitor's /metrics is known and nothing collides.
+    workers = os.cpu_count() or 1
+    app = Appliance(tmp, api_workers=workers)
+    base = free_range(2 * workers + 1)
+    while base <= app.port <= base + 2 * workers:
+        base = free_range(2 * workers + 1)
+    monitor_port = base + 2 * workers
     app.sections = {
         "balancer": {"listen": f"127.0.0.1:{app.port}"},
-        "api": {"base_port": app.api_base},
-        "monitor": {"port": app.monitor_port},
+        "api": {"base_port": base},
+        "monitor": {"port": monitor_port},
     }
     app.config = write_config(app.data, **app.sections)
     app.start()
@@ -102,7 +109,7 @@ def _one_run(tmp: Path, users: int, seconds: int, spawn_rate: float) -> summary.
             raise RuntimeError(
                 f"bench locust: locust exited with {done.returncode} and no stats:\n{(tmp / 'locust.log').read_text()[-3000:]}"
             )
-        with urllib.request.urlopen(f"http://127.0.0.1:{app.monitor_port}/metrics", timeout=10) as resp:  # loopback: no token needed
+        with urllib.request.urlopen(f"http://127.0.0.1:{monitor_port}/metrics", timeout=10) as resp:  # loopback: no token needed
             refused = summary.refused_counts(resp.read().decode())
         zones = load_config(app.config, env={}).rate_limits.zones
         return summary.read_run(prefix, users, zones, refused)
