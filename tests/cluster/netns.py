@@ -360,7 +360,7 @@ def host_sections(short: str, services: Services) -> dict[str, Any]:
         "balancer": {"listen": f"{HOSTS[short]}:{PUBLIC_PORT}", "health_interval": 0.5, "access_log": False},
         "api": {"workers": 1, "threads": 4},
         "queue": {"workers": 1, "concurrency": 4, "reaper_interval": 1.0, "user_max_pending": 0, "user_max_running": 0},
-        "database": {"url": services.database_url, "max_connections": 4},
+        "database": {"url": services.database_url, "max_connections": 10},  # > [queue] concurrency + its own threads
         "redis": {"url": services.redis_url, "key_prefix": "appliance:"},
         "auth": {"bcrypt_rounds": 10},
         # one zone, on the route the limit test uses: 10/s per user, burst 5, across every host (Redis)
@@ -373,7 +373,6 @@ def host_sections(short: str, services: Services) -> dict[str, Any]:
         sections["balancer"]["upstreams"] = [{"address": p, "group": "peers"} for p in peers]
         sections["balancer"]["routes"] = [{"prefix": "/health/ping", "group": "peers"}]
     return sections
-
 
 
 class Cluster:
@@ -428,7 +427,7 @@ class Cluster:
     def close(self) -> None:
         """Tear everything down; every step runs even when an earlier one fails."""
         steps: list[Callable[[], Any]] = [h.stop for h in reversed(list(self.hosts.values()))]
-        steps += [self.services.stop, self.network.destroy, lambda: shutil.rmtree(self.state, ignore_errors=True)]
+        steps += [self.services.stop, self.network.destroy, self._keep_logs, lambda: shutil.rmtree(self.state, ignore_errors=True)]
         errors = []
         for step in steps:
             try:
@@ -440,6 +439,14 @@ class Cluster:
             self._lock_fd = None
         if errors:
             raise RuntimeError("cluster teardown: " + "; ".join(errors))
+
+    def _keep_logs(self) -> None:
+        """With CLUSTER_KEEP_LOGS=DIR, the hosts' and servers' logs are copied there before the state dir goes."""
+        keep = os.environ.get("CLUSTER_KEEP_LOGS")
+        if keep:
+            Path(keep).mkdir(parents=True, exist_ok=True)
+            for log in [*self.state.glob("*.log"), *self.state.glob("host-*/*.log")]:
+                shutil.copy(log, Path(keep) / log.name.replace("appliance", log.parent.name))
 
     @contextlib.contextmanager
     def sql(self) -> Iterator[Any]:
@@ -456,4 +463,3 @@ class Cluster:
 
     def tails(self) -> str:
         return "\n".join(h.tail() for h in self.hosts.values())
-
