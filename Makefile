@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 DATA ?= appliance-data
 PYTEST_ARGS ?=
 
-.PHONY: install run test lint format docs bench clean binary test-e2e test-systemd
+.PHONY: install run test lint format docs bench clean binary test-e2e test-systemd test-cluster
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,7 +33,13 @@ docs: $(STAMP)
 	$(BIN)/python scripts/gen_config_docs.py
 
 test: lint
-	$(BIN)/pytest --ignore=tests/e2e $(PYTEST_ARGS)
+	$(BIN)/pytest --ignore=tests/e2e --ignore=tests/cluster $(PYTEST_ARGS)
+
+# Three hosts on one machine (tests/cluster/netns.py): network namespaces on a bridge, the harness's own
+# PostgreSQL and Redis in a fourth, one appliance in each of the others (root; iproute2, PostgreSQL, Redis).
+test-cluster: $(STAMP)
+	@command -v ip >/dev/null || (apt-get update -qq && apt-get install -y -qq iproute2 >/dev/null)
+	$(BIN)/pytest tests/cluster -m cluster $(PYTEST_ARGS)
 
 # The one-file executable dist/appliance (PyInstaller, packaging/appliance.spec), and the tests
 # that run it: tests/e2e, then a host without Python (packaging/bare-host-smoke.py).
