@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tasks", type=int, default=2000)
     ap.add_argument("--no-sqlite", action="store_true", help="skip the appliance-on-SQLite rows")
     ap.add_argument("--out", default=str(RESULTS / "latest.md"), help="where the Markdown goes ('-' for stdout only)")
-    ap.add_argument("--only", default="", help="comma list of scenarios: get,login,tasks,kill (default all)")
+    ap.add_argument("--only", default="", help="comma list of scenarios: get (or just ping / protected), login, tasks, kill (default all)")
     args = ap.parse_args(argv)
     conns = [64, 256]
     if args.quick:
@@ -135,16 +135,15 @@ def main(argv: list[str] | None = None) -> int:
 def _measure(table: Table, stacks: list[Any], tokens: dict[str, str], args: Any, conns: list[int], only: set[str]) -> dict[str, Any]:
     a, b = stacks[0].name, stacks[1].name
     kept: dict[str, Any] = {}
-    if "get" in only:
-        for path, auth in (("/health/ping", False), ("/api/protected", True)):
-            for c in conns:
-                res = alternate(
-                    stacks,
-                    args.rounds,
-                    lambda s, p=path, c=c, t=auth: scenarios.get_load(s, p, c, args.seconds, tokens[s.name] if t else None),
-                )
-                kept[f"{path} {c}"] = res[b]
-                rate_row(table, f"GET {path}, {c} connections", res, a, b)
+    for path, auth in _get_paths(only):
+        for c in conns:
+            res = alternate(
+                stacks,
+                args.rounds,
+                lambda s, p=path, c=c, t=auth: scenarios.get_load(s, p, c, args.seconds, tokens[s.name] if t else None),
+            )
+            kept[f"{path} {c}"] = res[b]
+            rate_row(table, f"GET {path}, {c} connections", res, a, b)
     if "login" in only:
         res = alternate(stacks, args.rounds, lambda s: scenarios.login_load(s, 16, max(args.seconds, 6)))  # bcrypt: a few per second
         rate_row(table, "POST /auth/login (bcrypt 12), 16 connections", res, a, b, unit="logins/s")
@@ -153,6 +152,11 @@ def _measure(table: Table, stacks: list[Any], tokens: dict[str, str], args: Any,
         kept["tasks"] = res[b]
         _task_rows(table, res, a, b, args.tasks)
     return kept
+
+
+def _get_paths(only: set[str]) -> list[tuple[str, bool]]:
+    """The GET scenarios chosen: (path, needs a token); "get" means both, "ping" or "protected" one."""
+    return [(p, auth) for key, p, auth in (("ping", "/health/ping", False), ("protected", "/api/protected", True)) if {"get", key} & only]
 
 
 def _task_rows(table: Table, res: dict[str, list[dict]], a: str, b: str, n: int) -> None:
@@ -199,10 +203,9 @@ def _sqlite(table: Table, tmp: Path, ref_name: str, ref: dict[str, Any], tokens:
     try:
         time.sleep(2)
         token = scenarios.login_token(lite)
-        if "get" in only:
-            for path, auth in (("/health/ping", False), ("/api/protected", True)):
-                runs = [scenarios.get_load(lite, path, 64, args.seconds, token if auth else None)]
-                rate_row(table, f"GET {path}, 64 connections — appliance on SQLite", {"l": runs, "r": ref[f"{path} 64"]}, "l", "r")
+        for path, auth in _get_paths(only):
+            runs = [scenarios.get_load(lite, path, 64, args.seconds, token if auth else None)]
+            rate_row(table, f"GET {path}, 64 connections — appliance on SQLite", {"l": runs, "r": ref[f"{path} 64"]}, "l", "r")
         if "tasks" in only:
             runs = [scenarios.tasks_run(lite, token, args.tasks)]
             _task_rows(table, {"l": runs, "r": ref["tasks"]}, "l", "r", args.tasks)
