@@ -18,6 +18,7 @@ links, the state dir.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import fcntl
 import http.client
@@ -426,8 +427,13 @@ class Cluster:
 
     def close(self) -> None:
         """Tear everything down; every step runs even when an earlier one fails."""
-        steps: list[Callable[[], Any]] = [h.stop for h in reversed(list(self.hosts.values()))]
-        steps += [self.services.stop, self.network.destroy, self._keep_logs, lambda: shutil.rmtree(self.state, ignore_errors=True)]
+        steps: list[Callable[[], Any]] = [
+            self._stop_hosts,
+            self.services.stop,
+            self.network.destroy,
+            self._keep_logs,
+            lambda: shutil.rmtree(self.state, ignore_errors=True),
+        ]
         errors = []
         for step in steps:
             try:
@@ -439,6 +445,13 @@ class Cluster:
             self._lock_fd = None
         if errors:
             raise RuntimeError("cluster teardown: " + "; ".join(errors))
+
+    def _stop_hosts(self) -> None:
+        """Stop every host at once (each drains for its grace period); the first failure is raised after all ended."""
+        with concurrent.futures.ThreadPoolExecutor(max_workers=len(HOSTS)) as pool:
+            futures = [pool.submit(h.stop) for h in self.hosts.values()]
+        for f in futures:
+            f.result()
 
     def _keep_logs(self) -> None:
         """With CLUSTER_KEEP_LOGS=DIR, the hosts' and servers' logs are copied there before the state dir goes."""
