@@ -1,4 +1,4 @@
-"""Signed outbound POSTs to vetted addresses: task callbacks (appliance.queue) and alert webhooks (appliance.monitor).
+"""Signed outbound POSTs to vetted addresses: task callbacks (appliance.tasks) and alert webhooks (appliance.monitor).
 
 Signature: `X-Appliance-Timestamp: <unix seconds>` and
 `X-Appliance-Signature: v1=<hex>`, the HMAC-SHA256 with [secrets] callback_secret

@@ -10,7 +10,7 @@ Redis, in the same run, and are measured the same way in two phases:
 - end to end: with the worker running, the client enqueues N tasks one by one; throughput =
   N / (last finished - first enqueued), and each task's enqueue-to-start latency.
 - appliance: `appliance _child worker` (PriorityRedisHuey); each task is a durable row with its
-  history (queued/running/succeeded) in the database, submitted through appliance.queue.service.
+  history (queued/running/succeeded) in the database, submitted through appliance.tasks.service.
 - Celery: `celery worker --pool prefork` with the Redis broker and the Redis result backend
   (keeping results, as ours keeps history); the task returns its start and end times.
 Printed: tasks/s and latency p50/p99 of each, and the ratios appliance/Celery.
@@ -79,7 +79,7 @@ def run_appliance(n: int, concurrency: int, db_kind: str, work: Path) -> dict[st
     from appliance import db as dbmod
     from appliance.config import load_config
     from appliance.db.models import Task
-    from appliance.queue import records, service
+    from appliance.tasks import records, service
     from tests.conftest import write_config
 
     prefix = f"appliance-bench-{secrets.token_hex(3)}:"

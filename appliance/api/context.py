@@ -2,7 +2,7 @@
 
 `ApiContext` holds the config, the database, the token settings, the
 identity key, the revocation mirror and a lazily created task queue
-(`appliance.queue.get_queue(cfg)` when the queue package offers it). Route
+(`appliance.tasks.broker.get_queue(cfg)`, made on first use). Route
 modules and operator apps receive it in `register(app, ctx)` / `setup(app, ctx)`.
 
 `Identity` is who the caller is, from the balancer's signed header or from a
@@ -11,7 +11,6 @@ bearer token the worker verified itself (see middleware.IdentityMiddleware).
 
 from __future__ import annotations
 
-import importlib
 import logging
 import socket
 import threading
@@ -127,18 +126,13 @@ class ApiContext:
 
     @property
     def queue(self) -> Any:
-        """The task queue (appliance.queue.get_queue(cfg)), created on first use; None when unavailable."""
+        """The task queue (appliance.tasks.broker.get_queue(cfg)), created on first use."""
         if self._queue is None:
             with self._queue_lock:
                 if self._queue is None:
-                    try:
-                        mod = importlib.import_module("appliance.queue")
-                    except ImportError:  # pragma: no cover - the package always exists
-                        return None
-                    factory = getattr(mod, "get_queue", None)
-                    if factory is None:
-                        return None
-                    self._queue = factory(self.cfg)
+                    from appliance.tasks import broker  # Huey loads only in a worker that queues
+
+                    self._queue = broker.get_queue(self.cfg)
         return self._queue
 
     # --- in-flight accounting (graceful shutdown, concurrent_connections) -----------

@@ -35,8 +35,8 @@ from appliance.api.schemas import refine
 from appliance.api.tasks import SubmitOut, caller_of, task_links
 from appliance.db.models import DataRecord, Task, Upload
 from appliance.errors import BadRequest, NotFound, PayloadTooLarge, UnsupportedMediaType, ValidationFailed
-from appliance.queue import quotas, records, service
-from appliance.queue.dataprocs import DATASET_RE, BulkImportInput, Rule
+from appliance.tasks import quotas, records, service
+from appliance.tasks.dataprocs import DATASET_RE, BulkImportInput, Rule
 from appliance.times import iso
 
 CHUNK = 65536

@@ -13,7 +13,6 @@ Both read what the monitor sampled last on this host when it is fresh
 from __future__ import annotations
 
 import datetime as _dt
-import importlib
 import os
 import threading
 import time
@@ -172,11 +171,9 @@ class HealthChecks:
         return _timed(probe)
 
     def queue(self) -> Check:
-        try:
-            depth = importlib.import_module("appliance.queue").depth
-        except (ImportError, AttributeError):
-            return Check(status="skipped")
-        return _timed(lambda: depth(self.ctx.cfg))
+        from appliance.tasks import broker
+
+        return _timed(lambda: broker.depth(self.ctx.cfg))
 
     def redis(self) -> Check:
         if not self.ctx.cfg.redis.url:

@@ -355,7 +355,7 @@ def _task_types(app: falcon.App) -> list[Any]:
     ctx = getattr(app, "ctx", None)
     if ctx is None:
         return []
-    from appliance.queue.registry import registry_for
+    from appliance.tasks.registry import registry_for
 
     reg = registry_for(ctx.cfg)
     return [reg.get(name) for name in reg.names()]

@@ -1,6 +1,6 @@
 """The /tasks resources: submit, batch, chain, schedules, status, cancel, logs, stats, list.
 
-Thin HTTP adapters over appliance.queue.service and appliance.queue.schedules,
+Thin HTTP adapters over appliance.tasks.service and appliance.tasks.schedules,
 which hold the rules (validation, ownership, state transitions). A user sees
 and changes only their own tasks and schedules (others' answer 404); an
 admin sees all. GET /tasks/logs/{id} answers text/plain when the client's
@@ -17,10 +17,10 @@ from msgspec import Meta
 
 from appliance.api.context import ApiContext
 from appliance.api.helpers import Page, ok, operation, page_meta, read_json, read_query, require_user
-from appliance.queue import schedules, service
-from appliance.queue.registry import registry_for
-from appliance.queue.schedules import SchedulePatch, ScheduleRequest
-from appliance.queue.service import BatchRequest, CancelRequest, ChainRequest, SubmitRequest
+from appliance.tasks import schedules, service
+from appliance.tasks.registry import registry_for
+from appliance.tasks.schedules import SchedulePatch, ScheduleRequest
+from appliance.tasks.service import BatchRequest, CancelRequest, ChainRequest, SubmitRequest
 
 TAGS = ("tasks",)
 

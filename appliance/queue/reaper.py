@@ -12,8 +12,9 @@ Recovery rules:
    the worker is dead when that pid no longer exists or was started after the
    task (pid reused). On another host it is dead when its node heartbeat is
    older than [supervisor] heartbeat_timeout, or the node restarted after the
-   task started. A task of a dead worker becomes a retry (next attempt queued
-   at once) while retries remain, else failed with error_code worker_lost.
+   task started. A task of a dead worker goes through the same retry-or-fail
+   step as a failed attempt (lifecycle.attempt_failed): a retry, next attempt
+   queued at once, while retries remain, else failed with error_code worker_lost.
 2. Lost message. A task queued or retrying whose due time passed more than
    LOST_AFTER seconds ago while the queue is empty (so a consumer drains it and
    the message is gone) is put on the queue again. The message names the
@@ -31,10 +32,9 @@ from typing import Any
 
 import psutil
 
-from appliance import queue as queue_mod
 from appliance.db.models import NodeHeartbeat, Task
 from appliance.logs import fields
-from appliance.queue import records
+from appliance.tasks import broker, lifecycle
 from appliance.times import utcnow
 
 log = logging.getLogger(__name__)
@@ -109,39 +109,27 @@ def reap(
 
 
 def _recover(cfg: Any, task: Any, why: str, done: dict[str, int]) -> None:
-    from appliance.queue import runner
-
     msg = f"worker lost ({why})"
-    if task.attempt <= task.max_retries:
-        if records.to_retry(
-            task.id, task.attempt, utcnow(), msg, "worker_lost", f"{msg}; attempt {task.attempt + 1} queued", worker_id=task.worker_id
-        ):
-            queue_mod.enqueue(cfg, task.id, task.attempt + 1, task.priority)
-            done["requeued"] += 1
-        return
-    ok = (
-        Task.update(status="failed", error=msg, error_code="worker_lost", finished_at=utcnow())
-        .where((Task.id == task.id) & (Task.status == "running") & (Task.attempt == task.attempt) & (Task.worker_id == task.worker_id))
-        .execute()
-        == 1
+    verdict = lifecycle.attempt_failed(
+        cfg, task, task.attempt, error=msg, error_code="worker_lost", note=msg, delay=0.0, worker_id=task.worker_id
     )
-    if ok:
-        records.add_history(task.id, "failed", msg)
+    if verdict == "retrying":
+        done["requeued"] += 1
+    elif verdict == "failed":
         done["failed"] += 1
-        runner.after_terminal(cfg, task.id)
 
 
 def _resend_lost(cfg: Any, now: _dt.datetime, done: dict[str, int]) -> None:
-    if queue_mod.depth(cfg)["pending"] > 0:
+    if broker.depth(cfg)["pending"] > 0:
         return
     cutoff = now - _dt.timedelta(seconds=LOST_AFTER)
     stale = Task.select(Task.id, Task.attempt, Task.priority, Task.eta, Task.queued_at).where(
-        Task.status.in_(records.ACTIVE)
+        Task.status.in_(lifecycle.ACTIVE)
         & Task.queued_at.is_null(False)
         & (Task.queued_at < cutoff)
         & (Task.eta.is_null() | (Task.eta < cutoff))
     )
     for task in stale.limit(1000):
-        queue_mod.enqueue(cfg, task.id, task.attempt + 1, task.priority)
-        Task.update(queued_at=now).where((Task.id == task.id) & Task.status.in_(records.ACTIVE)).execute()
+        broker.enqueue(cfg, task.id, task.attempt + 1, task.priority)
+        Task.update(queued_at=now).where((Task.id == task.id) & Task.status.in_(lifecycle.ACTIVE)).execute()
         done["resent"] += 1

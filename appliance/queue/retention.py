@@ -24,7 +24,7 @@ from typing import Any
 
 from appliance.db.models import Task, Upload
 from appliance.logs import fields
-from appliance.queue.quotas import PENDING
+from appliance.tasks.quotas import PENDING
 from appliance.times import utcnow
 
 log = logging.getLogger(__name__)

@@ -7,7 +7,7 @@ How it works:
    original, a cancelled task) are dropped here: a queued task that was
    cancelled never runs. With [queue] user_max_running set, the claim also
    fails while the task's owner has that many tasks running; such a task goes
-   back on the queue with a short delay (appliance.queue.quotas), so one user's
+   back on the queue with a short delay (appliance.tasks.quotas), so one user's
    backlog cannot hold every worker slot while others wait.
 2. The task type's function runs with a TaskContext. Success stores the result;
    TaskCancelled (raised at a progress/cancellation point) records cancelled;
@@ -16,91 +16,85 @@ How it works:
    (`retry_delay`, doubled per attempt with exponential_backoff) while retries
    remain, else failed.
 3. After a terminal state, callbacks are queued and the task's group (batch or
-   chain) advances (appliance.queue.groups).
+   chain) advances (appliance.tasks.groups).
 Every final UPDATE is conditional on (status running, attempt), so a task that
 the reaper or a forced cancel took away meanwhile keeps their verdict.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
 import logging
 import os
 import socket
 import threading
 import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
-from appliance import queue as queue_mod
 from appliance.db.models import Task
 from appliance.logs import fields
-from appliance.queue import callbacks, groups, quotas, records
-from appliance.queue.context import TaskCancelled, TaskContext
-from appliance.queue.registry import registry_for
-from appliance.times import iso, utcnow
+from appliance.tasks import broker, callbacks, groups, lifecycle, quotas, records
+from appliance.tasks.context import TaskCancelled, TaskContext
+from appliance.tasks.registry import registry_for
 
 log = logging.getLogger(__name__)
 
-_node_id = ""
-_cfg: Any = None
-# task id -> thread ident of the thread running it in this process (forced cancel in thread mode)
-running: dict[str, int] = {}
-_running_lock = threading.Lock()
 
-
-def set_runtime(cfg: Any, node_id: str) -> None:
-    """Called by the worker role before consuming: who we are, which config."""
-    global _node_id, _cfg
-    _node_id, _cfg = node_id, cfg
-
-
-def node_id() -> str:
-    return _node_id or f"{socket.gethostname()}:worker:x"
-
-
-def worker_id() -> str:
-    """What Task.worker_id holds: "<node id>#<pid of the process running the task>" (the reaper's key)."""
-    return f"{node_id()}#{os.getpid()}"
-
-
-def retry_delay(task: Any, attempt: int) -> float:
-    """Seconds before the next attempt after `attempt` (1-based) failed."""
-    base = float(task.retry_delay or 0.0)
-    return base * (2 ** (attempt - 1)) if task.exponential_backoff else base
-
-
-def _config() -> Any:
-    return _cfg or queue_mod.current_config()
-
-
-def stopping() -> bool:
-    """Replaced by the worker with its consumer's stop flag (shared with forked children)."""
+def _never() -> bool:
     return False
 
 
-def execute(task_id: str, attempt: int, priority: int = 5) -> None:
-    """Run attempt `attempt` of task `task_id` (called by the Huey consumer)."""
-    cfg = _config()
-    if stopping():
-        # A blocking read can hand a stopping worker one more message: give it back untouched.
-        row = Task.select(Task.priority).where(Task.id == task_id).first()
-        queue_mod.enqueue(cfg, task_id, attempt, row.priority if row else priority)
-        return
-    wid = worker_id()
-    cap = cfg.queue.user_max_running if cfg is not None else 0
-    task = records.claim(task_id, attempt, wid, cap)
-    if task is None:
-        if cap and _hold_back(cfg, task_id, attempt, cap):
+@dataclass
+class Runtime:
+    """What the runner needs from the worker that consumes: who we are, which config, whether we stop."""
+
+    cfg: Any
+    node_id: str = ""
+    stopping: Callable[[], bool] = _never  # the consumer's stop flag (shared with forked children)
+
+    def worker_id(self) -> str:
+        """What Task.worker_id holds: "<node id>#<pid of the process running the task>" (the reaper's key)."""
+        return f"{self.node_id or f'{socket.gethostname()}:worker:x'}#{os.getpid()}"
+
+
+@dataclass
+class Runner:
+    """Runs the attempts a consumer takes off the queue; `running` maps task id -> thread ident
+    of the thread running it in this process (the watcher's forced cancel in thread mode)."""
+
+    runtime: Runtime
+    running: dict[str, int] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def install(self, huey: Any) -> Runner:
+        """Make this runner execute the messages of `huey` in this process."""
+        broker.set_executor(huey, self.execute)
+        return self
+
+    def execute(self, task_id: str, attempt: int, priority: int = 5) -> None:
+        """Run attempt `attempt` of task `task_id` (called by the Huey consumer)."""
+        cfg = self.runtime.cfg
+        if self.runtime.stopping():
+            # A blocking read can hand a stopping worker one more message: give it back untouched.
+            row = Task.select(Task.priority).where(Task.id == task_id).first()
+            broker.enqueue(cfg, task_id, attempt, row.priority if row else priority)
             return
-        log.debug("message dropped", extra=fields(task_id=task_id, attempt=attempt))
-        return
-    with _running_lock:
-        running[task_id] = threading.get_ident()
-    try:
-        _run(cfg, task, attempt)
-    finally:
-        with _running_lock:
-            running.pop(task_id, None)
+        wid = self.runtime.worker_id()
+        cap = cfg.queue.user_max_running
+        task = lifecycle.claim(task_id, attempt, wid, cap)
+        if task is None:
+            if cap and _hold_back(cfg, task_id, attempt, cap):
+                return
+            log.debug("message dropped", extra=fields(task_id=task_id, attempt=attempt))
+            return
+        with self._lock:
+            self.running[task_id] = threading.get_ident()
+        try:
+            _run(cfg, task, attempt)
+        finally:
+            with self._lock:
+                self.running.pop(task_id, None)
 
 
 def _hold_back(cfg: Any, task_id: str, attempt: int, cap: int) -> bool:
@@ -111,7 +105,7 @@ def _hold_back(cfg: Any, task_id: str, attempt: int, cap: int) -> bool:
         return False
     eta = quotas.defer(row, attempt, cap)
     if eta is not None:
-        queue_mod.enqueue(cfg, task_id, attempt, row.priority, eta)
+        broker.enqueue(cfg, task_id, attempt, row.priority, eta)
         log.debug("task held back: its owner is at the running cap", extra=fields(task_id=task_id, owner=row.owner_id, cap=cap))
     return True
 
@@ -146,18 +140,18 @@ def _run(cfg: Any, task: Any, attempt: int) -> None:
         result = _jsonable(value)
     except TaskCancelled:
         reason = task.cancel_reason or "cancelled on request"
-        done = records.finish(task.id, attempt, "cancelled", started_at=task.started_at, message=reason)
+        done = lifecycle.finish(task.id, attempt, "cancelled", started_at=task.started_at, message=reason)
         log.info("task cancelled", extra=fields(task_id=task.id, attempt=attempt))
         if done:
-            after_terminal(cfg, task.id)
+            lifecycle.after_terminal(cfg, task.id)
         return
     except Exception as exc:
         _failed(cfg, task, attempt, exc)
         return
-    done = records.finish(task.id, attempt, "succeeded", started_at=task.started_at, result=result)
+    done = lifecycle.finish(task.id, attempt, "succeeded", started_at=task.started_at, result=result)
     log.debug("task succeeded", extra=fields(task_id=task.id, task_type=task.task_type, attempt=attempt))
     if done and (task.callbacks or task.group_id):  # nothing else to do for a plain task: no extra query
-        after_terminal(cfg, task.id)
+        lifecycle.after_terminal(cfg, task.id)
 
 
 def _jsonable(value: Any) -> Any:
@@ -171,34 +165,10 @@ def _failed(cfg: Any, task: Any, attempt: int, exc: BaseException) -> None:
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     records.add_log(task.id, f"attempt {attempt} failed: {error}\n{tb}", "error")
     code = getattr(exc, "code", None) if isinstance(getattr(exc, "code", None), str) else "task_error"
-    if attempt <= task.max_retries:
-        delay = retry_delay(task, attempt)
-        eta = utcnow() + _dt.timedelta(seconds=delay)
-        msg = f"attempt {attempt} failed: {error[:300]}; attempt {attempt + 1} at {iso(eta)}"
-        if records.to_retry(task.id, attempt, eta, error, code, msg):
-            log.warning("task failed, will retry", extra=fields(task_id=task.id, attempt=attempt, delay=delay, error=error[:200]))
-            queue_mod.enqueue(cfg, task.id, attempt + 1, task.priority, eta if delay > 0 else None)
-        return
-    log.warning("task failed", extra=fields(task_id=task.id, attempt=attempt, error=error[:200]))
-    if records.finish(task.id, attempt, "failed", started_at=task.started_at, error=error, error_code=code, message=error[:500]):
-        after_terminal(cfg, task.id)
-
-
-def after_terminal(cfg: Any, task_id: str) -> None:
-    """Callbacks and group advancement once a task reached succeeded, failed or cancelled."""
-    task = Task.get_or_none(Task.id == task_id)
-    if task is None:
-        return
-    urls = task.callbacks or {}
-    payload = {"task_id": task.id, "task_type": task.task_type, "status": task.status, "attempt": task.attempt}
-    if task.status == "succeeded" and urls.get("completion_url"):
-        callbacks.send(cfg, urls["completion_url"], "completion", {**payload, "result": task.result})
-    elif task.status in ("failed", "cancelled") and urls.get("error_url"):
-        callbacks.send(
-            cfg, urls["error_url"], "error", {**payload, "error": {"code": task.error_code, "message": task.error or task.cancel_reason}}
-        )
-    if task.group_id:
-        try:
-            groups.advance(cfg, task)
-        except Exception:
-            log.exception("advancing the group of task %s failed", task.id)
+    delay = lifecycle.retry_delay(task, attempt)
+    note = f"attempt {attempt} failed: {error[:300]}"
+    verdict = lifecycle.attempt_failed(cfg, task, attempt, error=error, error_code=code, note=note, delay=delay)
+    if verdict == "retrying":
+        log.warning("task failed, will retry", extra=fields(task_id=task.id, attempt=attempt, delay=delay, error=error[:200]))
+    elif verdict == "failed":
+        log.warning("task failed", extra=fields(task_id=task.id, attempt=attempt, error=error[:200]))

@@ -4,7 +4,7 @@
 SIGTERM/SIGINT, then exits 0. Any number of schedulers may run (on one host
 or many): each slot fires exactly once because firing inserts the unique
 (schedule, slot) ScheduleRun row in the same transaction as the task (see
-appliance.queue.schedules). The reaper does not run here: it runs in every
+appliance.tasks.schedules). The reaper does not run here: it runs in every
 worker (appliance.queue.worker), where the queue is consumed. The upload
 retention sweep (appliance.queue.retention) does: one scheduler runs per host.
 """
@@ -18,7 +18,8 @@ from collections.abc import Callable
 from typing import Any
 
 from appliance.logs import fields
-from appliance.queue import records, retention, schedules
+from appliance.queue import retention
+from appliance.tasks import records, schedules
 from appliance.times import utcnow
 
 log = logging.getLogger(__name__)

@@ -41,13 +41,14 @@ from typing import Any
 
 from huey.consumer import Consumer, ConsumerStopped, Scheduler
 
-from appliance import queue as queue_mod
 from appliance.db.models import Task
 from appliance.logs import fields
-from appliance.queue import callbacks, reaper, records, runner
-from appliance.queue.context import TaskCancelled
-from appliance.queue.registry import registry_for
+from appliance.queue import reaper
+from appliance.queue.runner import Runner, Runtime
 from appliance.roles import EXIT_BOOT_FAILURE
+from appliance.tasks import broker, callbacks, lifecycle, records
+from appliance.tasks.context import TaskCancelled
+from appliance.tasks.registry import registry_for
 
 log = logging.getLogger(__name__)
 
@@ -126,17 +127,18 @@ def build_consumer(cfg: Any) -> _Consumer:
 
 
 def get_huey(cfg: Any) -> Any:
-    return queue_mod.get_queue(cfg)
+    return broker.get_queue(cfg)
 
 
 class Watcher(threading.Thread):
     """Forced cancellations of this node's tasks, and the reaper."""
 
-    def __init__(self, cfg: Any, node: str, consumer: _Consumer):
+    def __init__(self, cfg: Any, node: str, consumer: _Consumer, runner: Runner):
         super().__init__(name="task-watcher", daemon=True)
         self.cfg = cfg
         self.node = node
         self.consumer = consumer
+        self.runner = runner
         self.stopped = threading.Event()
         self.forcing: dict[str, float] = {}
 
@@ -172,7 +174,7 @@ class Watcher(threading.Thread):
                 self._record(task)
                 continue
             first = self.forcing.setdefault(task.id, time.monotonic())
-            ident = runner.running.get(task.id)
+            ident = self.runner.running.get(task.id)
             if ident is not None and time.monotonic() - first < FORCE_WAIT:
                 ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), ctypes.py_object(TaskCancelled))
                 continue
@@ -182,16 +184,16 @@ class Watcher(threading.Thread):
                 log.warning(
                     "force-cancel: the task's thread is blocked in a call and keeps its slot until the call returns "
                     "(worker_type = process runs tasks in children that can be killed)",
-                    extra=fields(task_id=task.id, busy_slots=len(runner.running), concurrency=self.cfg.queue.concurrency),
+                    extra=fields(task_id=task.id, busy_slots=len(self.runner.running), concurrency=self.cfg.queue.concurrency),
                 )
             self._record(task)
 
     def _record(self, task: Any) -> None:
         self.forcing.pop(task.id, None)
         reason = (task.cancel_reason or "cancelled") + " (forced)"
-        if records.finish(task.id, task.attempt, "cancelled", started_at=task.started_at, message=reason):
+        if lifecycle.finish(task.id, task.attempt, "cancelled", started_at=task.started_at, message=reason):
             records.flush()
-            runner.after_terminal(self.cfg, task.id)
+            lifecycle.after_terminal(self.cfg, task.id)
 
 
 def serve(cfg: Any, index: int) -> int:
@@ -203,10 +205,10 @@ def serve(cfg: Any, index: int) -> int:
         log.error("worker cannot use the database %s: %s", db.describe(cfg), exc)
         return 1  # transient: the supervisor retries with backoff
     node = heartbeat.node_id(cfg, "worker", index)
-    runner.set_runtime(cfg, node)
     try:
         reg = registry_for(cfg)  # operator modules load once, before children fork
         consumer = build_consumer(cfg)
+        runner = Runner(Runtime(cfg, node, stopping=consumer.stop_flag.is_set)).install(consumer.huey)
     except Exception:
         log.exception("worker cannot start its queue consumer")
         return EXIT_BOOT_FAILURE
@@ -216,8 +218,7 @@ def serve(cfg: Any, index: int) -> int:
         "worker ready",
         extra=fields(node_id=node, concurrency=cfg.queue.concurrency, worker_type=cfg.queue.worker_type, task_types=reg.names()),
     )
-    runner.stopping = consumer.stop_flag.is_set  # type: ignore[method-assign]
-    watcher = Watcher(cfg, node, consumer)
+    watcher = Watcher(cfg, node, consumer, runner)
     consumer.start()
     watcher.start()
     try:

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import msgspec
 
-from appliance.queue.registry import task_type
+from appliance.tasks.registry import task_type
 
 
 class UserSpecificInput(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

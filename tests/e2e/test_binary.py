@@ -64,7 +64,7 @@ def setup(app, ctx):
 TASK = """
 import decimal, statistics
 import orjson
-from appliance.queue.registry import task_type
+from appliance.tasks.registry import task_type
 
 
 @task_type("mean", description="mean of numbers, with bundled and standard modules")

@@ -11,7 +11,8 @@ import orjson
 import pytest
 
 from appliance.db.models import Schedule, Task, Upload
-from appliance.queue import retention, schedules
+from appliance.queue import retention
+from appliance.tasks import schedules
 from appliance.times import utcnow
 from tests.integration import test_tasks_support as support
 from tests.integration.test_data_api import upload
@@ -190,18 +191,18 @@ def test_a_schedule_slot_is_skipped_while_its_owner_is_at_the_pending_quota(tenv
 
 def test_a_held_back_task_is_not_resent_by_the_reaper_as_lost(tenv):
     """A task waiting for its owner's turn sits in the queue's schedule, not its list: the row's eta says so."""
-    from appliance import queue as queue_mod
-    from appliance.queue import quotas, reaper
+    from appliance.queue import reaper
+    from appliance.tasks import broker, quotas
 
     tid = tenv.submit("sample")
-    huey = queue_mod.get_queue(tenv.cfg)
+    huey = broker.get_queue(tenv.cfg)
     assert huey.dequeue() is not None  # a worker took the message ...
     Task.update(queued_at=utcnow() - dt.timedelta(minutes=5)).where(Task.id == tid).execute()
     row = quotas.held_back(tid, 1)
     assert row is not None  # ... and found alice at her cap (the claim failed on the fair share alone)
     eta = quotas.defer(row, 1, 2)
-    queue_mod.enqueue(tenv.cfg, tid, 1, row.priority, eta)
-    assert queue_mod.depth(tenv.cfg) == {"pending": 0, "scheduled": 1}
+    broker.enqueue(tenv.cfg, tid, 1, row.priority, eta)
+    assert broker.depth(tenv.cfg) == {"pending": 0, "scheduled": 1}
     assert reaper.reap(tenv.cfg)["resent"] == 0
     assert "user_max_running" in tenv.status(tid)["progress"]["message"]
     Task.update(eta=None).where(Task.id == tid).execute()  # without the row's eta it would count as lost

@@ -15,9 +15,10 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-from appliance import queue as queue_mod
 from appliance.db.models import NodeHeartbeat, Schedule, ScheduleRun, Task
-from appliance.queue import reaper, records, runner, schedules, service
+from appliance.queue import reaper
+from appliance.queue.runner import Runner, Runtime
+from appliance.tasks import broker, lifecycle, records, schedules, service
 from appliance.times import utcnow
 from tests.integration import test_tasks_support as support
 
@@ -44,11 +45,11 @@ def statements(handle: Any) -> Iterator[list[list[str]]]:
 
 def run_next(env) -> str | None:
     """Take one message off the queue and run it here; the task id, or None when empty."""
-    huey = queue_mod.get_queue(env.cfg)
+    huey = broker.get_queue(env.cfg)
     msg = huey.dequeue()
     if msg is None:
         return None
-    runner.set_runtime(env.cfg, f"{reaper.host_name(env.cfg)}:worker:9")
+    Runner(Runtime(env.cfg, f"{reaper.host_name(env.cfg)}:worker:9")).install(huey)
     huey.execute(msg)
     records.flush()
     return msg.args[0]
@@ -104,7 +105,7 @@ def test_queue_priority_order(tenv):
 
 def test_duplicate_and_cancelled_messages_never_run(tenv):
     tid = tenv.submit("sample")
-    queue_mod.enqueue(tenv.cfg, tid, 1, 5)  # a duplicate of attempt 1 (e.g. the reaper resent it)
+    broker.enqueue(tenv.cfg, tid, 1, 5)  # a duplicate of attempt 1 (e.g. the reaper resent it)
     assert run_next(tenv) == tid and run_next(tenv) == tid
     assert tenv.task(tid).attempt == 1 and tenv.task(tid).status == "succeeded"
     c = tenv.submit("sample")
@@ -120,7 +121,7 @@ def test_chain_and_sequential_batch_hand_over_in_order(tenv):
         "/tasks/chain", {"tasks": [{"task_type": "sample", "data": {"message": "a"}}, {"task_type": "sample", "data": {"message": "b"}}]}
     )
     a, b = r.json["data"]["task_ids"]
-    assert queue_mod.depth(tenv.cfg)["pending"] == 1
+    assert broker.depth(tenv.cfg)["pending"] == 1
     assert run_next(tenv) == a and run_next(tenv) == b
     assert tenv.status(b)["result"]["previous_result"]["echo"]["message"] == "a"
     r = tenv.post(
@@ -181,12 +182,12 @@ def test_reaper_requeues_or_fails_tasks_of_dead_workers(tenv):
     retry = tenv.submit("sample", retry_config={"max_retries": 1})
     final = tenv.submit("sample")
     remote = tenv.submit("sample")
-    huey = queue_mod.get_queue(tenv.cfg)
+    huey = broker.get_queue(tenv.cfg)
     while huey.dequeue() is not None:  # the messages were "held by" workers that then died
         pass
-    records.claim(retry, 1, f"{here}:worker:0#4000001")
-    records.claim(final, 1, f"{here}:worker:0#4000002")
-    records.claim(remote, 1, "elsewhere:worker:3#77")
+    lifecycle.claim(retry, 1, f"{here}:worker:0#4000001")
+    lifecycle.claim(final, 1, f"{here}:worker:0#4000002")
+    lifecycle.claim(remote, 1, "elsewhere:worker:3#77")
     now = utcnow()
     NodeHeartbeat.create(node_id="elsewhere:worker:3", role="worker", host="elsewhere", pid=77, started_at=now, last_heartbeat=now)
     done = reaper.reap(tenv.cfg, now=now, alive=lambda pid, since: pid == 4000002)
@@ -203,7 +204,7 @@ def test_reaper_requeues_or_fails_tasks_of_dead_workers(tenv):
 
 def test_reaper_resends_lost_messages(tenv):
     tid = tenv.submit("sample")
-    huey = queue_mod.get_queue(tenv.cfg)
+    huey = broker.get_queue(tenv.cfg)
     assert huey.dequeue() is not None  # lost with a worker that died before claiming it
     assert reaper.reap(tenv.cfg, now=utcnow())["resent"] == 0  # not yet: it may still be starting
     assert reaper.reap(tenv.cfg, now=utcnow() + dt.timedelta(seconds=reaper.LOST_AFTER + 1))["resent"] == 1
@@ -214,11 +215,11 @@ def test_submit_is_one_statement_and_one_queue_push(tenv):
     """The hot path: one INSERT of the task row on the caller's connection, one message; history comes batched."""
     service.submit(tenv.cfg, service.SYSTEM, {"task_type": "sample"})  # warm (connection, registry, queue)
     records.flush()
-    before = queue_mod.depth(tenv.cfg)["pending"]
+    before = broker.depth(tenv.cfg)["pending"]
     with statements(tenv.handle) as seen:
         ids = [service.submit(tenv.cfg, service.SYSTEM, {"task_type": "sample", "data": {"n": i}})["task_id"] for i in range(5)]
     assert seen == [["INSERT", "INTO", '"task"']] * 5
-    assert queue_mod.depth(tenv.cfg)["pending"] == before + 5
+    assert broker.depth(tenv.cfg)["pending"] == before + 5
     records.flush()
     for tid in ids:
         t = tenv.task(tid)
@@ -229,15 +230,15 @@ def test_submit_is_one_statement_and_one_queue_push(tenv):
 
 CRASH_BETWEEN = """
 import os, sys
-from appliance import db, queue
+from appliance import db
 from appliance.config import load_config
-from appliance.queue import service
+from appliance.tasks import broker, service
 cfg = load_config(sys.argv[1], env={})
 db.open_database(cfg)
 def crash(*args, **kw):  # the process dies after the row committed, before the queue got the message
     print(service.records.Task.select().count(), flush=True)
     os._exit(9)
-queue.enqueue = crash
+broker.enqueue = crash
 service.submit(cfg, service.SYSTEM, {"task_type": "sample"})
 """
 
@@ -246,7 +247,7 @@ def test_crash_between_row_and_message_is_recovered_by_the_reaper(tenv):
     proc = subprocess.run([sys.executable, "-c", CRASH_BETWEEN, str(tenv.path)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 9 and proc.stdout.strip() == "1", proc.stderr  # the row was committed before the push
     (task,) = Task.select()
-    assert task.status == "queued" and queue_mod.depth(tenv.cfg)["pending"] == 0
+    assert task.status == "queued" and broker.depth(tenv.cfg)["pending"] == 0
     assert reaper.reap(tenv.cfg, now=utcnow())["resent"] == 0
     assert reaper.reap(tenv.cfg, now=utcnow() + dt.timedelta(seconds=reaper.LOST_AFTER + 1))["resent"] == 1
     assert run_next(tenv) == task.id and tenv.task(task.id).status == "succeeded"
@@ -306,18 +307,18 @@ def test_a_sample_task_is_three_statements_in_the_worker(tenv):
 
 def test_progress_reports_a_cancel_request_and_a_lost_attempt(tenv):
     tid = tenv.submit("sample")
-    huey = queue_mod.get_queue(tenv.cfg)
+    huey = broker.get_queue(tenv.cfg)
     while huey.dequeue() is not None:
         pass
-    assert records.claim(tid, 1, f"{reaper.host_name(tenv.cfg)}:worker:9#1") is not None
-    assert records.set_progress(tid, 1, 10.0, "a tenth") is False and tenv.task(tid).progress == 10.0
-    assert records.set_progress(tid, 2, 30.0, "another attempt's") is False  # stored nowhere, and nothing to cancel
+    assert lifecycle.claim(tid, 1, f"{reaper.host_name(tenv.cfg)}:worker:9#1") is not None
+    assert lifecycle.set_progress(tid, 1, 10.0, "a tenth") is False and tenv.task(tid).progress == 10.0
+    assert lifecycle.set_progress(tid, 2, 30.0, "another attempt's") is False  # stored nowhere, and nothing to cancel
     Task.update(cancel_requested=True).where(Task.id == tid).execute()
-    assert records.set_progress(tid, 1, 20.0, "a fifth") is True
+    assert lifecycle.set_progress(tid, 1, 20.0, "a fifth") is True
     assert tenv.task(tid).progress == 20.0
     Task.update(status="failed").where(Task.id == tid).execute()  # taken away (a reaper, a forced cancel)
     Task.update(cancel_requested=False).where(Task.id == tid).execute()
-    assert records.set_progress(tid, 1, 40.0, "too late") is True and tenv.task(tid).progress == 20.0
+    assert lifecycle.set_progress(tid, 1, 40.0, "too late") is True and tenv.task(tid).progress == 20.0
 
 
 def test_history_and_log_lines_are_flushed_without_the_query_builder(tenv, monkeypatch):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import datetime as dt
 
 from appliance.db.models import AuditEvent, Schedule, Task, TaskHistory, TaskLog, Upload, User
-from appliance.queue import records, schedules
+from appliance.tasks import records, schedules
 from appliance.times import utcnow
 from tests.integration import test_tasks_support as support
 from tests.integration.test_data_api import upload

@@ -23,7 +23,7 @@ from appliance import accounts, tokens
 from appliance import db as dbmod
 from appliance.config import load_config
 from appliance.db.models import Task
-from appliance.queue import records
+from appliance.tasks import records
 from tests import procs
 from tests.conftest import write_config
 

@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from appliance.db.models import Schedule, ScheduleRun, Task
-from appliance.queue import schedules, service
+from appliance.tasks import schedules, service
 from appliance.times import parse_iso, utcnow
 from tests.integration import test_tasks_support as support
 

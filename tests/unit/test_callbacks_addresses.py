@@ -1,4 +1,4 @@
-"""Where a task callback may go (appliance.addresses, appliance.queue.callbacks) and how it is signed (appliance.outbound).
+"""Where a task callback may go (appliance.addresses, appliance.tasks.callbacks) and how it is signed (appliance.outbound).
 
 Pure logic: no traffic is sent. Literals are parsed by the system resolver in numeric mode (no DNS),
 "localhost" comes from /etc/hosts; every other resolver answer is a getaddrinfo-shaped list built here.
@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from appliance import addresses, outbound
 from appliance.errors import ValidationFailed
-from appliance.queue import callbacks
+from appliance.tasks import callbacks
 
 DEFAULT = addresses.Policy()
 

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from appliance import jsondepth
 from appliance.config import Config
 from appliance.errors import ValidationFailed
-from appliance.queue import datalimits, jsonstream, patterns
+from appliance.tasks import datalimits, jsonstream, patterns
 
 _scalars = (
     st.none()

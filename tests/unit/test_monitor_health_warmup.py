@@ -8,7 +8,7 @@ from tests.api_support import client_for
 
 
 def test_the_queue_is_opened_when_the_app_is_built_not_by_the_first_check(make_config) -> None:
-    import appliance.queue as queue
+    from appliance.tasks import broker as queue
 
     cfg = make_config()
     client_for(cfg)

@@ -44,7 +44,7 @@ def _body_schema(doc, path, method="post", media="application/json"):
 
 
 def test_submit_names_every_known_task_type_operator_types_included(client, doc):
-    from appliance.queue.registry import registry_for
+    from appliance.tasks.registry import registry_for
 
     known = registry_for(client.app.ctx.cfg).names()
     assert "user_specific" in known

@@ -7,11 +7,12 @@ import datetime as dt
 import pytest
 
 from appliance.errors import BadRequest, Forbidden, ValidationFailed
-from appliance.queue import huey_priority, schedules
-from appliance.queue.dataprocs import Rule, _Column, check_record
 from appliance.queue.reaper import parse_worker_id
-from appliance.queue.registry import build_registry, field_of
-from appliance.queue.runner import retry_delay
+from appliance.tasks import schedules
+from appliance.tasks.broker import huey_priority
+from appliance.tasks.dataprocs import Rule, _Column, check_record
+from appliance.tasks.lifecycle import retry_delay
+from appliance.tasks.registry import build_registry, field_of
 
 
 def test_unknown_task_type_lists_known_ones():
@@ -43,7 +44,7 @@ def test_missing_and_nested_fields_are_named():
 
 def test_operator_task_types_load_from_a_directory(tmp_path):
     (tmp_path / "mine.py").write_text(
-        "import msgspec\nfrom appliance.queue.registry import task_type\n"
+        "import msgspec\nfrom appliance.tasks.registry import task_type\n"
         "class In(msgspec.Struct, forbid_unknown_fields=True):\n    n: int\n"
         "@task_type('double', schema=In)\ndef double(ctx, data):\n    return {'n': data.n * 2}\n"
     )
@@ -54,6 +55,15 @@ def test_operator_task_types_load_from_a_directory(tmp_path):
     with pytest.raises(ValidationFailed) as err:
         t.parse({"n": 1, "x": 2})
     assert err.value.details["field"] == "data.x"
+
+
+def test_operator_task_files_of_earlier_releases_still_load(tmp_path):
+    """The registry moved to appliance.tasks; files importing task_type from appliance.queue keep working."""
+    (tmp_path / "old.py").write_text(
+        "from appliance.queue.registry import task_type\n@task_type('legacy')\ndef legacy(ctx, data):\n    return 'ok'\n"
+    )
+    t = build_registry(str(tmp_path)).get("legacy")
+    assert t(None, t.parse({})) == "ok"
 
 
 def test_task_types_declare_who_may_run_them():
@@ -77,7 +87,7 @@ def test_task_types_declare_who_may_run_them():
 
 def test_operator_task_types_can_be_admin_only(tmp_path):
     (tmp_path / "ops.py").write_text(
-        "from appliance.queue.registry import task_type\n"
+        "from appliance.tasks.registry import task_type\n"
         "@task_type('purge', admin_only=True)\ndef purge(ctx, data):\n    return {}\n"
         "def big(data):\n    return data.get('n', 0) > 10\n"
         "@task_type('count', admin_only_when=big)\ndef count(ctx, data):\n    return {}\n"

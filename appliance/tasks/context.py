@@ -4,7 +4,7 @@
 stored in the task row is noticed there (the row is read at most every
 CHECK_INTERVAL seconds, so tight loops stay cheap) and `progress()` raises
 TaskCancelled, which the runner records as a cancelled task. `log()` lines go
-to the task_log table (batched with history rows by appliance.queue.records).
+to the task_log table (batched with history rows by appliance.tasks.records).
 """
 
 from __future__ import annotations
@@ -54,17 +54,17 @@ class TaskContext:
 
     def log(self, line: str, level: str = "info") -> None:
         """Append one line to the task's log (GET /tasks/logs/{id})."""
-        from appliance.queue import records
+        from appliance.tasks import records
 
         records.add_log(self.task_id, str(line), level)
 
     def progress(self, percentage: float, message: str = "") -> None:
         """Record progress (0-100); a cancellation point."""
-        from appliance.queue import records
+        from appliance.tasks import lifecycle
 
         pct = max(0.0, min(100.0, float(percentage)))
         self.percentage = pct
-        cancel = records.set_progress(self.task_id, self.attempt, pct, str(message)[:500])
+        cancel = lifecycle.set_progress(self.task_id, self.attempt, pct, str(message)[:500])
         self._checked_at = self._clock()
         if cancel:
             self._cancel = True

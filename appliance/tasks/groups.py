@@ -21,9 +21,8 @@ from typing import Any
 
 import peewee as pw
 
-from appliance import queue as queue_mod
 from appliance.db.models import Task, TaskGroup
-from appliance.queue import records
+from appliance.tasks import broker, lifecycle
 from appliance.times import utcnow
 
 log = logging.getLogger(__name__)
@@ -45,7 +44,7 @@ def hand_over(cfg: Any, task: Any) -> bool:
     now = utcnow()
     claimed = Task.update(queued_at=now).where((Task.id == task.id) & (Task.status == "queued") & (Task.queued_at.is_null())).execute() == 1
     if claimed:
-        queue_mod.enqueue(cfg, task.id, task.attempt + 1, task.priority, task.eta)
+        broker.enqueue(cfg, task.id, task.attempt + 1, task.priority, task.eta)
     return claimed
 
 
@@ -70,9 +69,9 @@ def advance(cfg: Any, task: Any) -> None:
 
 def stop_group(group: Any, reason: str) -> None:
     """Cancel what has not started; ask running tasks of the group to stop at their next check."""
-    waiting = Task.select(Task.id).where((Task.group == group.id) & Task.status.in_(records.ACTIVE))
+    waiting = Task.select(Task.id).where((Task.group == group.id) & Task.status.in_(lifecycle.ACTIVE))
     for row in waiting:
-        records.cancel_waiting(row.id, reason)
+        lifecycle.cancel_waiting(row.id, reason)
     Task.update(cancel_requested=True, cancel_reason=reason[:500]).where((Task.group == group.id) & (Task.status == "running")).execute()
 
 

@@ -25,8 +25,8 @@ from msgspec import Meta
 
 from appliance.db.models import DataRecord, Upload, database
 from appliance.errors import NotFound
-from appliance.queue import datalimits, jsonstream, patterns
-from appliance.queue.registry import owner_rights, task_type
+from appliance.tasks import datalimits, jsonstream, patterns
+from appliance.tasks.registry import owner_rights, task_type
 
 DATASET_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"
 MAX_REASONS = 100

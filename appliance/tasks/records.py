@@ -1,9 +1,9 @@
-"""The durable task record: state transitions on the task row, history and log rows.
+"""The durable task record: new task rows, history and log rows.
 
-The task row is the source of truth. Every transition is one conditional UPDATE
-(`WHERE status IN (...) AND attempt = ...`), so two workers holding copies of
-the same queue message, a reaper and a cancel request can race and exactly one
-wins. History and log rows are append-only and written through a per-process
+The task row is the source of truth; its status changes only through
+appliance.tasks.lifecycle, which inserts rows with `insert_tasks` and notes
+each transition here with `add_history`. History and log rows are append-only
+and written through a per-process
 buffer flushed every FLUSH_INTERVAL seconds in one multi-row INSERT (the bench
 goal: durable history without a round trip per transition). A process killed
 with -9 loses at most its last FLUSH_INTERVAL of history lines; the state on
@@ -23,15 +23,11 @@ from typing import Any
 import peewee as pw
 
 from appliance.db.models import Task, TaskHistory, TaskLog, database
-from appliance.queue import quotas
 from appliance.times import utcnow
 
 log = logging.getLogger(__name__)
 
 FLUSH_INTERVAL = 0.1
-ACTIVE = ("queued", "retrying")
-TERMINAL = ("succeeded", "failed", "cancelled")
-STATUSES = ("queued", "running", "retrying", "succeeded", "failed", "cancelled")
 
 
 def new_id() -> str:
@@ -184,7 +180,7 @@ _log_insert: _RowInsert | None = None
 
 
 def insert_tasks(rows: list[dict[str, Any]]) -> None:
-    """Insert new task rows (dicts of Task field names; missing fields get the model defaults).
+    """Insert new task rows (dicts of Task field names; missing fields get the model defaults); lifecycle.create calls it.
 
     One row is one autocommitted statement (no BEGIN/COMMIT round trips): committed before the
     caller hands its message to the queue. Several rows are one transaction of multi-row INSERTs.
@@ -197,168 +193,3 @@ def insert_tasks(rows: list[dict[str, Any]]) -> None:
         return
     with database.atomic():
         ins.execute(db, rows)
-
-
-# --- transitions ----------------------------------------------------------------------
-
-
-_CLAIM_SET = (
-    'UPDATE "task" SET "status" = \'running\', "attempt" = "attempt" + 1, "worker_id" = {p}, "started_at" = {p}, '
-    '"finished_at" = NULL, "eta" = NULL, "progress" = 0, "progress_message" = \'\' '
-    'WHERE "id" = {p} AND "status" IN (\'queued\', \'retrying\') AND "attempt" = {p} AND NOT "cancel_requested"'
-)
-
-
-_TASK_FIELDS = Task._meta.sorted_fields
-_RETURNING = " RETURNING " + ", ".join(f'"{f.column_name}"' for f in _TASK_FIELDS)
-
-
-def _returning(db: Any) -> bool:
-    """Whether UPDATE ... RETURNING works here (PostgreSQL; SQLite since 3.35)."""
-    if getattr(db, "returning_clause", False):
-        return True
-    import sqlite3
-
-    return isinstance(db, pw.SqliteDatabase) and sqlite3.sqlite_version_info >= (3, 35)
-
-
-def _task_from(values: tuple[Any, ...]) -> Task:
-    """A Task from a RETURNING row, as peewee's own cursor wrapper builds it (without resolving columns per row)."""
-    task = Task(__no_default__=1, **{f.name: f.python_value(v) for f, v in zip(_TASK_FIELDS, values, strict=True)})
-    task._dirty.clear()
-    return task
-
-
-def claim(task_id: str, attempt: int, worker_id: str, max_running: int = 0) -> Task | None:
-    """queued/retrying -> running for exactly this attempt; the task row, or None when someone else won
-    (or, with `max_running`, when the task's owner already has that many tasks running: the fair share).
-
-    The hot path of every task: one hand-written statement, UPDATE ... RETURNING the row (or UPDATE
-    then SELECT on an SQLite older than 3.35), because building it with peewee's query builder and
-    resolving the returned columns cost more than the database round trip.
-    """
-    now = utcnow()
-    db = database.obj
-    sql = _CLAIM_SET.format(p=db.param)
-    params: tuple[Any, ...] = (worker_id, Task.started_at.db_value(now), task_id, attempt - 1)
-    if max_running > 0:
-        sql += quotas.claim_condition(db.param)
-        params += (max_running,)
-    if _returning(db):
-        rows = db.execute_sql(sql + _RETURNING, params).fetchall()  # fetch all: SQLite commits when the statement completes
-        if not rows:
-            return None
-        row = _task_from(rows[0])
-    else:
-        if db.execute_sql(sql, params).rowcount != 1:
-            return None
-        row = Task.get_or_none(Task.id == task_id)
-        if row is None:
-            return None
-    add_history(task_id, "running", f"attempt {attempt} on {worker_id}", at=now)
-    return row
-
-
-def _running(task_id: str, attempt: int) -> Any:
-    return (Task.id == task_id) & (Task.status == "running") & (Task.attempt == attempt)
-
-
-def finish(
-    task_id: str,
-    attempt: int,
-    status: str,
-    *,
-    started_at: Any,
-    result: Any = None,
-    error: str | None = None,
-    error_code: str | None = None,
-    message: str = "",
-) -> bool:
-    """running -> succeeded/failed/cancelled for this attempt; False when the task was taken away meanwhile."""
-    now = utcnow()
-    db = database.obj
-    p = db.param
-    running_time = (now - started_at).total_seconds() if started_at else None
-    sets = f'"status" = {p}, "finished_at" = {p}, "running_time" = {p}, "error" = {p}, "error_code" = {p}'
-    params: list[Any] = [status, Task.finished_at.db_value(now), running_time, error, error_code]
-    if status == "succeeded":
-        sets += f', "result" = {p}, "progress" = 100'
-        params.append(Task.result.db_value(result))
-    sql = f'UPDATE "task" SET {sets} WHERE "id" = {p} AND "status" = \'running\' AND "attempt" = {p}'
-    done = db.execute_sql(sql, (*params, task_id, attempt)).rowcount == 1
-    if done:
-        add_history(task_id, status, message, at=now)
-    return done
-
-
-def to_retry(
-    task_id: str,
-    attempt: int,
-    eta: Any,
-    error: str,
-    error_code: str,
-    message: str,
-    from_status: str = "running",
-    worker_id: str | None = None,
-) -> bool:
-    """running -> retrying with the next attempt due at `eta`."""
-    now = utcnow()
-    cond = (Task.id == task_id) & (Task.status == from_status) & (Task.attempt == attempt)
-    if worker_id is not None:
-        cond &= Task.worker_id == worker_id
-    done = (
-        Task.update(
-            status="retrying",
-            retries=Task.retries + 1,
-            eta=eta,
-            queued_at=now,
-            error=error,
-            error_code=error_code,
-            finished_at=now,
-            running_time=None,
-        )
-        .where(cond)
-        .execute()
-        == 1
-    )
-    if done:
-        add_history(task_id, "retrying", message, at=now)
-    return done
-
-
-_PROGRESS_SET = (
-    'UPDATE "task" SET "progress" = {p}, "progress_message" = {p} WHERE "id" = {p} AND "status" = \'running\' AND "attempt" = {p}'
-)
-
-
-def set_progress(task_id: str, attempt: int, pct: float, message: str) -> bool:
-    """Store progress; return True when a cancel was requested (or the task is no longer running).
-
-    On the hot path of every task that reports progress (sample does once): one hand-written
-    UPDATE ... RETURNING the cancel flag; only when it matched no row does a SELECT say why.
-    """
-    db = database.obj
-    sql = _PROGRESS_SET.format(p=db.param)
-    params = (pct, message, task_id, attempt)
-    if _returning(db):
-        rows = db.execute_sql(sql + ' RETURNING "cancel_requested"', params).fetchall()
-        if rows:
-            return bool(rows[0][0])
-    else:
-        db.execute_sql(sql, params)
-    row = Task.select(Task.cancel_requested, Task.status).where(Task.id == task_id).first()
-    return row is None or bool(row.cancel_requested) or row.status != "running"
-
-
-def cancel_waiting(task_id: str, reason: str, statuses: tuple[str, ...] = ACTIVE) -> bool:
-    """queued/retrying -> cancelled (the queue message, if any, is dropped when it is dequeued)."""
-    now = utcnow()
-    done = (
-        Task.update(status="cancelled", cancel_requested=True, cancel_reason=reason[:500], finished_at=now)
-        .where((Task.id == task_id) & (Task.status.in_(statuses)))
-        .execute()
-        == 1
-    )
-    if done:
-        add_history(task_id, "cancelled", reason, at=now)
-    return done

@@ -16,8 +16,8 @@ from typing import Any
 
 import peewee as pw
 
-from appliance import queue as queue_mod
 from appliance.db.models import NodeHeartbeat, Task
+from appliance.tasks import broker
 from appliance.times import iso
 
 
@@ -113,7 +113,7 @@ def queue_depth(cfg: Any) -> dict[str, Any]:
     }
     out: dict[str, Any] = {"waiting_by_priority": waiting, "waiting": sum(waiting.values())}
     try:
-        out["backend"] = queue_mod.depth(cfg)
+        out["backend"] = broker.depth(cfg)
     except Exception as exc:  # the queue being down is a fact to show, not an error of this endpoint
         out["backend"] = {"error": type(exc).__name__}
     return out

@@ -29,7 +29,7 @@ import peewee as pw
 from msgspec import Meta
 
 from appliance.db.models import AuditEvent, NodeHeartbeat, Task, TaskHistory, TaskLog, database
-from appliance.queue.registry import task_type
+from appliance.tasks.registry import task_type
 from appliance.times import iso, utcnow
 
 

@@ -20,12 +20,11 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
-from appliance import queue as queue_mod
 from appliance.db.models import Task, TaskGroup, TaskHistory, TaskLog, database
 from appliance.errors import AppError, Conflict, NotFound, ServiceUnavailable, ValidationFailed
 from appliance.logs import fields
-from appliance.queue import callbacks, groups, quotas, records
-from appliance.queue.registry import field_of, registry_for
+from appliance.tasks import broker, callbacks, groups, lifecycle, quotas, records
+from appliance.tasks.registry import field_of, registry_for
 from appliance.times import iso, parse_iso, utcnow
 
 log = logging.getLogger(__name__)
@@ -125,7 +124,6 @@ def _prepare(cfg: Any, caller: Caller, req: SubmitRequest, where: str = "") -> d
         "id": records.new_id(),
         "task_type": ttype.name,
         "owner": caller.user_id,
-        "status": "queued",
         "priority": req.priority,
         "input": req.data,
         "max_retries": retry.max_retries,
@@ -140,13 +138,10 @@ def _prepare(cfg: Any, caller: Caller, req: SubmitRequest, where: str = "") -> d
 def _hand_to_queue(cfg: Any, rows: list[dict[str, Any]]) -> None:
     for row in rows:
         try:
-            queue_mod.enqueue(cfg, row["id"], 1, row["priority"], row["eta"])
+            broker.enqueue(cfg, row["id"], 1, row["priority"], row["eta"])
         except Exception as exc:
             log.error("queue refused a task", extra=fields(task_id=row["id"], error=f"{type(exc).__name__}: {exc}"[:300]))
-            Task.update(status="failed", error="the queue is unavailable", error_code="queue_unavailable", finished_at=utcnow()).where(
-                Task.id == row["id"]
-            ).execute()
-            records.add_history(row["id"], "failed", "the queue is unavailable")
+            lifecycle.queue_refused(row["id"])
             raise ServiceUnavailable("the task queue is unavailable; try again later", code="queue_unavailable") from None
 
 
@@ -165,7 +160,7 @@ def submit(cfg: Any, caller: Caller, req: SubmitRequest | dict[str, Any], *, sch
     row["queued_at"] = row["created_at"]
     if schedule_id is not None:
         row["schedule"] = schedule_id
-    records.insert_tasks([row])  # committed before its message is queued
+    lifecycle.create([row])  # committed before its message is queued
     _history([row])
     _hand_to_queue(cfg, [row])
     return {
@@ -189,7 +184,7 @@ def _group(cfg: Any, caller: Caller, kind: str, items: list[SubmitRequest], name
             row["queued_at"] = now
     with database.atomic():
         TaskGroup.create(id=gid, kind=kind, name=name, owner=caller.user_id, execution_mode=mode, failure_strategy=strategy, created_at=now)
-        records.insert_tasks(rows)
+        lifecycle.create(rows)
     _history(rows)
     _hand_to_queue(cfg, [r for r in rows if r.get("queued_at")])
     return {
@@ -306,8 +301,8 @@ def list_tasks(
     per_page: int = 20,
     all_users: bool = True,
 ) -> tuple[list[dict[str, Any]], int]:
-    if status and status not in records.STATUSES:
-        raise ValidationFailed(f"status must be one of {', '.join(records.STATUSES)}", field="status")
+    if status and status not in lifecycle.STATUSES:
+        raise ValidationFailed(f"status must be one of {', '.join(lifecycle.STATUSES)}", field="status")
     query = Task.select()
     if not caller.admin or not all_users:
         query = query.where(Task.owner == caller.user_id)
@@ -331,14 +326,12 @@ def cancel(cfg: Any, caller: Caller, task_id: str, req: CancelRequest | dict[str
     reason = req.reason or (
         "cancelled by an administrator" if caller.admin and task.owner_id != caller.user_id else "cancelled by the owner"
     )
-    if task.status in records.ACTIVE and records.cancel_waiting(task.id, reason):
+    if task.status in lifecycle.ACTIVE and lifecycle.cancel_waiting(task.id, reason):
         records.flush()
-        from appliance.queue import runner
-
-        runner.after_terminal(cfg, task.id)
+        lifecycle.after_terminal(cfg, task.id)
         return {"task_id": task.id, "status": "cancelled", "cancel_requested": True, "force": req.force}
     task = Task.get_by_id(task.id)
-    if task.status in records.TERMINAL:
+    if task.status in lifecycle.TERMINAL:
         raise Conflict(f"task {task.id} already {task.status}", code="task_finished", details={"status": task.status})
     values: dict[str, Any] = {"cancel_requested": True, "cancel_reason": reason[:500]}
     if req.force:
@@ -356,6 +349,6 @@ def _seconds_ago(seconds: float) -> _dt.datetime:
 
 
 def stats(cfg: Any, caller: Caller, now: _dt.datetime | None = None) -> dict[str, Any]:
-    from appliance.queue import stats as stats_mod
+    from appliance.tasks import stats as stats_mod
 
     return stats_mod.compute(cfg, None if caller.admin else caller.user_id, now or utcnow())

@@ -25,7 +25,7 @@ import orjson
 
 from appliance import jsondepth
 from appliance.errors import ValidationFailed
-from appliance.queue.datalimits import LimitExceeded, bounded_lines
+from appliance.tasks.datalimits import LimitExceeded, bounded_lines
 
 CHUNK = 65536
 _WS = " \t\r\n"

@@ -112,7 +112,7 @@ class _Sender:
                 self.q.task_done()
 
     def _note(self, task_id: str, event: str, url: str, problem: str) -> None:
-        from appliance.queue import records
+        from appliance.tasks import records
 
         key = (task_id, event, url)
         if key in self.noted:

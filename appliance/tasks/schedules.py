@@ -25,15 +25,15 @@ import zoneinfo
 from typing import Annotated, Any, Literal
 
 import msgspec
-import peewee as pw
 from croniter import croniter
 from msgspec import Meta
 
+from appliance.db.errors import ConstraintConflict, translated
 from appliance.db.models import Schedule, ScheduleRun, database
 from appliance.errors import AppError, NotFound, ValidationFailed
 from appliance.logs import fields
-from appliance.queue import quotas, records
-from appliance.queue.registry import owner_rights, registry_for
+from appliance.tasks import lifecycle, quotas, records
+from appliance.tasks.registry import owner_rights, registry_for
 from appliance.times import UTC, iso, utcnow
 
 log = logging.getLogger(__name__)
@@ -126,7 +126,7 @@ def view(s: Schedule) -> dict[str, Any]:
 
 
 def _parse(kind: type, raw: Any) -> Any:
-    from appliance.queue.service import parse
+    from appliance.tasks.service import parse
 
     return parse(kind, raw)
 
@@ -233,7 +233,7 @@ def tick(cfg: Any, now: _dt.datetime | None = None) -> list[str]:
 
 
 def _fire(cfg: Any, s: Schedule, now: _dt.datetime) -> str | None:
-    from appliance.queue import service
+    from appliance.tasks import service
 
     user_id, admin = owner_rights(s.owner_id)
     slot = latest_slot(s.expression, s.timezone, now)
@@ -244,7 +244,7 @@ def _fire(cfg: Any, s: Schedule, now: _dt.datetime) -> str | None:
     refused: AppError | None = None
     skipped: AppError | None = None
     try:
-        with database.atomic():
+        with translated(), database.atomic():
             ScheduleRun.insert(schedule=s.id, slot=slot, fired_at=now).execute()
             try:
                 registry_for(cfg).get(s.task_type).admit(s.data, user_id, admin)
@@ -255,7 +255,6 @@ def _fire(cfg: Any, s: Schedule, now: _dt.datetime) -> str | None:
                 "id": records.new_id(),
                 "task_type": s.task_type,
                 "owner": s.owner_id,
-                "status": "queued",
                 "priority": s.priority,
                 "input": s.data,
                 "max_retries": cfg.queue.default_max_retries,
@@ -265,18 +264,18 @@ def _fire(cfg: Any, s: Schedule, now: _dt.datetime) -> str | None:
             }
             if refused is not None:
                 error = f"schedule {s.id} may not run: {refused.message}; the schedule was deactivated"
-                row.update(status="failed", queued_at=None, finished_at=now, error=error[:2000], error_code=refused.code)
+                lifecycle.born_failed(row, error, refused.code, now)
             elif skipped is not None:
                 error = f"schedule {s.id} slot {iso(slot)} skipped: {skipped.message}"
-                row.update(status="failed", queued_at=None, finished_at=now, error=error[:2000], error_code=skipped.code)
-            records.insert_tasks([row])
+                lifecycle.born_failed(row, error, skipped.code, now)
+            lifecycle.create([row])
             ScheduleRun.update(task_id=row["id"]).where((ScheduleRun.schedule == s.id) & (ScheduleRun.slot == slot)).execute()
             iterations = s.iterations + 1
             active = refused is None and not (s.max_iterations and iterations >= s.max_iterations)
             Schedule.update(iterations=Schedule.iterations + 1, last_run_at=now, next_run_at=nxt, active=active, updated_at=now).where(
                 Schedule.id == s.id
             ).execute()
-    except pw.IntegrityError:
+    except ConstraintConflict:
         # Another scheduler fired this slot: its transaction also moved next_run_at.
         log.debug("slot already fired elsewhere", extra=fields(schedule_id=s.id, slot=iso(slot)))
         return None
