@@ -59,7 +59,7 @@ def test_a_run_is_read_and_its_failures_are_told_apart(tmp_path: Path):
     )
     run = summary.read_run(prefix, 20, ZONES, {"login": 14, "api": 0})
     assert (run.users, run.requests, run.failures, run.rps, run.p50, run.p95, run.p99) == (20, 1200, 61, 20.25, 4, 19, 1100)
-    assert (run.logins, run.login_p50) == (20, 1900)
+    assert (run.logins, run.login_max) == (20, 2600)
     assert run.count(summary.INTENDED) == 14
     assert run.count(summary.AFTER_LOGIN) == 30
     assert run.count(summary.UNEXPECTED) == 2 + 3  # a 429 no zone covers is not the config's doing
