@@ -139,6 +139,33 @@ def test_a_logout_on_host_a_fails_the_token_on_b_and_c_within_one_second(cluster
     assert a.request("GET", "/auth/profile", token=token)[0] == 401
 
 
+def test_a_logout_all_on_host_b_fails_every_token_of_the_user_on_a_and_c_within_one_second(cluster):
+    name, first = user_token(cluster, on="a")
+    status, body = cluster.hosts["c"].request("POST", "/auth/login", {"username": name, "password": PASSWORD})
+    assert status == 200, body
+    second = body["data"]["access_token"]  # another device, logged in on another host
+    targets = [(cluster.hosts["a"], first), (cluster.hosts["c"], second), (cluster.hosts["a"], second), (cluster.hosts["c"], first)]
+    for host, token in targets:
+        assert host.request("GET", "/auth/profile", token=token)[0] == 200
+    status, body = cluster.hosts["b"].request("POST", "/auth/logout-all", token=first)
+    assert status == 200, body
+    logged_out = time.monotonic()
+    pending = set(range(len(targets)))
+    refused_after: dict[int, float] = {}
+    while pending and time.monotonic() - logged_out < 5:
+        for i in sorted(pending):
+            host, token = targets[i]
+            status, _ = host.request("GET", "/auth/profile", token=token, timeout=5)
+            if status == 401:
+                refused_after[i] = time.monotonic() - logged_out
+                pending.discard(i)
+            else:
+                assert status == 200
+        time.sleep(0.02)
+    assert not pending, refused_after
+    assert max(refused_after.values()) < 1.0, refused_after
+
+
 def test_host_c_forwards_a_route_to_the_other_hosts_balancers(cluster):
     """[balancer] upstreams on host C: /health/ping goes to host A's and host B's public listeners."""
     answered = set()
