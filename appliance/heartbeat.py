@@ -26,10 +26,10 @@ import threading
 import time
 from typing import Any
 
-log = logging.getLogger(__name__)
+from appliance.contract import HEARTBEAT_FILE_ENV as FILE_ENV
+from appliance.contract import SUPERVISOR_PID_ENV as PARENT_ENV
 
-FILE_ENV = "APPLIANCE_HEARTBEAT_FILE"
-PARENT_ENV = "APPLIANCE_SUPERVISOR_PID"
+log = logging.getLogger(__name__)
 
 _status = "starting"
 _info: dict[str, Any] = {}

@@ -17,6 +17,8 @@ import os
 import sys
 from typing import Any
 
+from appliance.contract import CONFIG_ENV  # callers name it roles.CONFIG_ENV too
+
 ROLES: dict[str, str] = {
     "balancer": "appliance.balancer.server:serve",
     "api": "appliance.api.server:serve",
@@ -32,7 +34,6 @@ PRELOAD_LIBRARIES = ("uvloop", "waitress", "waitress.server", "pyotp", "psutil")
 # prometheus_client picks its value class when imported: only import it where the multiprocess dir is set.
 METRICS_MODULES = ("prometheus_client", "prometheus_client.multiprocess")
 
-CONFIG_ENV = "APPLIANCE_CONFIG_JSON"
 EXIT_BOOT_FAILURE = 3  # a child that cannot boot exits with this; the supervisor does not retry forever
 
 

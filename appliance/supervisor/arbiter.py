@@ -34,8 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance import listen_address, roles
-from appliance.contract import ADDRESS_DIR, ADDRESS_FILE_ENV, LISTEN_FDS_ENV
-from appliance.heartbeat import FILE_ENV, PARENT_ENV
+from appliance.contract import ADDRESS_DIR, ADDRESS_FILE_ENV, CONFIG_ENV, HEARTBEAT_FILE_ENV, LISTEN_FDS_ENV, SUPERVISOR_PID_ENV
 from appliance.logs import fields
 from appliance.supervisor import phases, readiness
 from appliance.supervisor.channel import Channel
@@ -59,7 +58,7 @@ def child_env() -> dict[str, str]:
     """The environment every child starts from: ours without systemd's private variables."""
     env = {k: v for k, v in os.environ.items() if k not in PRIVATE_ENV}
     env["PYTHONUNBUFFERED"] = "1"
-    env[PARENT_ENV] = str(os.getpid())
+    env[SUPERVISOR_PID_ENV] = str(os.getpid())
     return env
 
 
@@ -264,8 +263,8 @@ class Arbiter:
             child.heartbeat.unlink(missing_ok=True)
         hb = child.heartbeat = self.heartbeat_dir / f"{child.kind.role}-{child.index}-{self._spawned}"
         env = dict(self.base_env)
-        env[roles.CONFIG_ENV] = child.cfg.to_json().decode()
-        env[FILE_ENV] = str(hb)
+        env[CONFIG_ENV] = child.cfg.to_json().decode()
+        env[HEARTBEAT_FILE_ENV] = str(hb)
         self._forget_address(child)
         if child.kind.listens:  # it announces where it listens here; a port the kernel picked is learnt from it
             child.address_file = self.address_dir / hb.name

@@ -16,6 +16,9 @@ PACKAGE = Path(contract.__file__).parent
 SHARED = {
     contract.LISTEN_FDS_ENV,
     contract.ADDRESS_FILE_ENV,
+    contract.CONFIG_ENV,
+    contract.HEARTBEAT_FILE_ENV,
+    contract.SUPERVISOR_PID_ENV,
     contract.UPSTREAMS_FILE,
     contract.BALANCER_STATE_FILE,
 }
