@@ -107,7 +107,7 @@ def test_crash_loop_during_startup_fails_the_startup(supervise):
 def test_boot_failure_at_startup_stops_everything_with_its_last_lines(supervise):
     port = free_port()
     sup = supervise([api(port), {"role": "broken", "count": 1, "mode": "bootfail"}], startup_timeout=30)
-    assert sup.proc.wait(15) == 1
+    assert sup.proc.wait(60) == 1  # a bound, not a timing claim: it took over 15 s at load 12 in a CI run
     failed = sup.wait_for("startup failed")
     assert "broken[0] could not boot" in failed and "cannot boot" in failed
     assert any(m.startswith("api[0]") and "stopped" in m for m in sup.messages())
