@@ -74,8 +74,6 @@ class Host:
             "LANG": "C.UTF-8",
             "TMPDIR": "/tmp",
             "APPLIANCE_BALANCER__LISTEN": f"127.0.0.1:{base}",
-            "APPLIANCE_MONITOR__PORT": str(base + 1),
-            "APPLIANCE_API__BASE_PORT": str(base + 2),
             "APPLIANCE_API__WORKERS": "2",
             "APPLIANCE_QUEUE__WORKERS": "1",
         }

@@ -16,14 +16,14 @@ from tests.procs import free_range
 
 
 class Frozen:
-    """dist/appliance with its data dir, its own TMPDIR (to see the unpacked dirs) and free loopback ports."""
+    """dist/appliance with its data dir, its own TMPDIR (to see the unpacked dirs) and a free balancer port (the internal ones are the kernel's)."""
 
     def __init__(self, binary: Path, tmp: Path, **extra_env: str):
         self.binary, self.tmp = binary, tmp
         self.data = tmp / "data"
         self.tmpdir = tmp / "tmpdir"
         self.tmpdir.mkdir(parents=True, exist_ok=True)
-        base = free_range(6)
+        base = free_range(1)
         self.port = base
         self.env = {
             k: v for k, v in os.environ.items() if not k.startswith(("APPLIANCE_", "_PYI_", "NOTIFY_", "WATCHDOG_")) and k != "PYTHONPATH"
@@ -31,8 +31,6 @@ class Frozen:
         self.env.update(
             TMPDIR=str(self.tmpdir),
             APPLIANCE_BALANCER__LISTEN=f"127.0.0.1:{base}",
-            APPLIANCE_MONITOR__PORT=str(base + 1),
-            APPLIANCE_API__BASE_PORT=str(base + 2),
             APPLIANCE_API__WORKERS="2",
             APPLIANCE_QUEUE__WORKERS="1",
             APPLIANCE_AUTH__BCRYPT_ROUNDS="10",
