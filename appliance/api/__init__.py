@@ -1,15 +1,18 @@
 """The API workers: a Falcon 4 WSGI app served by waitress, one process per port.
 
 Layout
-    app.py          create_app(cfg, index=0) -> falcon.App; ROUTE_MODULES lists every route module
-    context.py      ApiContext (cfg, db, tokens, identity_key, revocations, node_id, lazy .queue) and Identity
-    helpers.py      @operation, require_user/require_admin, read_json/read_query, ok/raw_json, Page/paginate
-    middleware.py   request id, identity, security headers + gzip, metrics, pooled-connection release
-    handlers.py     the one place exceptions become the error envelope
-    openapi.py      GET /openapi.json, built by walking the router and reading each @operation
-    server.py       serve(cfg, index): waitress on 127.0.0.1:(base_port+index), graceful SIGTERM
-    apps.py         operator modules from [api] apps_dir
-    health.py auth.py mfa.py users.py stats.py   the built-in routes; tasks.py data.py (optional) likewise
+    app.py             create_app(cfg, index=0) -> falcon.App; ROUTE_MODULES lists every route module
+    context.py         ApiContext (cfg, db, tokens, identity_key, revocations, node_id, lazy .queue) and Identity
+    operations.py      @operation, require_user/require_admin, client_address, ok/raw_json, Page/paginate
+    readers.py         read_json/read_query/read_body: the request's body and query, validated
+    middleware.py      request id, identity, security headers + gzip, metrics, pooled-connection release
+    error_handlers.py  the one place exceptions become the error envelope
+    openapi.py schemas.py   GET /openapi.json, built by walking the router and reading each @operation
+    server.py          serve(cfg, index): waitress on a loopback port (kernel-picked or base_port+index)
+    operator_apps.py   operator modules from [api] apps_dir
+    health.py auth.py mfa.py users.py stats.py   the built-in routes (sessions.py audit.py profilecache.py
+                       instruments.py: their parts)
+    tasks.py data.py   the task and data routes over appliance.tasks (optional in a build)
 
 Conventions for a route module (built-in, tasks/data, or an operator app)
 - It exposes `register(app, ctx)` (operator apps: `setup(app, ctx)`) and adds plain
@@ -41,7 +44,7 @@ Conventions for a route module (built-in, tasks/data, or an operator app)
 """
 
 from appliance.api.context import ApiContext, Identity
-from appliance.api.helpers import (
+from appliance.api.operations import (
     Operation,
     Page,
     PageMeta,
@@ -51,11 +54,10 @@ from appliance.api.helpers import (
     operation,
     paginate,
     raw_json,
-    read_json,
-    read_query,
     require_admin,
     require_user,
 )
+from appliance.api.readers import read_json, read_query
 
 __all__ = [
     "ApiContext",

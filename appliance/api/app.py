@@ -1,10 +1,10 @@
 """The Falcon application factory of an API worker.
 
-`create_app(cfg)` builds the app: middleware (appliance.api.middleware), the one
-error handler (appliance.api.handlers), then every route module of ROUTE_MODULES
-(each exposes `register(app, ctx)`), then the operators' own modules from
-[api] apps_dir (appliance.api.apps). Optional route modules (written by the tasks
-and data helpers) are imported only when present; a present module that fails to
+`create_app(cfg)` builds the app: middleware (appliance.api.middleware), the
+error handlers (appliance.api.error_handlers), then every route module of
+ROUTE_MODULES (each exposes `register(app, ctx)`), then the operators' own modules
+from [api] apps_dir (appliance.api.operator_apps). A module marked optional
+(tasks, data) is skipped when absent from a build; a present module that fails to
 import is an error, never skipped.
 """
 
@@ -17,7 +17,7 @@ from typing import Any
 
 import falcon
 
-from appliance.api import handlers, middleware
+from appliance.api import error_handlers, middleware
 from appliance.api.context import ApiContext
 
 log = logging.getLogger(__name__)
@@ -67,13 +67,13 @@ def create_app(cfg: Any, *, index: int = 0, db: Any = None, check_responses: boo
     app.req_options.strip_url_path_trailing_slash = True
     app.req_options.auto_parse_qs_csv = False
     app.req_options.media_handlers[falcon.MEDIA_JSON] = middleware.json_media(cfg.api.json_max_depth)
-    handlers.install(app)
+    error_handlers.install(app)
     for module, required in ROUTE_MODULES:
         if not required and not _present(module):
             continue
         importlib.import_module(module).register(app, ctx)
     if load_apps and cfg.api.apps_dir:
-        from appliance.api import apps
+        from appliance.api import operator_apps
 
-        apps.load_all(app, ctx)
+        operator_apps.load_all(app, ctx)
     return app

@@ -44,7 +44,7 @@ def record(
     event: str, req: falcon.Request | None = None, *, user_id: int | None = None, username: str | None = None, **details: Any
 ) -> None:
     """Append one audit event (and a log line) for `event`."""
-    from appliance.api.helpers import client_address
+    from appliance.api.operations import client_address
 
     address = client_address(req) if req is not None else None
     rid = getattr(req.context, "request_id", None) if req is not None else None

@@ -21,7 +21,8 @@ from msgspec import Meta
 from appliance import accounts, logins, tokens
 from appliance.api import audit, sessions
 from appliance.api.context import ApiContext
-from appliance.api.helpers import client_address, ok, operation, read_json, require_user
+from appliance.api.operations import client_address, ok, operation, require_user
+from appliance.api.readers import read_json
 from appliance.api.schemas import Message, UserEnvelope, UserOut, user_out
 from appliance.db.models import Task, User
 from appliance.errors import AppError, Forbidden, Unauthorized, ValidationFailed

@@ -21,7 +21,7 @@ import os
 import re
 import shutil
 from collections.abc import Callable
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import falcon
 import msgspec
@@ -30,13 +30,14 @@ from msgspec import Meta
 
 from appliance import jsondepth
 from appliance.api.context import ApiContext
-from appliance.api.helpers import Page, has_nul, ok, operation, paginate, read_json, read_query, require_user
+from appliance.api.operations import Page, ok, operation, paginate, require_user
+from appliance.api.readers import has_nul, read_json, read_query
 from appliance.api.schemas import refine
 from appliance.api.tasks import SubmitOut, caller_of, task_links
 from appliance.db.models import DataRecord, Task, Upload
 from appliance.errors import BadRequest, NotFound, PayloadTooLarge, UnsupportedMediaType, ValidationFailed
 from appliance.tasks import quotas, records, service
-from appliance.tasks.dataprocs import DATASET_RE, BulkImportInput, Rule
+from appliance.tasks.dataprocs import DATASET_RE, BulkImportFields, BulkImportInput
 from appliance.times import iso
 
 CHUNK = 65536
@@ -72,13 +73,9 @@ class ProcessingForm(msgspec.Struct, kw_only=True):
     parameters: str = "{}"
 
 
-class BulkImportRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    dataset: DatasetName
-    records: list[dict[str, Any]] | None = None
-    source_file_id: Annotated[str, Meta(min_length=1, max_length=32)] | None = None
-    batch_size: Annotated[int, Meta(ge=1, le=10000)] = 500
-    validation_rules: list[Rule] = []
-    error_handling: Literal["skip_invalid", "stop"] = "skip_invalid"
+# The bulk_import task's input (appliance.tasks.dataprocs, one schema) plus where to call back and the priority.
+class BulkImportRequest(BulkImportFields, kw_only=True, forbid_unknown_fields=True):
+    dataset: DatasetName  # documents the reserved names too
     callback_url: str | None = None
     priority: Annotated[int, Meta(ge=1, le=10)] = 5
 

@@ -24,7 +24,7 @@ import psutil
 
 from appliance import __version__, hostsample
 from appliance.api.context import ApiContext
-from appliance.api.helpers import ok, operation, raw_json
+from appliance.api.operations import ok, operation, raw_json
 from appliance.db.models import NodeHeartbeat
 from appliance.heartbeat import host_name
 from appliance.times import from_timestamp, iso, now_iso, utcnow

@@ -28,7 +28,8 @@ from msgspec import Meta
 from appliance import logins, secondfactor
 from appliance.api import audit, sessions
 from appliance.api.context import ApiContext
-from appliance.api.helpers import client_address, ok, operation, read_json, require_user
+from appliance.api.operations import client_address, ok, operation, require_user
+from appliance.api.readers import read_json
 from appliance.db.models import User, database
 from appliance.errors import Conflict, Unauthorized, ValidationFailed
 from appliance.times import utcnow

@@ -2,7 +2,7 @@
 
 The builder walks falcon's router, so every route of the app is in the
 document (built-in, tasks/data modules and operator apps alike); each
-responder's @operation (appliance.api.helpers) gives its summary, auth, query
+responder's @operation (appliance.api.operations) gives its summary, auth, query
 and body Structs and response Struct, and msgspec turns those Structs into JSON
 Schema components. Nothing is written twice: the Structs that validate are the
 Structs documented. A responder without @operation is still listed, marked
@@ -21,7 +21,7 @@ import msgspec
 
 from appliance import __version__
 from appliance.api.context import ApiContext
-from appliance.api.helpers import Operation, PageMeta, operation, operation_of
+from appliance.api.operations import Operation, PageMeta, operation, operation_of
 from appliance.api.schemas import ErrorEnvelope, refinements
 
 _FIELD_RE = re.compile(r"\{(\w+)(?::(\w+)[^}]*)?\}")

@@ -120,7 +120,7 @@ def serve(cfg: Any, index: int) -> int:
         log.error("database %s cannot be used: %s", db.describe(cfg), exc)
         return 1  # transient: the supervisor retries with backoff
     from appliance.api.app import create_app
-    from appliance.api.apps import AppLoadError
+    from appliance.api.operator_apps import AppLoadError
 
     try:
         app = create_app(cfg, index=index, db=handle)

@@ -58,7 +58,7 @@ def _refresh(ctx: ApiContext, user: User, family: str, jti: str, now: float) -> 
 
 def start(ctx: ApiContext, user: User, req: falcon.Request, now: float | None = None) -> TokenPair:
     """A new family and its first token pair."""
-    from appliance.api.helpers import client_address
+    from appliance.api.operations import client_address
 
     now = time.time() if now is None else now
     family, jti = tokens.new_id(), tokens.new_id()

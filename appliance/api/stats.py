@@ -23,7 +23,7 @@ from appliance import metrics
 from appliance.api import instruments
 from appliance.api.context import ApiContext
 from appliance.api.health import SystemInfo, system_info
-from appliance.api.helpers import ok, operation
+from appliance.api.operations import ok, operation
 from appliance.db.models import AuditEvent, User
 from appliance.times import utcnow
 

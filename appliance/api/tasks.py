@@ -1,7 +1,7 @@
 """The /tasks resources: submit, batch, chain, schedules, status, cancel, logs, stats, list.
 
 Thin HTTP adapters over appliance.tasks.service and appliance.tasks.schedules,
-which hold the rules (validation, ownership, state transitions). A user sees
+which hold the rules (validation, ownership; appliance.tasks.lifecycle the status). A user sees
 and changes only their own tasks and schedules (others' answer 404); an
 admin sees all. GET /tasks/logs/{id} answers text/plain when the client's
 Accept prefers it, JSON otherwise.
@@ -16,7 +16,8 @@ import msgspec
 from msgspec import Meta
 
 from appliance.api.context import ApiContext
-from appliance.api.helpers import Page, ok, operation, page_meta, read_json, read_query, require_user
+from appliance.api.operations import Page, ok, operation, page_meta, require_user
+from appliance.api.readers import read_json, read_query
 from appliance.tasks import schedules, service
 from appliance.tasks.registry import registry_for
 from appliance.tasks.schedules import SchedulePatch, ScheduleRequest
@@ -211,64 +212,52 @@ def task_links(task_id: str) -> dict[str, str]:
 # --- resources ---------------------------------------------------------------------------------------
 
 
-class Submit:
-    def __init__(self, ctx: ApiContext):
-        self.ctx = ctx
+def _submission(name: str, summary: str, request: Any, response: Any, rules: Any, submit: Any, links: Any) -> type:
+    """A resource whose POST submits work, the skeleton Submit, Batch and Chain share: read the declared
+    request, hand it to `submit(cfg, caller, body)` (appliance.tasks.service), answer with `links(out)`."""
 
-    @operation(
-        "Submit a task (priority 1 = most urgent .. 10)",
-        request=SubmitRequest,
-        response=SubmitOut,
-        auth="user",
-        errors=(400, 403, 404, 429, 503),
-        tags=TAGS,
-        rules=_SUBMIT_RULES,
-    )
-    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        caller = caller_of(req)
-        body: SubmitRequest = read_json(req, SubmitRequest)
-        out = service.submit(self.ctx.cfg, caller, body)
-        ok(resp, out, links=task_links(out["task_id"]))
+    class Submission:
+        def __init__(self, ctx: ApiContext):
+            self.ctx = ctx
+
+        @operation(summary, request=request, response=response, auth="user", errors=(400, 403, 404, 429, 503), tags=TAGS, rules=rules)
+        def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+            caller = caller_of(req)
+            out = submit(self.ctx.cfg, caller, read_json(req, request))
+            ok(resp, out, links=links(out))
+
+    Submission.__name__ = Submission.__qualname__ = name
+    return Submission
 
 
-class Batch:
-    def __init__(self, ctx: ApiContext):
-        self.ctx = ctx
+def _group_links(kind: str) -> Any:
+    def links(out: dict[str, Any]) -> dict[str, Any]:
+        return {"status": f"/tasks/{kind}/{out[f'{kind}_id']}", "tasks": [f"/tasks/status/{t}" for t in out["task_ids"]]}
 
-    @operation(
-        "Submit a batch of tasks (sequential or parallel)",
-        request=BatchRequest,
-        response=GroupOut,
-        auth="user",
-        errors=(400, 403, 404, 429, 503),
-        tags=TAGS,
-        rules=_GROUP_RULES,
-    )
-    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        caller = caller_of(req)
-        body: BatchRequest = read_json(req, BatchRequest)
-        out = service.batch(self.ctx.cfg, caller, body)
-        ok(resp, out, links={"status": f"/tasks/batch/{out['batch_id']}", "tasks": [f"/tasks/status/{t}" for t in out["task_ids"]]})
+    return links
 
 
-class Chain:
-    def __init__(self, ctx: ApiContext):
-        self.ctx = ctx
-
-    @operation(
-        "Submit a chain: each step receives the previous step's result",
-        request=ChainRequest,
-        response=GroupOut,
-        auth="user",
-        errors=(400, 403, 404, 429, 503),
-        tags=TAGS,
-        rules=_GROUP_RULES,
-    )
-    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        caller = caller_of(req)
-        body: ChainRequest = read_json(req, ChainRequest)
-        out = service.chain(self.ctx.cfg, caller, body)
-        ok(resp, out, links={"status": f"/tasks/chain/{out['chain_id']}", "tasks": [f"/tasks/status/{t}" for t in out["task_ids"]]})
+Submit = _submission(
+    "Submit",
+    "Submit a task (priority 1 = most urgent .. 10)",
+    SubmitRequest,
+    SubmitOut,
+    _SUBMIT_RULES,
+    service.submit,
+    lambda out: task_links(out["task_id"]),
+)
+Batch = _submission(
+    "Batch", "Submit a batch of tasks (sequential or parallel)", BatchRequest, GroupOut, _GROUP_RULES, service.batch, _group_links("batch")
+)
+Chain = _submission(
+    "Chain",
+    "Submit a chain: each step receives the previous step's result",
+    ChainRequest,
+    GroupOut,
+    _GROUP_RULES,
+    service.chain,
+    _group_links("chain"),
+)
 
 
 class GroupStatus:

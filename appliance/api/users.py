@@ -17,8 +17,9 @@ from msgspec import Meta
 from appliance import __version__, accounts
 from appliance.api import audit
 from appliance.api.context import ApiContext
-from appliance.api.helpers import Page, ok, operation, paginate, read_json, read_query, require_user
+from appliance.api.operations import Page, ok, operation, paginate, require_user
 from appliance.api.profilecache import ProfileCache
+from appliance.api.readers import read_json, read_query
 from appliance.api.schemas import UserEnvelope, UserOut, user_out
 from appliance.db.models import User
 from appliance.errors import Conflict, Forbidden, NotFound, Unauthorized

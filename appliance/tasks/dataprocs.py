@@ -225,7 +225,9 @@ class Rule(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     choices: list[Any] | None = None
 
 
-class BulkImportInput(msgspec.Struct, kw_only=True):
+# The one schema of a bulk import: the task's input and, with its HTTP extras, the body of
+# POST /api/data/bulk-import (appliance.api.data.BulkImportRequest subclasses it).
+class BulkImportFields(msgspec.Struct, kw_only=True):
     dataset: Annotated[str, Meta(pattern=DATASET_RE)]
     records: list[dict[str, Any]] | None = None
     source_file_id: Annotated[str, Meta(min_length=1, max_length=32)] | None = None
@@ -233,6 +235,8 @@ class BulkImportInput(msgspec.Struct, kw_only=True):
     validation_rules: list[Rule] = []
     error_handling: Literal["skip_invalid", "stop"] = "skip_invalid"
 
+
+class BulkImportInput(BulkImportFields, kw_only=True):
     def __post_init__(self) -> None:
         if (self.records is None) == (self.source_file_id is None):
             raise ValueError("give exactly one of records or source_file_id")

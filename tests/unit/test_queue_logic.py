@@ -210,3 +210,15 @@ def test_column_profile_types_and_stats():
 def test_worker_id_parsing():
     assert parse_worker_id("host-1:worker:0#123") == ("host-1:worker:0", "host-1", 123)
     assert parse_worker_id("") == ("", "", None)
+
+
+def test_the_bulk_import_body_and_task_input_are_one_schema():
+    """POST /api/data/bulk-import adds only its HTTP extras to the task's own fields (defined once, in dataprocs)."""
+    import msgspec
+
+    from appliance.api.data import BulkImportRequest
+    from appliance.tasks.dataprocs import BulkImportFields, BulkImportInput
+
+    assert issubclass(BulkImportRequest, BulkImportFields) and issubclass(BulkImportInput, BulkImportFields)
+    task_fields = {f.name for f in msgspec.structs.fields(BulkImportInput)}
+    assert {f.name for f in msgspec.structs.fields(BulkImportRequest)} == task_fields | {"callback_url", "priority"}
