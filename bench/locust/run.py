@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--users", default="5,20", help="comma list of user counts, one run each")
     ap.add_argument("--spawn-rate", type=float, default=5.0, help="users started per second")
     ap.add_argument("--out", default=str(RESULTS / "latest.md"), help="the results file whose locust section is replaced ('-': print only)")
+    ap.add_argument("--keep", action="store_true", help="keep the temp dir (appliance and locust logs) and print where it is")
     args = ap.parse_args(argv)
     if importlib.util.find_spec("locust") is None:
         print("bench locust: needs locust (pip install -e '.[bench]')", file=sys.stderr)
@@ -53,7 +54,10 @@ def main(argv: list[str] | None = None) -> int:
             r = runs[-1]
             print(f"  {n} users: {r.requests} requests, {r.failures} failures, {r.rps:.1f} req/s, p99 {r.p99:.0f} ms", flush=True)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if args.keep:
+            print(f"bench locust: logs kept in {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
     took = time.monotonic() - t0
     header = [
         f"date: {started:%Y-%m-%d %H:%M} UTC, {took / 60:.1f} min (`python -m bench locust {' '.join(argv or [])}`".rstrip() + ")",
