@@ -95,6 +95,10 @@ class Route(Section):
 
 class BalancerSettings(Section):
     listen: Annotated[str, _h("public address host:port of the proxy")] = "127.0.0.1:8080"
+    processes: Annotated[
+        int,
+        _h("balancer processes accepting from the one public socket; 0 means 1 on 1-2 CPUs, else max(2, CPUs // 4)", ge=0, le=64),
+    ] = 0
     backlog: Annotated[int, _h("listen backlog of the public socket", ge=16, le=65535)] = 1024
     tls_cert: Annotated[str, _h("PEM certificate path; empty means plain HTTP")] = ""
     tls_key: Annotated[str, _h("PEM private key path")] = ""
@@ -335,6 +339,14 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     @property
     def api_workers(self) -> int:
         return self.api.workers or (os.cpu_count() or 1)
+
+    @property
+    def balancer_processes(self) -> int:
+        """[balancer] processes, with 0 (auto) resolved for this machine."""
+        if self.balancer.processes:
+            return self.balancer.processes
+        cpus = os.cpu_count() or 1
+        return 1 if cpus <= 2 else max(2, cpus // 4)
 
     def to_json(self) -> bytes:
         """The whole tree (secrets included) for handing to a child process."""

@@ -19,6 +19,15 @@ RUN_DIR = "run"
 UPSTREAMS_FILE = "upstreams.json"  # supervisor -> balancer: the local upstream groups, versioned
 BALANCER_STATE_FILE = "balancer-state.json"  # balancer -> supervisor: what it applied, in flight per upstream
 
+
+def balancer_state_file(index: int) -> str:
+    """The state file of balancer process `index` ([balancer] processes): the first keeps the plain name."""
+    if index == 0:
+        return BALANCER_STATE_FILE
+    stem, _, ext = BALANCER_STATE_FILE.rpartition(".")
+    return f"{stem}-{index}.{ext}"
+
+
 # Environment: the file an internal listener (api worker, monitor) writes the loopback "host:port" it bound to,
 # so the supervisor learns a port the kernel picked (appliance/listen_address.py).
 ADDRESS_FILE_ENV = "APPLIANCE_ADDRESS_FILE"

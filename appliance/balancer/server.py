@@ -65,7 +65,7 @@ def serve(cfg: Any, index: int = 0) -> int:
             log.info("uvloop is not installed; using the stdlib event loop")
     with asyncio.Runner(loop_factory=loop_factory) as runner:
         try:
-            return runner.run(Balancer(cfg).run())
+            return runner.run(Balancer(cfg, index).run())
         except BootError as exc:
             log.error("balancer cannot start: %s", exc)
             return EXIT_BOOT_FAILURE
@@ -164,8 +164,9 @@ class RedirectConnection(asyncio.Protocol):
 class Balancer:
     """One balancer process: sockets, proxy, upkeep tasks and signals."""
 
-    def __init__(self, cfg: Any):
+    def __init__(self, cfg: Any, index: int = 0):
         self.cfg = cfg
+        self.index = index  # which of the [balancer] processes this is (its state file, its limiter slot file)
         self.stop_event: asyncio.Event | None = None
         self.ssl_ctx: Any = None
         self.mirror: Any = None
@@ -177,7 +178,7 @@ class Balancer:
         cfg, b = self.cfg, self.cfg.balancer
         loop = asyncio.get_running_loop()
         self.stop_event = asyncio.Event()
-        table = upstreams.UpstreamTable(cfg)
+        table = upstreams.UpstreamTable(cfg, self.index)
         table.load()
         if b.tls_cert:
             try:

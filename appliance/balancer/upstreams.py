@@ -13,7 +13,8 @@ base_port + i and the monitor at [monitor] port, when those are pinned (without
 a supervisor nobody knows a port the kernel picked). Remote upstreams of
 [balancer] upstreams are added to their group either way.
 
-The balancer answers in <data_dir>/run/balancer-state.json (atomically, at most
+The balancer answers in <data_dir>/run/balancer-state.json (balancer-state-N.json
+for process N > 0 of [balancer] processes; atomically, at most
 every 0.5 s and after each reload): the last applied version and, per group,
 every upstream's state, in-flight count, requests and failures, so the
 supervisor knows when a draining worker has finished.
@@ -38,7 +39,7 @@ import orjson
 from appliance.balancer import pool
 from appliance.balancer.picker import Group, Upstream
 from appliance.balancer.upstream_state import DRAINING, Health
-from appliance.contract import BALANCER_STATE_FILE, RUN_DIR, UPSTREAMS_FILE
+from appliance.contract import BALANCER_STATE_FILE, RUN_DIR, UPSTREAMS_FILE, balancer_state_file
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ STATE_FILE = f"{RUN_DIR}/{BALANCER_STATE_FILE}"
 class UpstreamTable:
     """The upstream groups and routes of this balancer."""
 
-    def __init__(self, cfg: Any):
+    def __init__(self, cfg: Any, index: int = 0):
         self.cfg = cfg
         b = cfg.balancer
         self._health = (b.health_rise, b.health_fall, b.max_fails, b.fail_timeout)
@@ -57,7 +58,8 @@ class UpstreamTable:
         self.routes: list[tuple[str, str, Group]] = []  # (exact, subtree prefix, group), longest first
         self.version = 0
         self.control_path = cfg.path(CONTROL_FILE)
-        self.state_path = cfg.path(STATE_FILE)
+        # Each balancer process ([balancer] processes) answers in its own file; the first in STATE_FILE.
+        self.state_path = cfg.path(f"{RUN_DIR}/{balancer_state_file(index)}")
         self._mtime: float | None = None
         self._last_state = b""
         self._state_written = 0.0

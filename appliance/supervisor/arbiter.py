@@ -410,7 +410,7 @@ class Arbiter:
                 return False
             return readiness.http_ok(address, kind.ready_path) if kind.readiness == "http" else readiness.tcp_ok(address)
         if kind.readiness == "balancer":
-            return readiness.balancer_ready(self.channel.state_path, child.started_wall, child.pid or 0)
+            return readiness.balancer_ready(self.channel.state_path_for(child.index), child.started_wall, child.pid or 0)
         return readiness.heartbeat_ready(self.heartbeat_path(child), child.started_wall, now - child.started_at)
 
     def _learn_address(self, child: Child) -> str | None:

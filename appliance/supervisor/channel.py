@@ -17,6 +17,9 @@ from typing import Any
 
 from appliance.contract import BALANCER_STATE_FILE as STATE
 from appliance.contract import UPSTREAMS_FILE as UPSTREAMS
+from appliance.contract import balancer_state_file
+
+MAX_BALANCER_INDEX = 128  # [balancer] processes le=64; a replacement alternates between slot and slot + count
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -70,9 +73,13 @@ class Channel:
     def state_path(self) -> Path:
         return self.run_dir / STATE
 
+    def state_path_for(self, index: int) -> Path:
+        """The state file of balancer process `index` (each of [balancer] processes writes its own)."""
+        return self.run_dir / balancer_state_file(index)
+
     def reset(self) -> None:
         """Forget the files of an earlier run so that nothing stale is read."""
-        for path in (self.upstreams_path, self.state_path):
+        for path in (self.upstreams_path, *(self.state_path_for(i) for i in range(MAX_BALANCER_INDEX))):
             path.unlink(missing_ok=True)
 
     def publish(self, groups: dict[str, list[tuple[str, str]]]) -> bool:
@@ -84,11 +91,17 @@ class Channel:
         write_atomic(self.upstreams_path, json.dumps(upstreams_document(self.version, groups), indent=1).encode())
         return True
 
-    def read_state(self) -> BalancerState | None:
-        """The balancer's last state file, or None when absent or unreadable (it is replaced atomically)."""
+    def latest_state(self) -> BalancerState | None:
+        """The most recently written state of any balancer process (for `appliance status`)."""
+        states = [s for s in (self.read_state(i) for i in range(MAX_BALANCER_INDEX)) if s is not None]
+        return max(states, key=lambda s: s.mtime, default=None)
+
+    def read_state(self, index: int = 0) -> BalancerState | None:
+        """Balancer `index`'s last state file, or None when absent or unreadable (it is replaced atomically)."""
+        path = self.state_path_for(index)
         try:
-            st = self.state_path.stat()
-            raw = json.loads(self.state_path.read_bytes())
+            st = path.stat()
+            raw = json.loads(path.read_bytes())
         except (OSError, ValueError):
             return None
         if not isinstance(raw, dict):

@@ -93,7 +93,8 @@ def appliance_kinds(cfg: Any, log_format: str, available: Callable[[str], bool] 
             replace="stop_first",
         ),
         # Last: it starts when the api workers are coming up, and on SIGHUP it is only replaced when its config changed.
-        Kind(role="balancer", count=1, readiness="balancer", command=cmd("balancer"), listeners=True),
+        # Several ([balancer] processes) accept from the same inherited sockets; replaced one at a time.
+        Kind(role="balancer", count=cfg.balancer_processes, readiness="balancer", command=cmd("balancer"), listeners=True),
     ]
     kinds = []
     for kind in table:

@@ -103,7 +103,7 @@ def migrate(cfg: Any) -> None:
 def status_extras(cfg: Any, channel: Channel) -> dict[str, Any]:
     """Upstream health (from the balancer) and queue depth (from the database) for `appliance status`."""
     out: dict[str, Any] = {}
-    state = channel.read_state()
+    state = channel.latest_state()
     out["upstreams"] = state.upstreams if state else None
     try:
         from appliance import db

@@ -77,8 +77,9 @@ def routed(arb: Arbiter, timeout: float = 5.0) -> Phase:
         return
     until = arb.clock() + timeout
     while arb.clock() < until:
-        state = arb.channel.read_state()
-        if state is not None and state.version >= version:
+        balancers = [c for c in arb.children if c.kind.listeners and c.proc is not None and c.state == "up"]
+        states = [arb.channel.read_state(b.index) for b in balancers]
+        if all(s is not None and s.version >= version for s in states):
             return
         yield
 

@@ -186,8 +186,10 @@ def drain(arb: Arbiter, child: Child) -> Phase:
         return
     deadline = arb.clock() + arb.settings.grace_period
     while arb.clock() < deadline:
-        state = arb.channel.read_state()
-        if state is not None and state.idle(child.kind.group, address, version):
+        # Every balancer process has its own in-flight counts: drained once none has a request on it.
+        balancers = [c for c in arb.children if c.kind.listeners and c.proc is not None and c.state == "up"]
+        states = [arb.channel.read_state(b.index) for b in balancers]
+        if all(s is not None and s.idle(child.kind.group, address, version) for s in states):
             log.info("%s is drained", child.name)
             return
         yield
@@ -212,8 +214,11 @@ def discard(arb: Arbiter, child: Child) -> Phase:
 
 
 def spare_index(arb: Arbiter, kind: Kind, old: Child) -> int:
-    """Index (so node id, and fixed port if any) for the process replacing `old`: api workers alternate between slot and slot + count."""
-    if not kind.listens:
+    """Index (so node id, and fixed port if any) for the process replacing `old`: api workers alternate between slot and slot + count.
+
+    Balancers alternate too: the old one and its replacement each write their own state file.
+    """
+    if not kind.listens and not kind.listeners:
         return old.index
     used = {c.index for c in arb.children if c.kind.role == kind.role}
     for candidate in (old.slot, old.slot + kind.count):
