@@ -28,6 +28,10 @@ def balancer_state_file(index: int) -> str:
     return f"{stem}-{index}.{ext}"
 
 
+# Rate-limit buckets the balancer processes of one host share when [balancer] processes > 1 and no Redis
+# (appliance/balancer/shared_buckets.py); the supervisor removes it at start.
+RATE_LIMIT_FILE = "rate-limits.buckets"
+
 # Environment: the file an internal listener (api worker, monitor) writes the loopback "host:port" it bound to,
 # so the supervisor learns a port the kernel picked (appliance/listen_address.py).
 ADDRESS_FILE_ENV = "APPLIANCE_ADDRESS_FILE"

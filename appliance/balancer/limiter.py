@@ -487,10 +487,16 @@ class RedisRateLimiter:
 
 def build(cfg: Any, clock: Callable[[], float] | None = None) -> RateLimiter | RedisRateLimiter | None:
     """The limiter the config asks for: None when [rate_limits] enabled is false or has no zones,
-    Redis-backed when [redis] url is set, else in memory."""
+    Redis-backed when [redis] url is set, shared by the host's balancer processes when there are
+    several ([balancer] processes > 1: shared_buckets.py), else in memory."""
     rl = cfg.rate_limits
     if not rl.enabled or not rl.zones:
         return None
     if cfg.redis.url:
         return RedisRateLimiter(rl.zones, cfg.redis.url, cfg.redis.key_prefix, clock=clock)
+    if getattr(cfg, "balancer_processes", 1) > 1:
+        from appliance.balancer.shared_buckets import SharedRateLimiter
+        from appliance.contract import RATE_LIMIT_FILE, RUN_DIR
+
+        return SharedRateLimiter(rl.zones, cfg.path(f"{RUN_DIR}/{RATE_LIMIT_FILE}"), rl.max_keys, clock=clock or time.monotonic)
     return RateLimiter(rl.zones, rl.max_keys, clock=clock or time.monotonic)

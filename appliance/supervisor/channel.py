@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from appliance.contract import BALANCER_STATE_FILE as STATE
+from appliance.contract import RATE_LIMIT_FILE, balancer_state_file
 from appliance.contract import UPSTREAMS_FILE as UPSTREAMS
-from appliance.contract import balancer_state_file
 
 MAX_BALANCER_INDEX = 128  # [balancer] processes le=64; a replacement alternates between slot and slot + count
 
@@ -79,7 +79,9 @@ class Channel:
 
     def reset(self) -> None:
         """Forget the files of an earlier run so that nothing stale is read."""
-        for path in (self.upstreams_path, *(self.state_path_for(i) for i in range(MAX_BALANCER_INDEX))):
+        # The balancers' shared rate-limit buckets hold monotonic times of this boot and run: start afresh.
+        stale = (self.upstreams_path, self.run_dir / RATE_LIMIT_FILE, *(self.state_path_for(i) for i in range(MAX_BALANCER_INDEX)))
+        for path in stale:
             path.unlink(missing_ok=True)
 
     def publish(self, groups: dict[str, list[tuple[str, str]]]) -> bool:
