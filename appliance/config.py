@@ -457,6 +457,12 @@ def _check_relations(cfg: Config, where: str, problems: list[str]) -> None:
         problems.append(
             f"{where}: [database] url = {cfg.database.url.split('@')[-1]!r} is invalid; allowed: a postgresql:// URL or empty for SQLite"
         )
+    if cfg.database.url and cfg.database.max_connections < cfg.queue.concurrency + 2:
+        # each of a worker's task threads holds a connection, and its history writer and heartbeat need theirs
+        problems.append(
+            f"{where}: [database] max_connections = {cfg.database.max_connections} is too small for [queue] concurrency = "
+            f"{cfg.queue.concurrency}; allowed: at least concurrency + 2 = {cfg.queue.concurrency + 2}"
+        )
     if cfg.redis.url and not cfg.redis.url.startswith(("redis://", "rediss://", "unix://")):
         problems.append(f"{where}: [redis] url is invalid; allowed: a redis:// URL or empty")
     for label, addr in (("listen", cfg.balancer.listen), ("redirect_listen", cfg.balancer.redirect_listen)):

@@ -91,7 +91,7 @@ def run_appliance(n: int, concurrency: int, db_kind: str, work: Path) -> dict[st
     pg = None
     if db_kind == "postgresql":
         url, pg = _pg_database(PG_URL)
-        sections["database"] = {"url": url, "max_connections": 4}
+        sections["database"] = {"url": url, "max_connections": concurrency + 2}
     path = write_config(work / "appliance", **sections)
     cfg = load_config(path, env={})
     handle = dbmod.open_database(cfg)

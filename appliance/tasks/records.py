@@ -28,6 +28,7 @@ from appliance.times import utcnow
 log = logging.getLogger(__name__)
 
 FLUSH_INTERVAL = 0.1
+MAX_BUFFERED = 100_000  # history and log rows held while the database cannot take them (about 30 MB)
 
 
 def new_id() -> str:
@@ -57,8 +58,9 @@ class _Buffer:
             self.wake.clear()
             try:
                 self.flush()
-            except Exception:
-                log.exception("writing task history failed; will retry")
+            except Exception as exc:
+                log.warning("writing task history failed (%s: %s); the rows are kept and written at the next try", type(exc).__name__, exc)
+                self.wake.wait(1.0)  # not a hot loop while the database is away
 
     def flush(self) -> None:
         with self.lock:
@@ -73,15 +75,31 @@ class _Buffer:
             with database.atomic():
                 _history_insert.execute(database.obj, history)
                 _log_insert.execute(database.obj, logs)
-        except Exception as exc:
-            # A row of a task deleted meanwhile (foreign key) must not block the others: one by one.
-            log.warning("batched history write failed (%s); writing rows one by one", type(exc).__name__)
+        except pw.IntegrityError:
+            # A row of a task deleted meanwhile (foreign key) must not block the others: one by one,
+            # and only the rows the database refuses as such are left out.
+            log.warning("batched history write refused a row; writing %d rows one by one", len(history) + len(logs))
             for model, rows in ((TaskHistory, history), (TaskLog, logs)):
                 for row in rows:
                     try:
                         model.insert(row).execute()
-                    except Exception:
-                        log.debug("dropped a history row of task %s", row.get("task"))
+                    except pw.IntegrityError:
+                        log.info("left out a history row of task %s, which no longer exists", row.get("task"))
+        except Exception:
+            # The database could not take them now (pool exhausted, connection lost, server restarting):
+            # the rows go back in front of the buffer for the next flush instead of being dropped.
+            self._put_back(history, logs)
+            raise
+
+    def _put_back(self, history: list[dict[str, Any]], logs: list[dict[str, Any]]) -> None:
+        with self.lock:
+            self.history[:0], self.logs[:0] = history, logs
+            excess = len(self.history) + len(self.logs) - MAX_BUFFERED
+            if excess > 0:  # the database has been away for long: keep the newest, say how many went
+                cut_h = min(excess, len(self.history))
+                del self.history[:cut_h]
+                del self.logs[: excess - cut_h]
+                log.error("the database took no task history for too long; dropped the %d oldest buffered rows", excess)
 
 
 def _chunks(rows: list[dict[str, Any]], size: int) -> Iterable[list[dict[str, Any]]]:
@@ -118,9 +136,16 @@ def add_log(task_id: str, line: str, level: str = "info") -> None:
 
 
 def flush() -> None:
-    """Write buffered history and log rows now (tests, shutdown, before reading them back)."""
+    """Write buffered history and log rows now (tests, shutdown, before reading them back).
+
+    When the database cannot take them the rows stay buffered for the next try, and this says so
+    in the log instead of raising: no caller (a worker stopping, a status read) should fail for it.
+    """
     if _buffer is not None and _buffer.pid == os.getpid():
-        _buffer.flush()
+        try:
+            _buffer.flush()
+        except Exception as exc:
+            log.warning("writing task history failed (%s: %s); the rows are kept for the next try", type(exc).__name__, exc)
 
 
 atexit.register(lambda: _buffer is not None and _buffer.pid == os.getpid() and _buffer.flush())

@@ -21,7 +21,7 @@ PASSWORD = "a-long-password-1"
 def _appliance(tmp: Path, engine: str, request: pytest.FixtureRequest) -> Appliance:
     sections = {}
     if engine == "postgresql":
-        sections["database"] = {"url": request.getfixturevalue("pg_url"), "max_connections": 4}
+        sections["database"] = {"url": request.getfixturevalue("pg_url"), "max_connections": 6}
     return Appliance(tmp, api_workers=1, task_workers=1, **sections)
 
 

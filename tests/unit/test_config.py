@@ -84,6 +84,14 @@ def test_relations_are_checked(tmp_path: Path) -> None:
     assert "postgresql://" in text
 
 
+def test_a_postgresql_pool_smaller_than_a_workers_threads_is_refused(tmp_path: Path) -> None:
+    pg = '[database]\nurl = "postgresql://u@127.0.0.1/d"\n'
+    with pytest.raises(ConfigError, match=r"max_connections = 4 is too small for \[queue\] concurrency = 4; allowed: at least .* = 6"):
+        _load(tmp_path, pg + "max_connections = 4\n")
+    assert _load(tmp_path, pg + "max_connections = 6\n").database.max_connections == 6
+    assert _load(tmp_path, "[database]\nmax_connections = 1\n").database.url == ""  # SQLite has no pool
+
+
 def test_rate_limit_zones_validate_nested_tables(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="rate"):
         _load(tmp_path, '[[rate_limits.zones]]\nname = "z"\nprefixes = ["/"]\nrate = "fast"\n')
