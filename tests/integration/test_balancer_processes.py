@@ -1,6 +1,7 @@
 """[balancer] processes = 2 on one host: two balancer processes accept from the one listening socket the
-supervisor owns; kill -9 of one leaves the other serving, SIGHUP replaces them one at a time with zero
-failed requests, SIGTERM drains both and exits 0, and `appliance status` lists both."""
+supervisor owns; a per-user rate limit holds for the host (no Redis: the shared bucket file); kill -9 of
+one leaves the other serving, SIGHUP replaces them one at a time with zero failed requests, SIGTERM drains
+both and exits 0, and `appliance status` lists both."""
 
 from __future__ import annotations
 
@@ -17,28 +18,46 @@ from tests.integration.supervised import Appliance, Stream, http_json, wait_unti
 pytestmark = pytest.mark.slow
 
 
+PASSWORD = "Processes-test-pw-1"
+LIMITED = "/api/protected"
+BURST = 99  # with 1/m nothing measurable drains during the test: the host admits burst + 1 = 100
+ZONES = [
+    {"name": "login", "prefixes": ["/auth/login"], "methods": ["POST"], "key": "address", "rate": "5/m", "burst": 5},
+    {"name": "api", "prefixes": [LIMITED], "key": "user", "rate": "1/m", "burst": BURST},
+]
+
+
 @pytest.fixture(scope="module")
 def appliance(tmp_path_factory):
-    app = Appliance(tmp_path_factory.mktemp("balancers"), api_workers=2, task_workers=1, balancer={"processes": 2, "access_log": True})
+    app = Appliance(
+        tmp_path_factory.mktemp("balancers"),
+        api_workers=2,
+        task_workers=1,
+        balancer={"processes": 2, "access_log": True},
+        rate_limits={"zones": ZONES},
+    )
     app.start()
+    made = app.cli("user", "create", "alice", "--password-stdin", stdin=PASSWORD + "\n")
+    assert made.returncode == 0, made.stderr
     yield app
     assert app.stop() == 0  # SIGTERM: both balancers drain, everything stops, exit status 0
 
 
-def fresh_connections(port: int, count: int, threads: int = 8) -> int:
-    """`count` GETs, each on a new connection, from `threads` threads; how many answered 200."""
-    ok = 0
+def fresh_connections(port: int, count: int, threads: int = 8, path: str = "/health/ping", token: str | None = None) -> dict[int, int]:
+    """`count` GETs of `path`, each on a new connection, from `threads` threads; status -> how many."""
+    statuses: dict[int, int] = {}
     lock = threading.Lock()
+    headers = {"Connection": "close", **({"Authorization": f"Bearer {token}"} if token else {})}
 
     def run(n: int) -> None:
-        nonlocal ok
         for _ in range(n):
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
             try:
-                conn.request("GET", "/health/ping", headers={"Connection": "close"})
-                if conn.getresponse().status == 200:
-                    with lock:
-                        ok += 1
+                conn.request("GET", path, headers=headers)
+                resp = conn.getresponse()
+                resp.read()
+                with lock:
+                    statuses[resp.status] = statuses.get(resp.status, 0) + 1
             finally:
                 conn.close()
 
@@ -47,11 +66,11 @@ def fresh_connections(port: int, count: int, threads: int = 8) -> int:
         t.start()
     for t in workers:
         t.join(60)
-    return ok
+    return statuses
 
 
-def access_pids(app: Appliance) -> set[int]:
-    return {e["pid"] for e in app.lines() if e.get("logger") == "appliance.balancer.access" and "pid" in e}
+def access_pids(app: Appliance, path: str = "/health/ping") -> set[int]:
+    return {e["pid"] for e in app.lines() if e.get("logger") == "appliance.balancer.access" and e.get("path") == path and "pid" in e}
 
 
 def test_both_balancer_processes_accept_connections(appliance):
@@ -59,11 +78,24 @@ def test_both_balancer_processes_accept_connections(appliance):
     assert len(balancers) == 2, appliance.status()["processes"]
     seen: set[int] = set()
     for _ in range(5):  # which process wins an accept is the kernel's choice: a few bounded rounds
-        assert fresh_connections(appliance.port, 200) == 200
+        assert fresh_connections(appliance.port, 200) == {200: 200}
         seen = wait_until(lambda: set(balancers.values()) <= access_pids(appliance) and access_pids(appliance), 3) or access_pids(appliance)
         if set(balancers.values()) <= seen:
             break
     assert set(balancers.values()) <= seen, (balancers, seen)
+
+
+def test_a_per_user_limit_holds_for_the_host_not_per_process(appliance):
+    status, body = http_json(appliance.port, "POST", "/auth/login", {"username": "alice", "password": PASSWORD})
+    assert status == 200, body
+    token = body["data"]["access_token"]
+    statuses = fresh_connections(appliance.port, 400, token=token, path=LIMITED)
+    assert set(statuses) <= {200, 429}, statuses
+    # Within 5 % of burst + 1 for the host; two per-process buckets would admit twice that.
+    assert BURST + 1 <= statuses[200] <= (BURST + 1) * 1.05, statuses
+    # ...and both processes took part: each refused or admitted some of them.
+    balancers = set(appliance.pids("balancer").values())
+    assert wait_until(lambda: balancers <= access_pids(appliance, LIMITED), 5), (balancers, access_pids(appliance, LIMITED))
 
 
 def test_status_and_node_table_list_both_balancers(appliance):
