@@ -7,7 +7,8 @@ Every `supervisor.heartbeat_interval` seconds it
   scheduler tells it has booted;
 - upserts the process's NodeHeartbeat row (node_id "host:role:index", pid,
   status, cpu %, rss) that /health/nodes and the status page read, through a
-  database object of its own (never the role's connections);
+  driver connection of its own (appliance/heartbeat_row.py: never the role's
+  connections, and no peewee, so the balancer loads none);
 - checks that the supervisor that started it is still its parent; if the
   supervisor died (SIGKILL), the child stops itself instead of living on as
   an orphan that holds ports.
@@ -126,9 +127,6 @@ class Heartbeat(threading.Thread):
             return 0.0, 0
 
     def _write(self, status: str) -> None:
-        from appliance import db
-        from appliance.db.models import NodeHeartbeat
-
         cpu, rss = self._sample()
         now = _utcnow()
         values = {
@@ -145,15 +143,13 @@ class Heartbeat(threading.Thread):
         }
         try:
             if self._db is None:
-                from appliance.db.connection import make_database
+                from appliance.heartbeat_row import HeartbeatRow
 
-                self._db = make_database(self.cfg)
-            with db.translated(), self._db.connection_context():
-                update = {getattr(NodeHeartbeat, k): v for k, v in values.items() if k != "node_id"}
-                NodeHeartbeat.insert(**values).on_conflict(conflict_target=[NodeHeartbeat.node_id], update=update).execute(self._db)
+                self._db = HeartbeatRow(self.cfg)
+            self._db.upsert(values)
         except Exception as exc:  # never fatal: the role keeps serving without its row
             if self._failing_since is None:
-                log.warning("cannot write the heartbeat of %s: %s", self.node_id, exc)
+                log.warning("cannot write the heartbeat of %s: %s", self.node_id, str(exc).strip() or type(exc).__name__)
                 self._failing_since = time.monotonic()
             return
         if self._failing_since is not None:
