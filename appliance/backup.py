@@ -1,5 +1,8 @@
 """`appliance backup` and `appliance restore`: one archive holding everything a data dir needs.
 
+(Over 500 lines on purpose: backup and restore share the archive format, the manifest and its
+checks; apart, each would have to restate what the other writes.)
+
 How a backup is made (while the appliance runs; nothing is stopped):
 - SQLite databases (the appliance's and the SQLite queue's) are copied with SQLite's
   online backup API, which reads a consistent snapshot, WAL content included;

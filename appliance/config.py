@@ -1,5 +1,8 @@
 """The configuration tree: one typed section per subsystem.
 
+(Over 500 lines on purpose: every section of the tree in one place, so one file says every key;
+the loader and the renderers of the sample and the README table are kept beside the classes they read.)
+
 Each field carries its type, default, bounds and a help line (msgspec Meta
 description). The sample appliance.toml and the README table are generated
 from these classes (`render_sample`, `render_markdown_table`), and a test fails
