@@ -1,19 +1,22 @@
 """[balancer] processes = 2 on one host: two balancer processes accept from the one listening socket the
 supervisor owns; a per-user rate limit holds for the host (no Redis: the shared bucket file); kill -9 of
 one leaves the other serving, SIGHUP replaces them one at a time with zero failed requests, SIGTERM drains
-both and exits 0, and `appliance status` lists both."""
+both and exits 0, /metrics sums both, and `appliance status` lists both."""
 
 from __future__ import annotations
 
 import http.client
 import os
+import re
 import signal
 import threading
 import time
+import urllib.request
 
 import pytest
 
 from tests.integration.supervised import Appliance, Stream, http_json, wait_until
+from tests.integration.test_status_page import Browser
 
 pytestmark = pytest.mark.slow
 
@@ -33,12 +36,14 @@ def appliance(tmp_path_factory):
         tmp_path_factory.mktemp("balancers"),
         api_workers=2,
         task_workers=1,
+        monitor=True,
         balancer={"processes": 2, "access_log": True},
         rate_limits={"zones": ZONES},
     )
     app.start()
-    made = app.cli("user", "create", "alice", "--password-stdin", stdin=PASSWORD + "\n")
-    assert made.returncode == 0, made.stderr
+    for name, role in (("alice", []), ("root", ["--admin"])):
+        made = app.cli("user", "create", name, *role, "--password-stdin", stdin=PASSWORD + "\n")
+        assert made.returncode == 0, made.stderr
     yield app
     assert app.stop() == 0  # SIGTERM: both balancers drain, everything stops, exit status 0
 
@@ -98,6 +103,22 @@ def test_a_per_user_limit_holds_for_the_host_not_per_process(appliance):
     assert wait_until(lambda: balancers <= access_pids(appliance, LIMITED), 5), (balancers, access_pids(appliance, LIMITED))
 
 
+def requests_total(app: Appliance, status: int) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{app.monitor_port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    series = f'appliance_balancer_requests_total{{status="{status}"}} '
+    return next((float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(series)), 0.0)
+
+
+def test_metrics_sum_the_counts_of_both_processes(appliance):
+    before = requests_total(appliance, 200)
+    assert fresh_connections(appliance.port, 320, path="/api/status") == {200: 320}
+    # Both processes answered some of them, and /metrics counts all of them (each flushes once a second).
+    balancers = set(appliance.pids("balancer").values())
+    assert wait_until(lambda: balancers <= access_pids(appliance, "/api/status"), 5), access_pids(appliance, "/api/status")
+    assert wait_until(lambda: requests_total(appliance, 200) >= before + 320, 10), (before, requests_total(appliance, 200))
+
+
 def test_status_and_node_table_list_both_balancers(appliance):
     result = appliance.cli("status")
     assert result.returncode == 0, result.stdout + result.stderr
@@ -108,6 +129,16 @@ def test_status_and_node_table_list_both_balancers(appliance):
         return sum(n["role"] == "balancer" for n in body["data"]["nodes"]) if status == 200 else 0
 
     assert wait_until(lambda: balancer_nodes() >= 2, 10), balancer_nodes()
+
+    browser = Browser(appliance.port)
+    assert browser.login("root", PASSWORD)[0] == 303
+
+    def page_balancers() -> set[int]:
+        status, _, text = browser.request("GET", "/status/api/snapshot")
+        return {int(pid) for pid in re.findall(r'"role":"balancer","index":\d+,"pid":(\d+)', text)} if status == 200 else set()
+
+    live = set(appliance.pids("balancer").values())
+    assert wait_until(lambda: page_balancers() == live, 20), (live, browser.request("GET", "/status/api/snapshot")[2][:3000])
 
 
 def test_kill_9_of_one_balancer_leaves_the_other_serving(appliance):
