@@ -326,6 +326,8 @@ class Arbiter:
         pid = child.proc.pid if child.proc else 0
         child.proc, child.exit_status = None, code
         self._forget_address(child)
+        if child.kind.listeners:  # its last balancer state goes with it: drains and status read the live ones
+            self.channel.state_path_for(child.index).unlink(missing_ok=True)
         if self.on_dead:
             with contextlib.suppress(Exception):
                 self.on_dead(pid)

@@ -15,9 +15,10 @@ signals and crashes are still handled while it waits):
 3. Task workers: the new one starts next to the old one, which then stops
    gracefully (running tasks finish within its grace). The scheduler and the
    monitor are singletons: the old one stops first.
-4. The balancer is only replaced when a setting it uses changed; the
-   supervisor holds the listening socket, so the new balancer accepts while
-   the old one finishes its requests.
+4. The balancers ([balancer] processes) are only replaced when a setting they
+   use changed, one at a time like api workers; the supervisor holds the
+   listening socket, so the new balancer accepts while the old one finishes
+   its requests (and the others keep accepting throughout).
 If a new process does not become ready, the reload stops there and the old
 processes keep serving.
 """

@@ -176,3 +176,8 @@ def test_sighup_replaces_both_balancers_with_zero_failed_requests(appliance):
     assert stream.ok > 50
     after = appliance.pids("balancer")
     assert len(after) == 2 and not set(after.values()) & set(before.values()), (before, after)
+    # The replacements alternate indexes (each its own state file); a stopped one's file goes with it,
+    # so drains and `appliance status` read only what the live processes wrote.
+    indexes = {r["index"] for r in appliance.status()["processes"] if r["role"] == "balancer" and r["pid"]}
+    files = {p.name for p in (appliance.data / "run").glob("balancer-state*.json")}
+    assert len(files) == len(indexes) == 2, (files, indexes)
