@@ -1,6 +1,10 @@
 """Balancer throughput and latency against nginx, in one run (run by `make bench`, never by the tests).
 
     .venv/bin/python -m bench balancer   [--seconds 10] [--conns 64,256] [--workers 2] [--rounds 1] [--quick]
+    .venv/bin/python -m bench balancer --processes 1,2   [--seconds 10] [--conns 64]
+
+(--processes: the other benchmark, `processes_main` below: req/s of a real `appliance run` with
+that many [balancer] processes in front of upstreams too cheap to be the bottleneck.)
 
 Starts, in a temp data dir on loopback: the api workers (`appliance _child api`),
 our balancer (uvloop, and the stdlib loop for comparison) and nginx
@@ -158,6 +162,87 @@ def prepare(data: Path, workers: int, base: int, port: int) -> tuple[Path, str]:
     return cfg_path, token
 
 
+CHEAP_CONF = """
+worker_processes 1;
+pid {dir}/nginx.pid;
+error_log {dir}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    keepalive_requests 1000000;
+    client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+{servers}
+}}
+"""
+CHEAP_SERVER = '    server {{ listen 127.0.0.1:{port}; location / {{ default_type application/json; return 200 \'{{"status":"ok"}}\'; }} }}'
+
+
+def processes_main(args: argparse.Namespace) -> int:
+    """req/s through `appliance run` with [balancer] processes = each of args.processes, in front of nginx
+    answering from memory (two upstreams of a route of their own, a few microseconds a request), so the
+    balancer processes are what is measured. Token hook and rate limits off on that route."""
+    from tests.integration.supervised import Appliance
+
+    counts = [int(n) for n in args.processes.split(",")]
+    conns = [int(c) for c in args.conns.split(",")]
+    cpus = os.cpu_count() or 1
+    tmp = Path(tempfile.mkdtemp(prefix="appliance-bench-processes-"))
+    ndir = tmp / "nginx"
+    ndir.mkdir()
+    ports = [free_port(), free_port()]
+    servers = "\n".join(CHEAP_SERVER.format(port=p) for p in ports)
+    (ndir / "nginx.conf").write_text(CHEAP_CONF.format(dir=ndir, servers=servers))
+    nginx = subprocess.Popen([NGINX, "-c", str(ndir / "nginx.conf"), "-p", str(ndir), "-g", "daemon off;"], start_new_session=True)
+    try:
+        for p in ports:
+            wait_port(p, proc=nginx)
+        print(
+            f"wrk {args.seconds}s per run (2 threads) -> appliance run -> 2 nginx upstreams answering from memory; "
+            f"{cpus} CPUs shared by wrk, the balancers and nginx"
+        )
+        if cpus <= 2:
+            print(
+                f"  {cpus} CPUs: wrk, nginx and every balancer process share them, so this shows what they can here"
+                " (a second process uses idle time of the cores, not a core of its own), not how a big server scales"
+            )
+        print(f"{'processes':>9}{'conns':>7}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}{'cpu us/req':>12}")
+        for n in counts:
+            app = Appliance(
+                tmp / f"p{n}",
+                api_workers=1,
+                task_workers=1,
+                balancer={
+                    "processes": n,
+                    "upstreams": [{"address": f"127.0.0.1:{p}", "group": "cheap"} for p in ports],
+                    "routes": [{"prefix": "/cheap", "group": "cheap"}],
+                    "public_prefixes": ["/health/", "/cheap"],
+                    "health_interval": 2.0,
+                },
+                rate_limits={"enabled": False},
+            )
+            app.start()
+            try:
+                pids = list(app.pids("balancer").values())
+                for c in conns:
+                    url = f"http://127.0.0.1:{app.port}/cheap"
+                    wrk(url, c, 1, None)
+                    before = sum(cpu_seconds(pid) for pid in pids)
+                    r = wrk(url, c, args.seconds, None)
+                    cpu_us = (sum(cpu_seconds(pid) for pid in pids) - before) / r["requests"] * 1e6 if r["requests"] else float("nan")
+                    print(f"{n:>9}{c:>7}{r['rps']:>10.0f}{r['p50']:>9.2f}{r['p99']:>9.2f}{r['errors']:>8.0f}{cpu_us:>12.0f}")
+            finally:
+                app.stop()
+        return 0
+    finally:
+        stop(nginx, signal.SIGQUIT)
+        with contextlib.suppress(OSError):
+            shutil.rmtree(tmp)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="bench balancer", description=__doc__.split("\n")[0])
     ap.add_argument("--seconds", type=int, default=10)
@@ -165,9 +250,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="3 s runs at 64 connections")
     ap.add_argument("--rounds", type=int, default=1, help="runs of every target, interleaved; ratios are the median over rounds")
+    ap.add_argument(
+        "--processes",
+        default="",
+        help="e.g. 1,2: instead, req/s of `appliance run` with that many [balancer] processes in front of cheap upstreams",
+    )
     args = ap.parse_args(argv)
     if args.quick:
         args.seconds, args.conns = 3, "64"
+    if args.processes:
+        if not os.path.exists(WRK) or not os.path.exists(NGINX):
+            print(f"bench balancer: needs wrk ({WRK}) and nginx ({NGINX})", file=sys.stderr)
+            return 2
+        return processes_main(args)
     conns = [int(c) for c in args.conns.split(",")]
     if not os.path.exists(WRK) or not os.path.exists(NGINX):
         print(f"bench balancer: needs wrk ({WRK}) and nginx ({NGINX})", file=sys.stderr)
