@@ -487,8 +487,7 @@ class RedisRateLimiter:
 
 def build(cfg: Any, clock: Callable[[], float] | None = None) -> RateLimiter | RedisRateLimiter | None:
     """The limiter the config asks for: None when [rate_limits] enabled is false or has no zones,
-    Redis-backed when [redis] url is set, shared by the host's balancer processes when there are
-    several ([balancer] processes > 1: shared_buckets.py), else in memory."""
+    Redis-backed when [redis] url is set, shared by several [balancer] processes, else in memory."""
     rl = cfg.rate_limits
     if not rl.enabled or not rl.zones:
         return None
@@ -496,7 +495,6 @@ def build(cfg: Any, clock: Callable[[], float] | None = None) -> RateLimiter | R
         return RedisRateLimiter(rl.zones, cfg.redis.url, cfg.redis.key_prefix, clock=clock)
     if getattr(cfg, "balancer_processes", 1) > 1:
         from appliance.balancer.shared_buckets import SharedRateLimiter
-        from appliance.contract import RATE_LIMIT_FILE, RUN_DIR
 
-        return SharedRateLimiter(rl.zones, cfg.path(f"{RUN_DIR}/{RATE_LIMIT_FILE}"), rl.max_keys, clock=clock or time.monotonic)
+        return SharedRateLimiter.for_config(cfg, clock)
     return RateLimiter(rl.zones, rl.max_keys, clock=clock or time.monotonic)

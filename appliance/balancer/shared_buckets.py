@@ -29,9 +29,11 @@ import struct
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from appliance.balancer.limiter import _ONE, Decision, _combine, _compile, _Zone
 from appliance.config import RateLimitZone
+from appliance.contract import RATE_LIMIT_FILE, RUN_DIR
 
 MAGIC = b"APLRLB01"
 HEADER = struct.Struct("<8sQ")
@@ -94,6 +96,12 @@ class SharedRateLimiter:
         self.zones = _compile(zones)
         self.clock = clock
         self.store = SharedBuckets(path, slots_for(max_keys))
+
+    @classmethod
+    def for_config(cls, cfg: Any, clock: Callable[[], float] | None = None) -> SharedRateLimiter:
+        """The zones of [rate_limits] on the host's bucket file in the run dir."""
+        rl = cfg.rate_limits
+        return cls(rl.zones, cfg.path(f"{RUN_DIR}/{RATE_LIMIT_FILE}"), rl.max_keys, clock=clock or time.monotonic)
 
     def decide(self, method: str, path: str, address: str, user: str | None) -> Decision | None:
         """The verdict for one request, or None when no zone applies. `path` is without the query."""

@@ -1,5 +1,8 @@
 """The arbiter: one loop that starts, watches, restarts, reloads and stops every child.
 
+Over 500 lines: one loop with one method per duty, sharing the children's state; the long procedures
+already live in phases.py and rollout.py.
+
 How it works (gunicorn's arbiter, for many kinds of child):
 - Signal handlers only queue the signal and wake the loop (signal.set_wakeup_fd
   on a pipe); the loop dispatches them: SIGTERM/SIGINT -> drain and stop (a
