@@ -112,3 +112,6 @@ def test_build_picks_the_shared_store_only_for_several_balancers_without_redis(m
     assert type(shared) is SharedRateLimiter
     assert shared.store.map.size() > 0 and (two.data_dir / "run" / "rate-limits.buckets").exists()
     shared.close()
+    # With Redis the limit is already shared (by every host, too): Redis wins.
+    clustered = make_config(rate_limits={"zones": zones}, balancer={"processes": 2}, redis={"url": "redis://127.0.0.1:1/0"})
+    assert type(limiter.build(clustered)) is limiter.RedisRateLimiter
