@@ -224,7 +224,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_child(args: argparse.Namespace) -> int:
-    from appliance import roles
+    from appliance.supervisor import roles
 
     return roles.run_child(args)
 

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 # Environment: the public listening sockets the supervisor hands to each balancer, "fd,fd,...".
 LISTEN_FDS_ENV = "APPLIANCE_LISTEN_FDS"
-# Environment of every child: the whole config tree as JSON (parsed once, by the supervisor: roles.py),
+# Environment of every child: the whole config tree as JSON (parsed once, by the supervisor: child_config.py),
 CONFIG_ENV = "APPLIANCE_CONFIG_JSON"
 # the file its heartbeat touches (heartbeat.py) and the supervisor's pid (a child whose parent changed stops).
 HEARTBEAT_FILE_ENV = "APPLIANCE_HEARTBEAT_FILE"
 SUPERVISOR_PID_ENV = "APPLIANCE_SUPERVISOR_PID"
+
+# The exit status of a child that cannot boot (bad config, a broken operator file, an address in use):
+# the supervisor does not retry it forever.
+EXIT_BOOT_FAILURE = 3
 
 # Files under <data_dir>/RUN_DIR (locks, sockets, heartbeats: rebuilt at every start).
 RUN_DIR = "run"

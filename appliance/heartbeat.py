@@ -1,4 +1,4 @@
-"""The heartbeat of every child process: a daemon thread started by roles.run_child.
+"""The heartbeat of every child process: a daemon thread started by supervisor/roles.run_child.
 
 Every `supervisor.heartbeat_interval` seconds it
 - touches the file named by APPLIANCE_HEARTBEAT_FILE (set by the supervisor),

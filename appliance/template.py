@@ -2,7 +2,7 @@
 
 `appliance _template --fd N` is started by the supervisor (appliance/supervisor/template.py)
 with one end of a SOCK_SEQPACKET socketpair as fd N. It
-1. imports every role's module and what the roles import when they set up (roles.PRELOAD),
+1. imports every role's module and what the roles import when they set up (supervisor/roles.preload_modules),
    opening no database, socket (but its own) or thread, then gc.collect() + gc.freeze(), so
    the children forked from it share those pages and their garbage collector never writes
    to them;
@@ -20,7 +20,7 @@ so the child has its new parent by then.
 The child then becomes what `appliance _child ROLE` would be: its own process group, the
 supervisor's environment for it (config included, so a SIGHUP's new config reaches every
 child forked after it: the template itself reads no config), stdout/stderr on the pipe,
-stdin on /dev/null, and roles.run_child. Operators' app and task files are imported there,
+stdin on /dev/null, and supervisor/roles.run_child. Operators' app and task files are imported there,
 after the fork, so a broken one fails only its role, naming the file.
 
 The template stops when the supervisor closes its end (or dies: parent-death signal).
@@ -66,7 +66,7 @@ def preload() -> tuple[int, list[str]]:
     global _preloaded
     if _preloaded is not None:  # the supervisor did it before forking us: touching it all again would copy its pages
         return _preloaded
-    from appliance import roles
+    from appliance.supervisor import roles
 
     failed = []
     for name in roles.preload_modules():
@@ -188,8 +188,8 @@ def fork_child(request: dict[str, Any], fds: list[int], supervisor: int) -> int:
 
 def become_child(child: BecomeChild) -> int:
     """Turn this forked process into the child `appliance _child ROLE` would be, and run its role."""
-    from appliance import roles
     from appliance.contract import LISTEN_FDS_ENV
+    from appliance.supervisor import roles
 
     req = child.request
     os.setpgid(0, 0)  # its own group, like an exec'd child: a terminal's Ctrl-C reaches the supervisor only

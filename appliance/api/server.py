@@ -28,8 +28,8 @@ import time
 from typing import Any
 
 from appliance import metrics
+from appliance.contract import EXIT_BOOT_FAILURE
 from appliance.logs import fields
-from appliance.roles import EXIT_BOOT_FAILURE
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ token hook (starting the RevocationMirror's polling thread for jwt mode), then
 serve on the sockets the supervisor handed over (APPLIANCE_LISTEN_FDS: the
 public socket, then the optional redirect socket) or bind [balancer] listen and
 redirect_listen itself. A problem that makes serving impossible (bad
-certificate, address in use) exits with roles.EXIT_BOOT_FAILURE.
+certificate, address in use) exits with contract.EXIT_BOOT_FAILURE.
 
 Background upkeep, all off the request path: a sweeper 4x a second (deadlines,
 access-log flush), once a second (ejections, idle upstream connections,
@@ -37,9 +37,8 @@ from appliance.balancer.framing import ProtocolError, RequestFramer, RequestHead
 from appliance.balancer.listeners import close_listeners
 from appliance.balancer.proxy import NEW_CONNECTION_GRACE, Proxy
 from appliance.balancer.writer import ERROR_LINES, SECURITY_LINES
-from appliance.contract import LISTEN_FDS_ENV
+from appliance.contract import EXIT_BOOT_FAILURE, LISTEN_FDS_ENV
 from appliance.errors import error_body
-from appliance.roles import EXIT_BOOT_FAILURE
 
 log = logging.getLogger(__name__)
 

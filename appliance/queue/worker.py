@@ -41,11 +41,11 @@ from typing import Any
 
 from huey.consumer import Consumer, ConsumerStopped, Scheduler
 
+from appliance.contract import EXIT_BOOT_FAILURE
 from appliance.db.models import Task
 from appliance.logs import fields
 from appliance.queue import reaper
 from appliance.queue.runner import Runner, Runtime
-from appliance.roles import EXIT_BOOT_FAILURE
 from appliance.tasks import broker, callbacks, lifecycle, records
 from appliance.tasks.context import TaskCancelled
 from appliance.tasks.registry import registry_for

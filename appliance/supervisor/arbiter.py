@@ -36,8 +36,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from appliance import listen_address, roles
-from appliance.contract import ADDRESS_DIR, ADDRESS_FILE_ENV, CONFIG_ENV, HEARTBEAT_FILE_ENV, LISTEN_FDS_ENV, SUPERVISOR_PID_ENV
+from appliance import listen_address
+from appliance.contract import (
+    ADDRESS_DIR,
+    ADDRESS_FILE_ENV,
+    CONFIG_ENV,
+    EXIT_BOOT_FAILURE,
+    HEARTBEAT_FILE_ENV,
+    LISTEN_FDS_ENV,
+    SUPERVISOR_PID_ENV,
+)
 from appliance.logs import fields
 from appliance.supervisor import phases, readiness
 from appliance.supervisor.channel import Channel
@@ -342,7 +350,7 @@ class Arbiter:
                 if child.heartbeat:
                     child.heartbeat.unlink(missing_ok=True)
             return
-        child.boot_failure = code == roles.EXIT_BOOT_FAILURE
+        child.boot_failure = code == EXIT_BOOT_FAILURE
         self._after_crash(child, now, code)
 
     def _after_crash(self, child: Child, now: float, code: int | None) -> None:

@@ -18,7 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from appliance import listen_address, roles
+from appliance import listen_address
+from appliance.supervisor import roles
 
 log = logging.getLogger(__name__)
 

@@ -177,14 +177,14 @@ def start_template(cfg: Any, fmt: str) -> tuple[Template | None, int | None]:
         return None, None
     import gc
 
-    from appliance import roles
     from appliance import template as preloader
+    from appliance.child_config import inherit_config
 
     os.environ[metrics.ENV] = str(metrics.metrics_dir(cfg))  # prepared (emptied) before any child starts
     _, failed = preloader.preload()
     for line in failed:
         log.warning("cannot preload %s", line)
-    roles.inherit_config(cfg)
+    inherit_config(cfg)
     gc.collect()
     gc.freeze()
     template = Template(lambda fd: template_command(fd, fmt), child_env(), fmt, RestartPolicy.from_config(cfg))

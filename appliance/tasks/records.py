@@ -148,7 +148,7 @@ def flush() -> None:
             log.warning("writing task history failed (%s: %s); the rows are kept for the next try", type(exc).__name__, exc)
 
 
-atexit.register(lambda: _buffer is not None and _buffer.pid == os.getpid() and _buffer.flush())
+atexit.register(flush)  # the last rows at exit; a failure is logged, not raised
 
 
 def history_now(task_id: str, status: str, message: str = "") -> None:

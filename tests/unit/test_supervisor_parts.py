@@ -188,15 +188,16 @@ def test_packaged_unit_matches_the_generator():
 def test_a_child_handed_the_inherited_config_uses_that_object_and_parses_any_other(make_config, monkeypatch):
     import argparse
 
-    from appliance import roles
+    from appliance import child_config
+    from appliance.contract import CONFIG_ENV
 
     cfg = make_config(api={"threads": 3})
-    monkeypatch.setattr(roles, "_inherited", None)
-    roles.inherit_config(cfg)
+    monkeypatch.setattr(child_config, "_inherited", None)
+    child_config.inherit_config(cfg)
     args = argparse.Namespace(config=None)
-    monkeypatch.setenv(roles.CONFIG_ENV, cfg.to_json().decode())
-    assert roles.child_config(args) is cfg
+    monkeypatch.setenv(CONFIG_ENV, cfg.to_json().decode())
+    assert child_config.child_config(args) is cfg
     other = make_config(api={"threads": 5})  # a SIGHUP's new config
-    monkeypatch.setenv(roles.CONFIG_ENV, other.to_json().decode())
-    got = roles.child_config(args)
+    monkeypatch.setenv(CONFIG_ENV, other.to_json().decode())
+    got = child_config.child_config(args)
     assert got is not cfg and got.api.threads == 5

@@ -1,10 +1,11 @@
-"""The child roles the supervisor starts, each as `appliance _child ROLE --index N`.
+"""The table of roles: every child the supervisor starts, each as `appliance _child ROLE --index N`.
 
 A role is a function `serve(cfg, index) -> exit status` in its own package.
-The supervisor hands its parsed config to children in the environment
-variable APPLIANCE_CONFIG_JSON (the whole tree, parsed once); a child started
-by hand reads --config instead. Roles are named by dotted path so that no role
-imports another, and the frozen binary bundles them all (packaging lists them).
+Only the supervisor (and the CLI's `_child`, the template's fork) know every
+role, so the table lives here, beside kinds.py. Roles are named by dotted path
+and imported with importlib so that nothing imports every role at once but the
+template, which preloads them all; the frozen binary bundles them
+(packaging collects the package). A child's config: appliance/child_config.py.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ import importlib
 import importlib.util
 import logging
 import os
-import sys
 from typing import Any
 
-from appliance.contract import CONFIG_ENV  # callers name it roles.CONFIG_ENV too
+from appliance.child_config import child_config
+from appliance.contract import EXIT_BOOT_FAILURE
 
 ROLES: dict[str, str] = {
     "balancer": "appliance.balancer.server:serve",
@@ -33,37 +34,6 @@ ROLES: dict[str, str] = {
 PRELOAD_LIBRARIES = ("uvloop", "waitress", "waitress.server", "pyotp", "psutil")
 # prometheus_client picks its value class when imported: only import it where the multiprocess dir is set.
 METRICS_MODULES = ("prometheus_client", "prometheus_client.multiprocess")
-
-EXIT_BOOT_FAILURE = 3  # a child that cannot boot exits with this; the supervisor does not retry forever
-
-
-_inherited: tuple[str, Any] | None = None
-
-
-def inherit_config(cfg: Any) -> None:
-    """Called before the template is forked: a child handed this very config uses this object as it is.
-
-    Parsing the tree again would cost every child time and a megabyte or so of pages of its own;
-    a child handed another config (after a SIGHUP) parses what it was given.
-    """
-    global _inherited
-    _inherited = (cfg.to_json().decode(), cfg)
-
-
-def child_config(args: argparse.Namespace) -> Any:
-    from appliance.config import Config, ConfigError, load_config
-
-    raw = os.environ.get(CONFIG_ENV)
-    if raw:
-        if _inherited is not None and raw == _inherited[0]:
-            return _inherited[1]
-        return Config.from_json(raw)
-    try:
-        return load_config(args.config)
-    except ConfigError as exc:
-        print(f"appliance: {exc}", file=sys.stderr)
-        raise SystemExit(EXIT_BOOT_FAILURE) from None
-
 
 def resolve(role: str) -> Any:
     target = ROLES.get(role)
