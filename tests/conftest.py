@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import time
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
@@ -49,7 +50,30 @@ def _pg_admin() -> Iterator[Any]:
     try:
         yield admin
     finally:
+        for name in _LEFTOVERS:
+            _drop(admin, name, attempts=40)
         admin.close()
+
+
+_LEFTOVERS: list[str] = []  # test databases not dropped at once (see _drop), tried again at the end
+
+
+def _drop(admin: Any, name: str, attempts: int = 8) -> bool:
+    """DROP DATABASE name WITH (FORCE); True once it is gone.
+
+    FORCE terminates the database's sessions, but an autovacuum worker on it belongs to the
+    server's superuser, which the test role may not terminate: it ends within a moment, so retry.
+    """
+    import psycopg2
+
+    for _ in range(attempts):
+        try:
+            with admin.cursor() as cur:
+                cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            return True
+        except psycopg2.errors.InsufficientPrivilege:
+            time.sleep(0.25)
+    return False
 
 
 @pytest.fixture
@@ -65,8 +89,8 @@ def pg_url(_pg_admin: Any) -> Iterator[str]:
     try:
         yield _with_db(PG_URL, name)
     finally:
-        with _pg_admin.cursor() as cur:
-            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        if not _drop(_pg_admin, name):
+            _LEFTOVERS.append(name)
 
 
 @pytest.fixture(scope="session")
