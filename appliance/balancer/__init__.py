@@ -18,7 +18,9 @@ Modules, each of one job:
   listeners  closing the public sockets in a stop without resetting a client in the backlog
   stats      counters flushed to prometheus once a second; the access log
   certs      TLS contexts, SIGHUP reload, `init --tls self-signed`
-  limiter    rate-limit zones (memory or Redis)
+  limiter    rate-limit zones (memory, Redis, or shared_buckets)
+  shared_buckets  the buckets of the host's balancer processes ([balancer] processes > 1, no Redis):
+             one mmap'd file in the run dir, a flock per decision
   prefixes   route-prefix matching shared by limiter zones and public routes
   authhook   token validation (jwt, subrequest, callable)
 """

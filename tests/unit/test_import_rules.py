@@ -1,10 +1,10 @@
 """Dependencies point one way: the import rules of DESIGN.md, checked on the source with ast.
 
 Every import counts, also one inside a function (a lazy import still runs in the
-process that calls it). Names loaded with importlib from strings (the role table, appliance/supervisor/roles.py)
-are not seen. Rules that other parts of issue 11 still have to make true are
-xfail(strict=True): they fail the run the day they start to hold, so the mark
-comes off with the work that made them true.
+process that calls it). Names loaded with importlib from strings (the role table,
+appliance/supervisor/roles.py) are not seen. Every rule here holds; a rule the code does not
+meet yet goes in as xfail(strict=True), which fails the run the day it starts to hold, so the
+mark comes off with the work that made it true.
 """
 
 from __future__ import annotations
