@@ -35,6 +35,7 @@ PRELOAD_LIBRARIES = ("uvloop", "waitress", "waitress.server", "pyotp", "psutil")
 # prometheus_client picks its value class when imported: only import it where the multiprocess dir is set.
 METRICS_MODULES = ("prometheus_client", "prometheus_client.multiprocess")
 
+
 def resolve(role: str) -> Any:
     target = ROLES.get(role)
     if target is None:
