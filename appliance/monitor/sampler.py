@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 from appliance import hostsample
+from appliance.heartbeat import host_name
 from appliance.monitor import instruments, stores
 from appliance.monitor.alerts import Alerts
 from appliance.monitor.collectors import HostCollector, ProcessCollector, TrafficCollector
@@ -75,6 +76,13 @@ def overview(sample: dict[str, Any]) -> list[dict[str, Any]]:
         lines.append(
             {"name": "redis", "level": "green" if redis.get("reachable") else "red", "reason": redis.get("error", ""), "detail": ""}
         )
+    hosts = sample.get("cluster", {}).get("hosts", [])
+    if len(hosts) > 1:  # one line for the cluster once a second host has beaten
+        down = [h["host"] for h in hosts if h["state"] == "down"]
+        up = sum(1 for h in hosts if h["state"] == "up")
+        level = "green" if not down else ("red" if up == 0 else "amber")
+        reason = "down: " + ", ".join(down) if down else ""
+        lines.append({"name": "hosts", "level": level, "reason": reason, "detail": f"{up} of {len(hosts)} up"})
     disk = sample.get("host", {}).get("disk", {})
     free = disk.get("free_percent")
     if free is None:
@@ -123,6 +131,7 @@ class Sampler(threading.Thread):
         self.host = HostCollector(cfg.data_dir)
         self.traffic = TrafficCollector(interval=self.interval)
         self.redis = stores.RedisProbe(cfg.redis.url)
+        self.here = host_name(cfg)
         self.history = History(HISTORY_SECONDS, self.interval)
         self.alerts = Alerts(cfg.monitor.alerts, self._count_alert)
         self.webhook = AlertWebhook.from_config(cfg, instruments.webhook)
@@ -147,6 +156,7 @@ class Sampler(threading.Thread):
             else:
                 out["tasks"] = _safe(stores.queue_sample, now)
                 out["security"] = _safe(stores.security_sample, now)
+                out["cluster"] = _safe(stores.hosts_sample, now, self.cfg.supervisor.heartbeat_timeout, self.here)
         except Exception as exc:
             out["database"] = {"reachable": False, "error": f"{type(exc).__name__}: {str(exc)[:200]}"}
         finally:
@@ -154,6 +164,7 @@ class Sampler(threading.Thread):
                 self.db.close()
         out.setdefault("tasks", {"error": "the database is unreachable"})
         out.setdefault("security", {"error": "the database is unreachable"})
+        out.setdefault("cluster", {"error": "the database is unreachable"})
         return out
 
     def sample_once(self, now: float | None = None) -> dict[str, Any]:

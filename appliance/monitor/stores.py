@@ -17,7 +17,7 @@ from typing import Any
 
 import peewee as pw
 
-from appliance.db.models import AuditEvent, LoginThrottle, Task
+from appliance.db.models import AuditEvent, LoginThrottle, NodeHeartbeat, Task
 
 FAILURES_SHOWN = 20
 
@@ -32,6 +32,43 @@ def _utc(ts: float) -> _dt.datetime:
 
 def _iso(value: _dt.datetime | None) -> str | None:
     return value.strftime("%Y-%m-%dT%H:%M:%SZ") if value else None
+
+
+ENDED = ("stopped", "exited")  # a process that said goodbye: its host is stopped, not down
+
+
+def hosts_sample(now: float, heartbeat_timeout: float, here: str) -> dict[str, Any]:
+    """Every host that has heartbeat rows (one database, so every host of a cluster), each up, down or stopped.
+
+    A process is stale when its last beat is older than the heartbeat timeout (the rule of
+    /health/nodes); a host is down when none of its processes beats and not all of them ended.
+    """
+    cutoff = _utc(now - heartbeat_timeout)
+    hosts: dict[str, dict[str, Any]] = {}
+    for name, status, last in NodeHeartbeat.select(NodeHeartbeat.host, NodeHeartbeat.status, NodeHeartbeat.last_heartbeat).tuples():
+        h = hosts.setdefault(name, {"host": name, "this": name == here, "processes": 0, "beating": 0, "ended": 0, "last": None})
+        h["processes"] += 1
+        if status in ENDED:
+            h["ended"] += 1
+        elif last is not None and last >= cutoff:
+            h["beating"] += 1
+        if last is not None and (h["last"] is None or last > h["last"]):
+            h["last"] = last
+    out = []
+    for h in sorted(hosts.values(), key=lambda h: (not h["this"], h["host"])):
+        state = "up" if h["beating"] else ("stopped" if h["ended"] == h["processes"] else "down")
+        age = round(now - h["last"].replace(tzinfo=_dt.UTC).timestamp(), 1) if h["last"] else None
+        out.append(
+            {
+                "host": h["host"],
+                "this": h["this"],
+                "state": state,
+                "processes": h["processes"],
+                "beating": h["beating"],
+                "last_heartbeat_age": age,
+            }
+        )
+    return {"hosts": out, "down": sum(1 for h in out if h["state"] == "down")}
 
 
 def queue_sample(now: float) -> dict[str, Any]:

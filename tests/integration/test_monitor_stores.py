@@ -83,3 +83,25 @@ def test_redis_probe_reports_an_unreachable_server_without_raising() -> None:
 def test_redis_probe_on_a_real_server(redis_server) -> None:
     out = stores.RedisProbe(redis_server["url"]).sample()
     assert out["reachable"] is True and out["connections"] >= 1
+
+
+def _beat(node: str, host: str, age: float, now: float, status: str = "running") -> None:
+    from appliance.db.models import NodeHeartbeat
+
+    NodeHeartbeat.create(node_id=node, role=node.split(":")[1], host=host, pid=1, status=status, last_heartbeat=from_timestamp(now - age))
+
+
+def test_hosts_sample_marks_a_host_down_when_none_of_its_processes_beats(db, db_config) -> None:
+    now = time.time()
+    _beat("host-a:api:0", "host-a", 1, now)
+    _beat("host-a:worker:0", "host-a", 40, now)  # one stale process does not take its host down
+    _beat("host-b:api:0", "host-b", 40, now)
+    _beat("host-b:worker:0", "host-b", 35, now)
+    _beat("host-c:api:0", "host-c", 300, now, status="stopped")  # a clean stop: stopped, not down
+    sample = stores.hosts_sample(now, heartbeat_timeout=30, here="host-b")
+    by_host = {h["host"]: h for h in sample["hosts"]}
+    assert [h["host"] for h in sample["hosts"]] == ["host-b", "host-a", "host-c"]  # this host first
+    assert by_host["host-a"]["state"] == "up" and by_host["host-a"]["beating"] == 1 and by_host["host-a"]["processes"] == 2
+    assert by_host["host-b"]["state"] == "down" and by_host["host-b"]["this"] is True
+    assert 34 <= by_host["host-b"]["last_heartbeat_age"] <= 37
+    assert by_host["host-c"]["state"] == "stopped" and sample["down"] == 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import http.client
 import itertools
+import json
 import re
 import ssl
 import time
@@ -144,6 +145,9 @@ def test_admin_login_rotates_the_session_and_sets_strict_cookies(appliance: Appl
     assert status == 200 and 'id="processes"' in text and 'action="/status/logout"' in text
     snap = wait_until(lambda: (r := b.request("GET", "/status/api/snapshot"))[0] == 200 and '"rows"' in r[2] and r[2], timeout=20)
     assert snap and '"role":"api"' in snap and '"overview"' in snap
+    assert 'id="hosts"' in text  # every host of the database's heartbeats, this one among them
+    hosts = json.loads(snap)["data"]["cluster"]["hosts"]
+    assert [h["this"] for h in hosts] == [True] and hosts[0]["state"] == "up" and hosts[0]["beating"] >= 5
     status, _, text = b.request("GET", "/status/api/history?since=0")
     assert status == 200 and '"points"' in text
     status, _, _ = b.request("GET", "/status/api/history?since=soon")

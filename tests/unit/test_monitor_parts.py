@@ -165,3 +165,16 @@ def test_overview_levels_and_reasons() -> None:
     assert lines["database"]["level"] == "red" and "connection refused" in lines["database"]["reason"]
     assert lines["redis"]["level"] == "green"
     assert lines["disk"]["level"] == "red" and lines["disk"]["reason"] == "8.0 % free"
+    assert "hosts" not in lines  # one host: no cluster line
+
+
+def test_overview_has_a_cluster_line_once_a_second_host_beats() -> None:
+    from appliance.monitor.sampler import overview
+
+    def hosts(*states: str) -> dict:
+        return {"cluster": {"hosts": [{"host": f"h{i}", "state": s} for i, s in enumerate(states)]}}
+
+    line = {x["name"]: x for x in overview(hosts("up", "down", "up"))}["hosts"]
+    assert line["level"] == "amber" and line["reason"] == "down: h1" and line["detail"] == "2 of 3 up"
+    assert {x["name"]: x for x in overview(hosts("up", "stopped"))}["hosts"]["level"] == "green"
+    assert {x["name"]: x for x in overview(hosts("down", "down"))}["hosts"]["level"] == "red"

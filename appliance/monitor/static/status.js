@@ -131,6 +131,10 @@
       (db.connections !== undefined ? ", " + db.connections + " connections" : "") : "database unreachable: " + (db.error || "?")) +
       (rd ? (rd.reachable ? "; redis: round trip " + fmt(rd.round_trip_ms, 2) + " ms, " + rd.connections + " clients, " + mb(rd.used_memory) + " MB"
         : "; redis unreachable: " + (rd.error || "?")) : "");
+    rows($("hosts"), (s.cluster || {}).hosts || [], function (h) {
+      return [h.host + (h.this ? " (this host)" : ""), { text: h.state, cls: h.state === "down" ? "state-bad" : "state-up" },
+        h.beating + " of " + h.processes, h.last_heartbeat_age === null ? "–" : fmt(h.last_heartbeat_age, 0) + " s ago"];
+    }, function (h) { return h.state === "down" ? "bad" : ""; });
     var procs = (s.processes || {}).rows || [];
     rows($("processes"), procs, function (p) {
       var bad = p.state !== "up" && p.state !== "draining";
