@@ -1,5 +1,8 @@
 """Rate limits with nginx `limit_req` semantics: named zones, leaky buckets, burst, nodelay or delay.
 
+(Over 500 lines on purpose: the in-memory and the Redis limiter share the zone compiling, the
+matching and the bucket arithmetic, which shared_buckets.py reuses too; apart, each would restate it.)
+
 How it works
 ------------
 Each zone ([[rate_limits.zones]]) has a rate r (requests per second), a burst b
@@ -206,6 +209,21 @@ def _combine(zones: list[_Zone], cands: list[float]) -> Decision:
     return best
 
 
+def matching_zones(zones: Sequence[_Zone], method: str, path: str) -> tuple[_Zone | None, list[_Zone] | None]:
+    """(the zone, None) when one zone applies, (first, all of them) when several do, (None, None) when none."""
+    first: _Zone | None = None
+    more: list[_Zone] | None = None
+    for z in zones:
+        if (z.methods is None or method in z.methods) and (path in z.exact or path.startswith(z.subtrees)):
+            if first is None:
+                first = z
+            elif more is None:
+                more = [first, z]
+            else:
+                more.append(z)
+    return first, more
+
+
 class RateLimiter:
     """In-memory limiter for one process; `decide` is synchronous and allocation-light.
 
@@ -224,16 +242,7 @@ class RateLimiter:
 
     def decide(self, method: str, path: str, address: str, user: str | None) -> Decision | None:
         """The verdict for one request, or None when no zone applies. `path` is without the query."""
-        first: _Zone | None = None
-        more: list[_Zone] | None = None
-        for z in self.zones:
-            if (z.methods is None or method in z.methods) and (path in z.exact or path.startswith(z.subtrees)):
-                if first is None:
-                    first = z
-                elif more is None:
-                    more = [first, z]
-                else:
-                    more.append(z)
+        first, more = matching_zones(self.zones, method, path)
         if first is None:
             return None
         now_ms = self.clock() * 1000.0

@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from appliance.balancer.limiter import _ONE, Decision, _combine, _compile, _Zone
+from appliance.balancer.limiter import _ONE, Decision, _combine, _compile, _Zone, matching_zones
 from appliance.config import RateLimitZone
 from appliance.contract import RATE_LIMIT_FILE, RUN_DIR
 
@@ -105,16 +105,7 @@ class SharedRateLimiter:
 
     def decide(self, method: str, path: str, address: str, user: str | None) -> Decision | None:
         """The verdict for one request, or None when no zone applies. `path` is without the query."""
-        first: _Zone | None = None
-        more: list[_Zone] | None = None
-        for z in self.zones:
-            if (z.methods is None or method in z.methods) and (path in z.exact or path.startswith(z.subtrees)):
-                if first is None:
-                    first = z
-                elif more is None:
-                    more = [first, z]
-                else:
-                    more.append(z)
+        first, more = matching_zones(self.zones, method, path)
         if first is None:
             return None
         if more is None:
