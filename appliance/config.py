@@ -214,7 +214,7 @@ class QueueSettings(Section):
 class DatabaseSettings(Section):
     url: Annotated[str, _h("postgresql://user:pass@host/db; empty means SQLite in the data dir")] = ""
     sqlite_file: Annotated[str, _h("SQLite file name inside the data dir")] = "appliance.db"
-    max_connections: Annotated[int, _h("pooled PostgreSQL connections per process", ge=1, le=1000)] = 20
+    max_connections: Annotated[int, _h("pooled PostgreSQL connections per process; at least [queue] concurrency + 2", ge=1, le=1000)] = 20
     stale_timeout: Annotated[int, _h("seconds after which a pooled connection is replaced", ge=1)] = 300
     busy_timeout_ms: Annotated[int, _h("SQLite busy timeout", ge=0, le=600000)] = 10000
 
