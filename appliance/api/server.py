@@ -131,12 +131,16 @@ def serve(cfg: Any, index: int) -> int:
     import waitress
 
     from appliance import listen_address
+    from appliance.api import inline
 
     port = listen_address.port_for(cfg.api.base_port, index)
     body_limit = max(cfg.api.max_body_bytes, cfg.api.upload_max_bytes) + 1048576
+    dispatcher = inline.InlineDispatcher()
+    dispatcher.set_thread_count(cfg.api.threads)
     try:
         server = waitress.create_server(
             app,
+            _dispatcher=dispatcher,
             host="127.0.0.1",
             port=port,
             threads=cfg.api.threads,
@@ -147,8 +151,10 @@ def serve(cfg: Any, index: int) -> int:
             channel_timeout=120,
         )
     except OSError as exc:
+        dispatcher.shutdown(timeout=1)
         log.error("cannot listen on 127.0.0.1:%d: %s", port, exc.strerror or exc)
         return 1
+    inline.install(server, dispatcher)
     port = server.effective_port
     try:
         address = listen_address.announce(port)
@@ -160,6 +166,7 @@ def serve(cfg: Any, index: int) -> int:
     signal.signal(signal.SIGTERM, drainer.start)
     signal.signal(signal.SIGINT, drainer.start)
     log.info("api worker ready", extra=fields(index=index, address=address, threads=cfg.api.threads, node_id=app.ctx.node_id))
+    dispatcher.bind_loop()
     try:
         server.run()
     finally:
