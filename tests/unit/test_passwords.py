@@ -23,6 +23,17 @@ def test_unknown_user_checks_a_dummy_hash_and_fails() -> None:
     assert passwords.verify_password("anything", None) is False
 
 
+def test_the_dummy_hash_costs_what_a_default_hash_costs() -> None:
+    # "unknown user" must take as long as "wrong password" for a user hashed at the default cost
+    import inspect
+
+    import bcrypt
+
+    default_rounds = inspect.signature(passwords.hash_password).parameters["rounds"].default
+    assert passwords._DUMMY_HASH.startswith(f"$2b${default_rounds:02d}$".encode())
+    assert bcrypt.checkpw(b"anything", passwords._DUMMY_HASH) is False  # a well-formed hash: checking it does the work
+
+
 def test_overlong_password_never_matches_by_truncation() -> None:
     h = passwords.hash_password("a1" * 36, rounds=10)  # exactly 72 bytes
     assert passwords.verify_password("a1" * 36, h)
