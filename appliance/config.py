@@ -155,6 +155,9 @@ class ApiSettings(Section):
     ] = 0
     threads: Annotated[int, _h("waitress threads per worker", ge=1, le=256)] = 8
     connection_limit: Annotated[int, _h("waitress connections per worker", ge=10, le=100000)] = 1000
+    stall_seconds: Annotated[
+        float, _h("GET /health/ping answers 503 when requests have waited this long with no thread finishing one", ge=1, le=3600)
+    ] = 10.0
     max_body_bytes: Annotated[int, _h("largest JSON body a worker accepts (413 beyond)", ge=1024)] = 1048576
     upload_max_bytes: Annotated[int, _h("largest file upload (413 beyond)", ge=1024)] = 1073741824
     gzip_min_bytes: Annotated[int, _h("responses larger than this are gzipped when accepted; 0 turns it off", ge=0)] = 1024

@@ -15,6 +15,7 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,6 +85,7 @@ class ApiContext:
         self._queue_lock = threading.Lock()
         self._mirror_running = False
         self.inflight = 0
+        self.pool_stalled: Callable[[], bool] = lambda: False  # set by the server: api/inline.py
         self.draining = False
         self._inflight_lock = threading.Lock()
 

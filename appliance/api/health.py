@@ -26,6 +26,7 @@ from appliance import __version__, hostsample
 from appliance.api.context import ApiContext
 from appliance.api.operations import ok, operation, raw_json
 from appliance.db.models import NodeHeartbeat
+from appliance.errors import ServiceUnavailable
 from appliance.heartbeat import host_name
 from appliance.times import from_timestamp, iso, now_iso, utcnow
 
@@ -205,8 +206,16 @@ class PingResource:
     def __init__(self, ctx: ApiContext):
         self.ctx = ctx
 
-    @operation("Liveness of the answering API worker", response=Ping, envelope=False, tags=("health",))
+    @operation(
+        "Liveness of the answering API worker (503 when its threads are stuck)",
+        response=Ping,
+        envelope=False,
+        tags=("health",),
+        also=(503,),
+    )
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        if self.ctx.pool_stalled():
+            raise ServiceUnavailable("every thread of this worker is busy and none has finished a request lately", code="worker_stalled")
         stamp = now_iso()
         data = PingData(node_id=self.ctx.node_id, timestamp=stamp, pid=os.getpid(), version=__version__)
         raw_json(resp, Ping(status="ok", node_id=self.ctx.node_id, timestamp=stamp, data=data))

@@ -13,12 +13,18 @@ Only GETs of exact paths in `paths` qualify, and only when the request parsed cl
 (waitress's error answers keep their own path). Pipelined requests on one connection
 keep their order: waitress queues a channel's next request only once the one before is
 done, and that next one is again either inline or pooled on its own merits.
+
+An inline ping no longer waits in the pool's queue, so on its own it would answer even with
+every pool thread stuck. `stalled()` keeps it a liveness check of the whole worker: true when
+requests wait for the pool and no pooled request has finished for `stall_after` seconds
+([api] stall_seconds); the ping then answers 503 and the balancer takes the worker out.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from waitress.channel import HTTPChannel
@@ -27,14 +33,34 @@ from waitress.task import ThreadedTaskDispatcher
 INLINE_PATHS = ("/health/ping",)
 
 
+class _Pooled:
+    """A channel handed to a pool thread; notes when its request is done (the pool's progress)."""
+
+    __slots__ = ("channel", "dispatcher")
+
+    def __init__(self, channel: Any, dispatcher: InlineDispatcher):
+        self.channel, self.dispatcher = channel, dispatcher
+
+    def service(self) -> None:
+        try:
+            self.channel.service()
+        finally:
+            self.dispatcher.last_done = self.dispatcher.clock()
+
+    def cancel(self) -> None:
+        self.channel.cancel()
+
+
 class InlineDispatcher(ThreadedTaskDispatcher):
     """waitress's dispatcher, but channels whose next request is on an inline path wait for run_pending()."""
 
-    def __init__(self, paths: Iterable[str] = INLINE_PATHS):
+    def __init__(self, paths: Iterable[str] = INLINE_PATHS, stall_after: float = 10.0, clock: Callable[[], float] = time.monotonic):
         super().__init__()
         self.paths = frozenset(paths)
         self.loop_ident: int | None = None  # the thread that runs the server's loop; set by bind_loop()
         self.pending: list[Any] = []
+        self.stall_after, self.clock = stall_after, clock
+        self.last_done = clock()
 
     def bind_loop(self) -> None:
         self.loop_ident = threading.get_ident()
@@ -49,7 +75,13 @@ class InlineDispatcher(ThreadedTaskDispatcher):
         if self.inline(task):
             self.pending.append(task)
         else:
-            super().add_task(task)
+            if not self.queue:
+                self.last_done = self.clock()  # nothing was waiting: the wait for progress starts now
+            super().add_task(_Pooled(task, self))
+
+    def stalled(self) -> bool:
+        """True when requests wait for the pool and none of its threads has finished one for stall_after seconds."""
+        return bool(self.queue) and self.clock() - self.last_done >= self.stall_after
 
     def run_pending(self) -> None:
         """Serve every channel queued inline, on this (the loop) thread, and flush its answer."""

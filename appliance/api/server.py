@@ -135,7 +135,7 @@ def serve(cfg: Any, index: int) -> int:
 
     port = listen_address.port_for(cfg.api.base_port, index)
     body_limit = max(cfg.api.max_body_bytes, cfg.api.upload_max_bytes) + 1048576
-    dispatcher = inline.InlineDispatcher()
+    dispatcher = inline.InlineDispatcher(stall_after=cfg.api.stall_seconds)
     dispatcher.set_thread_count(cfg.api.threads)
     try:
         server = waitress.create_server(
@@ -155,6 +155,7 @@ def serve(cfg: Any, index: int) -> int:
         log.error("cannot listen on 127.0.0.1:%d: %s", port, exc.strerror or exc)
         return 1
     inline.install(server, dispatcher)
+    app.ctx.pool_stalled = dispatcher.stalled
     port = server.effective_port
     try:
         address = listen_address.announce(port)

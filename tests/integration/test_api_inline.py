@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 
 import pytest
 import requests
@@ -92,5 +93,34 @@ def test_bad_requests_on_the_ping_path_get_their_error_answers(tmp_path):
             answer = sock.recv(4096)
         assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
         assert w.get("/health/ping").status_code == 200  # and the worker serves on
+    finally:
+        assert w.stop() == 0, w.output()[-2000:]
+
+
+def test_ping_answers_503_while_the_pool_is_stuck_and_200_once_it_moves(tmp_path):
+    apps = tmp_path / "apps"
+    apps.mkdir()
+    (apps / "slow.py").write_text(SLOW_APP.replace("time.sleep(1.0)", "time.sleep(float(req.get_param('s') or 1))"))
+    w = start_worker(worker_config(tmp_path / "data", api={"apps_dir": str(apps), "threads": 1, "stall_seconds": 1}))
+    try:
+        results = []
+        calls = [threading.Thread(target=lambda: results.append(requests.get(w.url + "/slow?s=3", timeout=20))) for _ in range(2)]
+        for t in calls:
+            t.start()
+        # one /slow holds the only thread for 3 s, the other waits behind it: after a second with nothing finished, stalled
+        deadline = time.monotonic() + 2.5
+        stalled = None
+        while time.monotonic() < deadline:
+            r = w.get("/health/ping", timeout=5)
+            if r.status_code == 503:
+                stalled = r
+                break
+            time.sleep(0.1)
+        assert stalled is not None, "ping never reported the stuck pool"
+        assert stalled.json()["error"]["code"] == "worker_stalled" and stalled.headers["x-request-id"]
+        for t in calls:
+            t.join(20)
+        assert [r.status_code for r in results] == [200, 200]
+        assert w.get("/health/ping").status_code == 200  # nothing waits any more
     finally:
         assert w.stop() == 0, w.output()[-2000:]

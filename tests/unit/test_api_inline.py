@@ -56,4 +56,43 @@ def test_a_pooled_request_reaches_the_pool_and_an_inline_one_waits_for_the_loop(
     status = _channel(b"GET /health/status HTTP/1.1\r\nHost: x\r\n\r\n")
     d.add_task(ping)
     d.add_task(status)
-    assert d.pending == [ping] and list(d.queue) == [status]
+    assert d.pending == [ping] and [t.channel for t in d.queue] == [status]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_pool_is_stalled_only_when_requests_wait_and_nothing_finishes():
+    clock = Clock()
+    d = InlineDispatcher(stall_after=10, clock=clock)
+    d.bind_loop()
+    assert not d.stalled()
+    slow = _channel(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+    d.add_task(slow)  # no thread started: it waits in the queue
+    clock.now += 9.9
+    assert not d.stalled()
+    clock.now += 0.2
+    assert d.stalled()
+    finished = []
+    slow.service = lambda: finished.append(True)  # what a pool thread calls, through the wrapper
+    d.queue.popleft().service()
+    assert finished == [True] and not d.stalled()  # one finished and nothing waits
+
+
+def test_a_busy_pool_that_keeps_finishing_is_not_stalled():
+    clock = Clock()
+    d = InlineDispatcher(stall_after=10, clock=clock)
+    d.bind_loop()
+    for _ in range(5):
+        for _ in range(2):
+            waiting = _channel(b"GET /work HTTP/1.1\r\nHost: x\r\n\r\n")
+            waiting.service = lambda: None
+            d.add_task(waiting)
+        clock.now += 6
+        d.queue.popleft().service()  # a request finishes every 6 s while others wait
+        assert not d.stalled()
