@@ -6,7 +6,7 @@ without sleeping, previous counter totals for rates). None of them raises: a
 source that cannot be read gives {"error": "..."} so the page shows why.
 
 - ProcessCollector: every child of the supervisor (control socket "processes"
-  request: role, index, pid, state, restarts) plus psutil's cpu, RSS, PSS,
+  request: role, index, pid, state, restarts, jobs) plus psutil's cpu, RSS, PSS,
   threads and open files of each pid.
 - HostCollector: cpu, memory, disk of the data dir, load, network bytes/s.
 - TrafficCollector: the balancer's and the API's counters from the shared
@@ -76,6 +76,7 @@ class ProcessCollector:
                 "restarts": r.get("restarts", 0),
                 "uptime": round(now - r["started"], 1) if r.get("started") else None,
                 "exit_status": r.get("exit_status"),
+                "jobs": r.get("jobs") or [],  # other roles' loops it runs (the monitor: the scheduler's)
             }
             if pid:
                 pids.add(pid)

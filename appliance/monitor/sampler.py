@@ -59,7 +59,11 @@ def overview(sample: dict[str, Any]) -> list[dict[str, Any]]:
         level = "red" if down and len(down) == len(members) else ("amber" if down or recent else "green")
         restarts = sum(m.get("restarts") or 0 for m in members)
         reason = "; ".join(down + recent)
-        lines.append({"name": role, "level": level, "reason": reason, "detail": f"{len(members)} process(es), {restarts} restart(s)"})
+        detail = f"{len(members)} process(es), {restarts} restart(s)"
+        jobs = sorted({j for m in members for j in m.get("jobs") or ()})
+        if jobs:  # the monitor's line stands for the scheduler too
+            detail += f", also runs the {', '.join(jobs)}"
+        lines.append({"name": role, "level": level, "reason": reason, "detail": detail})
     if "error" in sample.get("processes", {}):
         lines.append({"name": "supervisor", "level": "red", "reason": sample["processes"]["error"], "detail": ""})
     db = sample.get("database", {})

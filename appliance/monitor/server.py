@@ -6,6 +6,10 @@ GET /metrics       text exposition read from the shared metrics directory
 GET /health/ping   liveness for the balancer's health checks and the supervisor.
 /status...         the status page, its login and its data (appliance/monitor/web.py),
                    fed by the sampler thread (appliance/monitor/sampler.py).
+
+The process also runs the scheduler's loop in a thread of its own while [monitor] enabled
+("housekeeping": supervisor/roles.py starts and stops it around `serve`, which knows nothing
+of it; a SIGTERM here ends both, and a dead scheduler thread stops the process with exit 1).
 """
 
 from __future__ import annotations
@@ -106,11 +110,14 @@ def serve(cfg: Any, index: int) -> int:
 
     from appliance import listen_address
     from appliance.db.connection import open_database
+    from appliance.db.models import database
     from appliance.monitor.sampler import Sampler
     from appliance.monitor.web import StatusSite
 
     node_id = f"{cfg.server.node_name or socket.gethostname()}:monitor:{index}"
-    db = open_database(cfg)
+    # Without connecting: the page serves, and says the database is unreachable, while it is away.
+    # A scheduler thread of this process (supervisor/roles.py) may have bound the models first: one handle, one pool.
+    db = database.obj if database.obj is not None else open_database(cfg)
     sampler = Sampler(cfg, db, cfg.path(RUN_DIR))
     sampler.start()
     site = StatusSite(cfg, sampler, db)

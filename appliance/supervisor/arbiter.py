@@ -518,7 +518,11 @@ class Arbiter:
 
     def serving_line(self) -> str:
         """systemd's StatusText while it serves: the URL and what runs (e.g. "1 balancer, 2 api, 1 worker")."""
-        return f"serving on {self.settings.url}: " + ", ".join(f"{k.count} {k.role}" for k in self.kinds)
+        return f"serving on {self.settings.url}: {self.counts()}"
+
+    def counts(self) -> str:
+        """What runs, e.g. "2 api, 1 worker, 1 monitor + scheduler, 1 balancer" (a kind's jobs run in its processes)."""
+        return ", ".join(f"{k.count} {' + '.join([k.role, *k.jobs])}" for k in self.kinds)
 
     def healthy(self) -> bool:
         """All is well enough for the systemd watchdog: the loop runs and the public side can serve."""
@@ -548,6 +552,7 @@ class Arbiter:
                 "address": c.address,
                 "exit_status": c.exit_status,
                 "via": c.via,
+                "jobs": list(c.kind.jobs),  # other roles' loops it runs in a thread (the monitor: the scheduler)
             }
             for c in self.children
         ]

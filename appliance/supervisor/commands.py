@@ -68,20 +68,26 @@ def _duration(seconds: float | None) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
+def role_label(row: dict[str, Any]) -> str:
+    """The role of a process row and the other roles' loops it runs: "monitor + scheduler"."""
+    return " + ".join([row["role"], *(row.get("jobs") or ())])
+
+
 def render_status(doc: dict[str, Any]) -> str:
     out = [f"appliance {doc.get('phase')} on {doc.get('url')} (supervisor pid {doc.get('pid')}, config {doc.get('config')})"]
-    out.append(
-        f"{'role':<10} {'index':>5} {'pid':>7} {'state':<9} {'restarts':>8} {'uptime':>8} {'cpu%':>6} {'memory':>8} {'pss':>8}  address"
-    )
     me = doc.get("supervisor") or {}
     rows = [{"role": "supervisor", "index": 0, "slot": 0, "pid": doc.get("pid"), "state": doc.get("phase"), "restarts": 0, **me}]
     if doc.get("started"):
         rows[0]["uptime"] = doc.get("now", 0) - doc["started"] if doc.get("now") else None
     rows += sorted(doc.get("processes", []), key=lambda r: (r["role"], r["slot"], r["index"]))
+    width = max(10, *(len(role_label(r)) for r in rows))
+    out.append(
+        f"{'role':<{width}} {'index':>5} {'pid':>7} {'state':<9} {'restarts':>8} {'uptime':>8} {'cpu%':>6} {'memory':>8} {'pss':>8}  address"
+    )
     for r in rows:
         cpu = "-" if r.get("cpu") is None else f"{r['cpu']:.1f}"
         out.append(
-            f"{r['role']:<10} {r['index']:>5} {r.get('pid') or '-':>7} {r['state']:<9} {r['restarts']:>8} "
+            f"{role_label(r):<{width}} {r['index']:>5} {r.get('pid') or '-':>7} {r['state']:<9} {r['restarts']:>8} "
             f"{_duration(r.get('uptime')):>8} {cpu:>6} {_size(r.get('rss')):>8} {_size(r.get('pss')):>8}  {r.get('address') or ''}"
         )
     total = [r["pss"] for r in rows if r.get("pss")]

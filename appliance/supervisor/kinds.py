@@ -8,6 +8,15 @@ whether it listens on loopback: at a fixed port for an index, or (port 0, the
 default) at one the kernel picks, which the child announces and the arbiter
 reads back (appliance/listen_address.py). The arbiter knows nothing about roles beyond this table,
 so tests can run it with stand-in children.
+
+Why each role is its own process (README, "What runs"): the balancer's event loop never
+waits for Python work of a request and restarts alone while the supervisor holds the socket;
+api workers use more than one CPU under the GIL and are replaced one at a time; task workers
+run operator code that must not stall requests; the monitor's page and sampler never slow the
+API. The scheduler (a tick a second, one row insert per cron slot) buys nothing from a process
+of its own: while the monitor runs, its loop is a thread of the monitor's process (`jobs`,
+roles.hosted_jobs: "housekeeping") and the scheduler count is 0; with [monitor] enabled = false
+it is its own process as before.
 """
 
 from __future__ import annotations
@@ -39,6 +48,7 @@ class Kind:
     restart: bool = True
     listeners: bool = False  # gets the public listening sockets (APPLIANCE_LISTEN_FDS + pass_fds)
     ready_path: str = "/health/ping"  # for readiness "http"
+    jobs: tuple[str, ...] = ()  # other roles whose loop its processes run in a thread (roles.hosted_jobs); shown in the status
 
     @property
     def listens(self) -> bool:
@@ -72,6 +82,9 @@ def appliance_kinds(cfg: Any, log_format: str, available: Callable[[str], bool] 
     def cmd(role: str) -> Callable[[int], list[str]]:
         return lambda index: child_command(role, index, log_format)
 
+    monitor = 1 if cfg.monitor.enabled and available("monitor") else 0
+    hosted = roles.hosted_jobs("monitor", cfg) if monitor else ()  # a monitor not in this build hosts nothing
+
     table = [
         Kind(
             role="api",
@@ -83,15 +96,19 @@ def appliance_kinds(cfg: Any, log_format: str, available: Callable[[str], bool] 
             drained=True,
         ),
         Kind(role="worker", count=cfg.queue.workers, readiness="heartbeat", command=cmd("worker")),
-        Kind(role="scheduler", count=1, readiness="heartbeat", command=cmd("scheduler"), replace="stop_first"),
+        # Its own process only when the monitor does not run its loop (see the module docstring).
+        Kind(
+            role="scheduler", count=0 if "scheduler" in hosted else 1, readiness="heartbeat", command=cmd("scheduler"), replace="stop_first"
+        ),
         Kind(
             role="monitor",
-            count=1 if cfg.monitor.enabled else 0,
+            count=monitor,
             readiness="tcp",
             command=cmd("monitor"),
             port=lambda i: listen_address.port_for(cfg.monitor.port),
             group="monitor",
             replace="stop_first",
+            jobs=hosted,
         ),
         # Last: it starts when the api workers are coming up, and on SIGHUP it is only replaced when its config changed.
         # Several ([balancer] processes) accept from the same inherited sockets; replaced one at a time.

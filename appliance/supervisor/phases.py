@@ -60,8 +60,7 @@ def startup(arb: Arbiter) -> Phase:
         yield
     yield from routed(arb)
     arb.phase_name = "running"
-    counts = ", ".join(f"{k.count} {k.role}" for k in arb.kinds)
-    log.info("appliance is up on %s (%s)", arb.settings.url, counts, extra=fields(url=arb.settings.url))
+    log.info("appliance is up on %s (%s)", arb.settings.url, arb.counts(), extra=fields(url=arb.settings.url))
     arb._status_line = arb.serving_line()
     arb.notifier.ready(arb._status_line)
 

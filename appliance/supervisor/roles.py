@@ -6,6 +6,13 @@ role, so the table lives here, beside kinds.py. Roles are named by dotted path
 and imported with importlib so that nothing imports every role at once but the
 template, which preloads them all; the frozen binary bundles them
 (packaging collects the package). A child's config: appliance/child_config.py.
+
+A role's process may also run another role's loop in a thread of its own (JOBS,
+`hosted_jobs`): the monitor runs the scheduler's ("housekeeping": a once-a-second
+cron tick and a sampler buy nothing from a process each, and the scheduler process
+cost some 12 MiB PSS). run_child starts those threads next to the role, stops them
+when the role returns (its SIGTERM), and exits 1 when one died, so that the
+supervisor restarts the process. The roles themselves still import no other role.
 """
 
 from __future__ import annotations
@@ -15,6 +22,9 @@ import importlib
 import importlib.util
 import logging
 import os
+import signal
+import threading
+from collections.abc import Callable
 from typing import Any
 
 from appliance.child_config import child_config
@@ -28,6 +38,12 @@ ROLES: dict[str, str] = {
     "monitor": "appliance.monitor.server:serve",
 }
 
+# Loops that another role's process runs in a thread of its own: `fn(cfg, stop: threading.Event)`, returning when stop is set.
+JOBS: dict[str, str] = {"scheduler": "appliance.queue.scheduler:hosted"}
+JOB_STOP_TIMEOUT = 10.0  # seconds a job may take to finish its tick after the role stopped (bounded by the grace period)
+
+log = logging.getLogger(__name__)
+
 # The template (appliance/template.py) imports, once, every module of this package (roles import
 # much of it lazily while they set up: create_app alone imports some twenty) and these libraries
 # the roles import lazily, so every child forked from it shares those pages. Importing opens nothing.
@@ -40,8 +56,84 @@ def resolve(role: str) -> Any:
     target = ROLES.get(role)
     if target is None:
         raise SystemExit(f"appliance: unknown role {role!r}; known roles: {', '.join(ROLES)}")
+    return _load(target)
+
+
+def _load(target: str) -> Any:
     module, _, func = target.partition(":")
     return getattr(importlib.import_module(module), func)
+
+
+def hosted_jobs(role: str, cfg: Any) -> tuple[str, ...]:
+    """The other roles whose loop the process of `role` runs: the scheduler's in the monitor while [monitor] enabled.
+
+    kinds.appliance_kinds starts no process of their own then; both read this one rule.
+    """
+    return ("scheduler",) if role == "monitor" and cfg.monitor.enabled else ()
+
+
+def _stop_this_process() -> None:
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+class HostedJob(threading.Thread):
+    """Another role's loop `fn(cfg, stop)` in a thread of this process.
+
+    The loop catches its own per-tick errors. If the thread still ends without being asked
+    to (an exception that got out, or the loop returned), it calls `on_death`: by default the
+    process sends itself SIGTERM, so the role stops as it does for the supervisor, and
+    run_child exits 1; the supervisor then restarts it instead of keeping a process that
+    looks alive while its scheduler is gone.
+    """
+
+    def __init__(self, name: str, fn: Callable[[Any, threading.Event], Any], cfg: Any, on_death: Callable[[], None] | None = None):
+        super().__init__(name=name, daemon=True)
+        self.fn, self.cfg = fn, cfg
+        self.stopping = threading.Event()
+        self.died: str | None = None
+        self.on_death = on_death or _stop_this_process
+
+    def run(self) -> None:
+        try:
+            self.fn(self.cfg, self.stopping)
+            if self.stopping.is_set():
+                return
+            self.died = "its loop returned"
+        except BaseException as exc:  # whatever ended the thread, the process must not go on without it
+            self.died = f"{type(exc).__name__}: {exc}"
+            log.exception("the %s thread raised", self.name)
+        log.error(
+            "the %s thread died (%s): stopping this process so that the supervisor restarts it",
+            self.name,
+            self.died,
+            extra={"fields": {"job": self.name, "died": self.died}},
+        )
+        if not self.stopping.is_set():  # already stopping: run_child's exit status says it (1)
+            self.on_death()
+
+    def stop(self, timeout: float) -> None:
+        self.stopping.set()
+        self.join(timeout)
+        if self.is_alive():
+            log.warning("the %s thread did not finish within %.0f s; leaving it", self.name, timeout)
+
+
+def start_jobs(cfg: Any, names: tuple[str, ...]) -> list[HostedJob]:
+    """Start a HostedJob for each name of JOBS; raises ImportError when one cannot be loaded."""
+    jobs = [HostedJob(name, _load(JOBS[name]), cfg) for name in names]
+    for job in jobs:
+        job.start()
+    return jobs
+
+
+def stop_jobs(jobs: list[HostedJob], status: int, cfg: Any) -> int:
+    """Stop the jobs once the role has returned `status`; 1 instead of 0 when one of them died."""
+    timeout = min(JOB_STOP_TIMEOUT, cfg.supervisor.grace_period)
+    for job in jobs:
+        job.stop(timeout)
+    if status == 0 and any(job.died for job in jobs):
+        return 1
+    return status
 
 
 def preload_modules() -> list[str]:
@@ -73,11 +165,18 @@ def run_child(args: argparse.Namespace) -> int:
 
     cfg = child_config(args)
     setup_logging(args.role, getattr(args, "log_format", None) or cfg.logging.format, cfg.logging.level)
+    names = hosted_jobs(args.role, cfg)
     try:
         serve = resolve(args.role)
+        for name in names:
+            _load(JOBS[name])
     except ImportError as exc:  # a role that cannot even load will not boot by retrying
-        logging.getLogger(__name__).error("role %s cannot be loaded: %s", args.role, exc)
+        log.error("role %s cannot be loaded: %s", args.role, exc)
         return EXIT_BOOT_FAILURE
+    if names:  # /health/nodes shows it in this process's info
+        heartbeat.set_info(jobs=list(names))
     # After the import: a role whose module cannot load never looks alive to the supervisor.
     heartbeat.start(cfg, args.role, args.index)
-    return int(serve(cfg, args.index) or 0)
+    jobs = start_jobs(cfg, names)
+    status = int(serve(cfg, args.index) or 0)
+    return stop_jobs(jobs, status, cfg)

@@ -105,7 +105,7 @@ def test_run_operator_files_children_share_one_unpacked_dir_and_sigterm_leaves_n
         (app.data / name / "ops.py").write_text(text)
     app.start(APPLIANCE_API__APPS_DIR=str(app.data / "apps"), APPLIANCE_QUEUE__TASKS_DIR=str(app.data / "tasks"))
     try:
-        assert len(app.processes()) >= 7  # supervisor, 2 api, worker, scheduler, monitor, balancer (+ the bootloader)
+        assert len(app.processes()) >= 6  # supervisor, 2 api, worker, monitor (runs the scheduler), balancer (+ the bootloader)
         assert len(app.bundle_dirs()) == 1, app.bundle_dirs()  # nobody but the first start unpacked
         token = _login(app)
         status, body = http_json(app.port, "GET", "/api/protected", token=token)

@@ -1,6 +1,6 @@
 """/status through a real `appliance run`: who gets in, who gets data, and which forms are refused.
 
-One appliance (balancer, api worker, task worker, scheduler, monitor) serves the
+One appliance (balancer, api worker, task worker, monitor running the scheduler) serves the
 whole module; each test uses its own client address (127.0.0.x) so the login
 lockout and the login rate-limit zone of one test do not touch another.
 """
@@ -145,6 +145,10 @@ def test_admin_login_rotates_the_session_and_sets_strict_cookies(appliance: Appl
     assert status == 200 and 'id="processes"' in text and 'action="/status/logout"' in text
     snap = wait_until(lambda: (r := b.request("GET", "/status/api/snapshot"))[0] == 200 and '"rows"' in r[2] and r[2], timeout=20)
     assert snap and '"role":"api"' in snap and '"overview"' in snap
+    rows = json.loads(snap)["data"]["processes"]["rows"]
+    assert [r["jobs"] for r in rows if r["role"] == "monitor"] == [["scheduler"]] and "scheduler" not in {r["role"] for r in rows}
+    lines = {x["name"]: x for x in json.loads(snap)["data"]["overview"]}
+    assert lines["monitor"]["detail"].endswith("also runs the scheduler")
     assert 'id="hosts"' in text  # every host of the database's heartbeats, this one among them
     hosts = json.loads(snap)["data"]["cluster"]["hosts"]
     assert [h["this"] for h in hosts] == [True] and hosts[0]["state"] == "up" and hosts[0]["beating"] >= 5

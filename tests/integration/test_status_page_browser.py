@@ -114,7 +114,7 @@ def test_status_page_in_a_real_browser(appliance: Appliance, tmp_path: Path) -> 
         driver.find_element(By.ID, "login-submit").click()
         _wait(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#processes tbody tr")) >= 6, what="the process table")
         roles = {r.find_elements(By.TAG_NAME, "td")[0].text for r in driver.find_elements(By.CSS_SELECTOR, "#processes tbody tr")}
-        assert {"supervisor", "balancer", "api", "worker", "scheduler", "monitor"} <= roles
+        assert {"supervisor", "balancer", "api", "worker", "monitor + scheduler"} <= roles and "scheduler" not in roles
         hosts = [[td.text for td in r.find_elements(By.TAG_NAME, "td")] for r in driver.find_elements(By.CSS_SELECTOR, "#hosts tbody tr")]
         assert len(hosts) == 1 and hosts[0][0].endswith("(this host)") and hosts[0][1] == "up", hosts
         _wait(driver, lambda d: int(d.find_element(By.ID, "chart-rps").get_attribute("data-points") or 0) >= 2, what="a chart with points")

@@ -1,10 +1,13 @@
 """The real `appliance run` on free loopback ports: kill -9 of every kind of child under a stream of GETs,
 SIGHUP rolling restart with zero failed requests (and a broken config refused), a crash loop given up
-while the rest serve, SIGTERM draining requests and a running task, and the systemd notify sequence."""
+while the rest serve, SIGTERM draining requests and a running task, and the systemd notify sequence.
+The scheduler runs in the monitor's process ("housekeeping"), or as its own with [monitor] enabled = false."""
 
 from __future__ import annotations
 
+import datetime as dt
 import os
+import secrets
 import signal
 import socket
 import time
@@ -30,7 +33,9 @@ def test_started_with_one_line_and_the_url(appliance):
     assert status == 200 and body["status"] == "ok"
     # Every process logs JSON lines with its role and pid; the config (with its secrets) is never logged.
     roles_seen = {e.get("role") for e in appliance.lines()}
-    assert {"supervisor", "api", "worker", "scheduler", "balancer"} <= roles_seen
+    assert {"supervisor", "api", "worker", "monitor", "balancer"} <= roles_seen
+    assert "scheduler" not in roles_seen  # no process of its own: its lines come from the monitor
+    assert "scheduler ready" in appliance.messages("monitor")
     secrets = (appliance.data / "secrets.toml").read_text()
     jwt_secret = next(line.split('"')[1] for line in secrets.splitlines() if line.startswith("jwt_secret"))
     assert jwt_secret not in appliance.log.read_text()
@@ -45,8 +50,9 @@ def test_second_appliance_on_the_same_data_dir_is_refused(appliance):
 def test_status_command_lists_every_process(appliance):
     result = appliance.cli("status")
     assert result.returncode == 0, result.stdout + result.stderr
-    for role in ("api", "worker", "scheduler", "balancer"):
+    for role in ("api", "worker", "monitor + scheduler", "balancer"):
         assert f"\n{role} " in result.stdout
+    assert "\nscheduler " not in result.stdout
     assert "healthy" in result.stdout and "queue: queued" in result.stdout
     sock = appliance.data / "run" / "control.sock"
     assert sock.stat().st_mode & 0o777 == 0o600
@@ -57,12 +63,67 @@ def test_heartbeats_of_every_process_reach_the_node_table(appliance):
         status, body = http_json(appliance.port, "GET", "/health/nodes")
         return {n["role"] for n in body["data"]["nodes"]} if status == 200 else set()
 
-    assert wait_until(lambda: {"api", "worker", "scheduler", "balancer"} <= nodes(), 10), nodes()
+    assert wait_until(lambda: {"api", "worker", "monitor", "balancer"} <= nodes(), 10), nodes()
+    rows = http_json(appliance.port, "GET", "/health/nodes")[1]["data"]["nodes"]
+    assert "scheduler" not in {n["role"] for n in rows}
+    assert [n["info"].get("jobs") for n in rows if n["role"] == "monitor"] == [["scheduler"]]  # the monitor's row stands for it
+
+
+def test_no_scheduler_process_and_the_monitor_row_says_it_runs_the_scheduler(appliance):
+    rows = appliance.status()["processes"]
+    assert "scheduler" not in {r["role"] for r in rows}
+    assert [r["jobs"] for r in rows if r["role"] == "monitor"] == [["scheduler"]]
+    assert all(r["jobs"] == [] for r in rows if r["role"] not in ("monitor", "template"))
+    assert "1 monitor + scheduler" in appliance.wait_for("appliance is up on")
+
+
+def cron_schedule(app: Appliance, token: str) -> int:
+    """A schedule made through the API, its slot of this minute made due now (instead of waiting for the clock)."""
+    body = {"task_type": "sample", "schedule": {"type": "cron", "expression": "* * * * *", "timezone": "UTC"}, "data": {"x": 1}}
+    status, answer = http_json(app.port, "POST", "/tasks/schedule", body, token)
+    assert status == 200, answer
+    sid = answer["data"]["schedule_id"]
+    from appliance import db as dbmod
+    from appliance.config import load_config
+    from appliance.db.models import Schedule
+
+    handle = dbmod.open_database(load_config(app.config, env={}))
+    try:
+        due = dt.datetime.now(dt.UTC).replace(tzinfo=None) - dt.timedelta(minutes=3)
+        assert Schedule.update(next_run_at=due).where(Schedule.id == sid).execute() == 1
+    finally:
+        handle.close()
+    return sid
+
+
+def fired_task(app: Appliance, sid: int, token: str, timeout: float = 20) -> dict:
+    """The first task the schedule fired, once it succeeded; and which process fired it (its log line)."""
+    line = wait_until(
+        lambda: next((e for e in app.lines() if e.get("message") == "schedule fired" and e.get("schedule_id") == sid), None), timeout
+    )
+    assert line, f"schedule {sid} did not fire; log tail:\n{app.log.read_text()[-3000:]}"
+    done = wait_until(
+        lambda: (
+            (d := http_json(app.port, "GET", f"/tasks/status/{line['task_id']}", token=token)[1]["data"])["status"] == "succeeded" and d
+        ),
+        30,
+    )
+    assert done, http_json(app.port, "GET", f"/tasks/status/{line['task_id']}", token=token)
+    return line
+
+
+def new_token(app: Appliance) -> str:
+    name = f"cron{secrets.token_hex(3)}"
+    result = app.cli("user", "create", name, "--password-stdin", stdin="a-long-password-1\n")
+    assert result.returncode == 0, result.stderr
+    status, body = http_json(app.port, "POST", "/auth/login", {"username": name, "password": "a-long-password-1"})
+    assert status == 200, body
+    return body["data"]["access_token"]
 
 
 @pytest.mark.slow
 def test_kill_9_each_child_during_a_stream_of_gets(appliance):
-    kinds = ["api", "worker", "scheduler", "balancer", "monitor"]
+    kinds = ["api", "worker", "balancer", "monitor"]  # the monitor's process runs the scheduler too
     took: dict[str, float] = {}
     with Stream(appliance.port) as stream:
         time.sleep(0.5)
@@ -95,6 +156,7 @@ def test_kill_9_each_child_during_a_stream_of_gets(appliance):
 def test_sighup_rolls_every_worker_with_zero_failed_requests(appliance):
     api_before = appliance.pids("api")
     worker_before = appliance.pids("worker")
+    monitor_before = appliance.pids("monitor")[0]
     balancer_before = appliance.pids("balancer")
     addresses_before = set(appliance.addresses("api").values())
     done_before = appliance.count("reload done")
@@ -120,6 +182,13 @@ def test_sighup_rolls_every_worker_with_zero_failed_requests(appliance):
     applied = {m["address"] for m in appliance.status()["upstreams"]["api"] if m["state"] != "draining"}
     assert addresses_after <= applied
     assert all(m.endswith("is drained") for m in appliance.messages() if "is drained" in m)
+    # The monitor was stopped first and replaced, its scheduler thread with it: a clean stop, exit 0.
+    monitor_after = appliance.pids("monitor")[0]
+    assert monitor_after != monitor_before
+    assert f"monitor[0] (pid {monitor_before}) stopped: exited with status 0" in appliance.messages()
+    mine = [e for e in appliance.lines() if e.get("pid") == monitor_before and e.get("message") == "scheduler stopped"]
+    assert len(mine) == 1 and isinstance(mine[0]["fired"], int), mine
+    assert wait_until(lambda: any(e.get("pid") == monitor_after and e.get("message") == "scheduler ready" for e in appliance.lines()), 10)
 
 
 @pytest.mark.slow
@@ -138,6 +207,40 @@ def test_sighup_with_a_broken_config_keeps_serving_the_old_one(appliance):
     time.sleep(0.5)
     assert appliance.pids("api") == pids
     assert http_json(appliance.port, "GET", "/health/ping")[0] == 200
+
+
+# After the tests that kill and replace children (the monitor's restart backoff starts afresh here).
+def test_a_schedule_fires_from_the_monitor_and_again_after_kill_9_of_the_monitor(appliance):
+    token = new_token(appliance)
+    monitor = appliance.pids("monitor")[0]
+    restarts = next(r["restarts"] for r in appliance.status()["processes"] if r["role"] == "monitor")
+    line = fired_task(appliance, cron_schedule(appliance, token), token)
+    assert (line["role"], line["pid"]) == ("monitor", monitor)
+    os.kill(monitor, signal.SIGKILL)
+    assert wait_until(lambda: appliance.pids("monitor").get(0) not in (None, monitor), 15), "the monitor did not come back"
+    restarted = appliance.pids("monitor")[0]
+    line = fired_task(appliance, cron_schedule(appliance, token), token)
+    assert (line["role"], line["pid"]) == ("monitor", restarted)
+    assert [r["restarts"] for r in appliance.status()["processes"] if r["role"] == "monitor"] == [restarts + 1]
+
+
+def test_with_the_monitor_off_the_scheduler_is_its_own_process_and_fires(tmp_path):
+    app = Appliance(tmp_path, api_workers=1, task_workers=1, monitor=False)
+    app.start()
+    try:
+        rows = app.status()["processes"]
+        assert "monitor" not in {r["role"] for r in rows}
+        [scheduler] = [r for r in rows if r["role"] == "scheduler"]
+        assert scheduler["state"] == "up" and scheduler["jobs"] == []
+        result = app.cli("status")
+        assert result.returncode == 0 and "\nscheduler " in result.stdout, result.stdout
+        token = new_token(app)
+        line = fired_task(app, cron_schedule(app, token), token)
+        assert (line["role"], line["pid"]) == ("scheduler", scheduler["pid"])
+    finally:
+        assert app.stop() == 0
+    assert f"scheduler[0] (pid {scheduler['pid']}) stopped: exited with status 0" in app.messages()
+    assert [e["fired"] for e in app.lines() if e.get("role") == "scheduler" and e.get("message") == "scheduler stopped"] == [1]
 
 
 def take_port(sock: socket.socket, port: int, timeout: float) -> bool:

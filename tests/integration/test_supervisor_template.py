@@ -40,7 +40,7 @@ def cmdline(pid: int) -> list[str]:
 def test_every_child_is_forked_from_the_template_and_is_the_supervisors_child(appliance):
     status = appliance.status()
     rows = [r for r in status["processes"] if r["role"] != "template"]
-    assert {r["role"] for r in rows} == {"api", "worker", "scheduler", "monitor", "balancer"}
+    assert {r["role"] for r in rows} == {"api", "worker", "monitor", "balancer"}  # the monitor runs the scheduler too
     assert all(r["via"] == "template" and r["state"] == "up" for r in rows), rows
     template = template_row(appliance)
     assert template["state"] == "up" and template["pid"]

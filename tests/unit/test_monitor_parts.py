@@ -166,6 +166,16 @@ def test_overview_levels_and_reasons() -> None:
     assert lines["redis"]["level"] == "green"
     assert lines["disk"]["level"] == "red" and lines["disk"]["reason"] == "8.0 % free"
     assert "hosts" not in lines  # one host: no cluster line
+    assert lines["api"]["detail"] == "2 process(es), 0 restart(s)"
+
+
+def test_overview_line_of_the_monitor_says_it_runs_the_scheduler() -> None:
+    from appliance.monitor.sampler import overview
+
+    rows = [{"role": "monitor", "index": 0, "state": "up", "restarts": 1, "uptime": 500.0, "jobs": ["scheduler"]}]
+    lines = {x["name"]: x for x in overview({"processes": {"rows": rows}})}
+    assert lines["monitor"]["detail"] == "1 process(es), 1 restart(s), also runs the scheduler"
+    assert lines["monitor"]["level"] == "green" and "scheduler" not in lines
 
 
 def test_overview_has_a_cluster_line_once_a_second_host_beats() -> None:

@@ -1,13 +1,14 @@
 """Pure parts of the supervisor: notify addresses and watchdog, the upstreams document, the
-balancer state, the exit descriptions, the status rendering, the kinds table and the unit."""
+balancer state, the exit descriptions, the status rendering, the kinds table, hosted jobs and the unit."""
 
 import json
 import signal
 import sys
+import threading
 
 import pytest
 
-from appliance.supervisor import channel, kinds, notify, relay, rollout
+from appliance.supervisor import channel, kinds, notify, relay, roles, rollout
 from appliance.supervisor.child import describe_exit
 from appliance.supervisor.commands import render_status
 from appliance.supervisor.main import public_url
@@ -100,6 +101,74 @@ def test_kinds_table_from_config_leaves_out_missing_roles(make_config):
     assert table[1].listeners and not table[1].group
 
 
+def test_the_monitor_runs_the_scheduler_and_no_scheduler_process_is_started(make_config):
+    table = {k.role: k for k in kinds.appliance_kinds(make_config(), "json")}
+    assert "scheduler" not in table  # count 0: left out
+    assert table["monitor"].count == 1 and table["monitor"].jobs == ("scheduler",)
+    assert all(k.jobs == () for role, k in table.items() if role != "monitor")
+
+
+def test_with_the_monitor_off_the_scheduler_is_its_own_process_again(make_config):
+    table = {k.role: k for k in kinds.appliance_kinds(make_config(monitor={"enabled": False}), "json")}
+    assert "monitor" not in table
+    scheduler = table["scheduler"]
+    assert (scheduler.count, scheduler.readiness, scheduler.replace, scheduler.jobs) == (1, "heartbeat", "stop_first", ())
+    assert scheduler.command(0)[-6:] == ["_child", "scheduler", "--index", "0", "--log-format", "json"]
+
+
+def test_a_monitor_missing_from_the_build_leaves_the_scheduler_its_own_process(make_config):
+    table = {k.role: k for k in kinds.appliance_kinds(make_config(), "json", available=lambda role: role != "monitor")}
+    assert "monitor" not in table and table["scheduler"].count == 1
+
+
+def test_the_monitor_hosts_the_scheduler_while_it_is_enabled(make_config):
+    assert roles.hosted_jobs("monitor", make_config()) == ("scheduler",)
+    assert roles.hosted_jobs("monitor", make_config(monitor={"enabled": False})) == ()
+    assert roles.hosted_jobs("api", make_config()) == ()
+    assert set(roles.JOBS) <= set(roles.ROLES)
+
+
+def _job(fn, cfg):
+    deaths: list[str] = []
+    job = roles.HostedJob("scheduler", fn, cfg, on_death=lambda: deaths.append(job.died or ""))
+    return job, deaths
+
+
+def test_a_hosted_job_that_raises_or_returns_unasked_is_dead_and_stops_the_process(make_config):
+    cfg = make_config()
+
+    def raises(cfg, stop):
+        raise RuntimeError("broken loop")
+
+    job, deaths = _job(raises, cfg)
+    job.start()
+    job.join(5)
+    assert deaths == ["RuntimeError: broken loop"]
+    assert roles.stop_jobs([job], 0, cfg) == 1  # the role's clean exit becomes 1: the supervisor restarts it
+    assert roles.stop_jobs([job], 3, cfg) == 3  # a status of the role's own stays
+
+    job, deaths = _job(lambda cfg, stop: 0, cfg)
+    job.start()
+    job.join(5)
+    assert deaths == ["its loop returned"]
+
+
+def test_a_hosted_job_asked_to_stop_ends_cleanly(make_config):
+    cfg = make_config()
+    started = threading.Event()
+
+    def loop(cfg, stop):
+        started.set()
+        while not stop.wait(0.01):
+            pass
+
+    job, deaths = _job(loop, cfg)
+    job.start()
+    assert started.wait(5)
+    assert roles.stop_jobs([job], 0, cfg) == 0
+    assert not job.is_alive() and job.died is None and deaths == []
+
+
 def test_restart_only_keys_and_balancer_changes(make_config):
     a = make_config()
     b = make_config(balancer={"listen": "127.0.0.1:9999"}, api={"workers": 4})
@@ -150,6 +219,35 @@ def test_status_rendering_shows_pss_and_its_total():
     text = render_status(doc)
     assert "12.0M" in text and "\ntemplate " in text
     assert "memory: 30.0M PSS in 3 processes" in text
+
+
+def test_status_rendering_names_what_a_process_also_runs():
+    doc = {
+        "phase": "running",
+        "pid": 1,
+        "healthy": True,
+        "processes": [
+            {
+                "role": "monitor",
+                "index": 0,
+                "slot": 0,
+                "pid": 12,
+                "state": "up",
+                "restarts": 0,
+                "jobs": ["scheduler"],
+                "address": "127.0.0.1:9",
+            },
+            {"role": "worker", "index": 0, "slot": 0, "pid": 13, "state": "up", "restarts": 0},
+        ],
+    }
+    lines = render_status(doc).splitlines()
+    monitor = next(line for line in lines if line.startswith("monitor"))
+    assert monitor.startswith("monitor + scheduler ") and monitor.endswith("127.0.0.1:9")
+    assert not any(line.startswith("scheduler") for line in lines)
+    # the columns stay aligned with the wider label
+    header = next(line for line in lines if line.startswith("role"))
+    worker = next(line for line in lines if line.startswith("worker "))
+    assert header.index("index") == worker.index("    0") == monitor.index("    0")
 
 
 def test_unit_is_hardened(make_config):

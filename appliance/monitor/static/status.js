@@ -138,7 +138,7 @@
     var procs = (s.processes || {}).rows || [];
     rows($("processes"), procs, function (p) {
       var bad = p.state !== "up" && p.state !== "draining";
-      return [p.role, p.index, p.pid, { text: p.state, cls: bad ? "state-bad" : "state-up" }, p.restarts, ago(p.uptime), fmt(p.cpu), mb(p.rss), mb(p.pss), p.threads, p.open_files];
+      return [[p.role].concat(p.jobs || []).join(" + "), p.index, p.pid, { text: p.state, cls: bad ? "state-bad" : "state-up" }, p.restarts, ago(p.uptime), fmt(p.cpu), mb(p.rss), mb(p.pss), p.threads, p.open_files];
     }, function (p) {
       if (p.state !== "up" && p.state !== "draining") return "bad";
       return p.restarts > 0 && p.uptime !== null && p.uptime < 120 ? "warn restarted" : "";
