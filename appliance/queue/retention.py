@@ -1,7 +1,7 @@
 """Upload retention: files uploaded for processing are deleted [api] upload_retention_hours later.
 
-Run by the scheduler role (one process per host; appliance.queue.scheduler calls `sweep`
-every SWEEP_EVERY seconds, first at its start). An upload is due when it is older than the
+Run by the scheduler (one per host, in the monitor's process or its own; appliance.queue.scheduler
+calls `sweep` every SWEEP_EVERY seconds, first at its start). An upload is due when it is older than the
 retention and no queued, running or retrying task names it (`upload_id` of csv_profile and
 other processing types, `source_file_id` of bulk_import): a task still waiting for its file
 keeps it. A due upload loses its file (its folder under <data_dir>/uploads) and its row, so

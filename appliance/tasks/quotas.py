@@ -6,7 +6,7 @@ and answer with QuotaExceeded: 429 for counts, 413 for bytes, code
 `quota_exceeded`, details {quota: the config key, limit, current, requested}.
 A schedule's slot that would pass the owner's pending quota is skipped (a
 failed task row with that code; the schedule stays on). Stored uploads expire
-after [api] upload_retention_hours (appliance.queue.retention, run by the scheduler role).
+after [api] upload_retention_hours (appliance.queue.retention, run by the scheduler).
 Admins (the operators, who set these limits) and the system (owner None: the
 CLI, scheduled system work) are exempt from quotas. A check reads the current
 count and then the caller inserts, so requests racing each other can overshoot
