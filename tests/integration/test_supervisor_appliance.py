@@ -243,6 +243,34 @@ def test_with_the_monitor_off_the_scheduler_is_its_own_process_and_fires(tmp_pat
     assert [e["fired"] for e in app.lines() if e.get("role") == "scheduler" and e.get("message") == "scheduler stopped"] == [1]
 
 
+@pytest.mark.slow
+def test_sighup_switching_the_monitor_off_and_on_moves_the_scheduler(tmp_path):
+    app = Appliance(tmp_path, api_workers=1, task_workers=1, monitor=True)
+    app.start()
+    try:
+
+        def runs() -> dict[str, list[str]]:
+            return {r["role"]: r["jobs"] for r in app.status()["processes"] if r["role"] in ("monitor", "scheduler") and r["state"] == "up"}
+
+        assert runs() == {"monitor": ["scheduler"]}
+        good = app.config.read_text()
+        assert good.count("enabled = true") == 1  # [monitor] enabled
+        app.config.write_text(good.replace("enabled = true", "enabled = false"))
+        app.signal(signal.SIGHUP)
+        app.wait_for("reload done", timeout=60)
+        assert wait_until(lambda: runs() == {"scheduler": []}, 10), runs()
+        app.config.write_text(good)
+        app.signal(signal.SIGHUP)
+        app.wait_for("reload done", timeout=60, after=1)
+        assert wait_until(lambda: runs() == {"monitor": ["scheduler"]}, 10), runs()
+        token = new_token(app)
+        line = fired_task(app, cron_schedule(app, token), token)
+        assert (line["role"], line["pid"]) == ("monitor", app.pids("monitor")[0])
+    finally:
+        assert app.stop() == 0
+    assert [m for m in app.messages() if m.startswith("scheduler[0]") and "stopped" in m][0].endswith("exited with status 0")
+
+
 def take_port(sock: socket.socket, port: int, timeout: float) -> bool:
     errors: set[str] = set()
     deadline = time.monotonic() + timeout
