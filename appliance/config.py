@@ -271,7 +271,9 @@ class AlertSettings(Section):
 
 
 class MonitorSettings(Section):
-    enabled: Annotated[bool, _h("run the monitor process (/status, /metrics)")] = True
+    enabled: Annotated[
+        bool, _h("run the monitor process (/status, /metrics); it also runs the scheduler's loop, else the scheduler is its own process")
+    ] = True
     port: Annotated[
         int, _h("0: a loopback port the kernel picks (no planning); else the monitor's fixed loopback port", ge=0, le=65535)
     ] = 0
