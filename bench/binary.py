@@ -3,7 +3,7 @@
 Run: `python -m bench binary [--runs 5] [--no-drop-caches]` (after `make binary`; root for the cache drop).
 
 For each of dist/appliance and `python -m appliance` from this checkout, in a fresh data dir
-on free loopback ports (2 api workers, 1 task worker, scheduler, monitor, balancer):
+on free loopback ports (2 api workers, 1 task worker, monitor + scheduler, balancer):
 - cold start: from exec of `appliance run` to the supervisor's "appliance is up" line; the
   first start after a page-cache drop (echo 3 > /proc/sys/vm/drop_caches) is printed apart,
   then the median of --runs starts with a warm cache;

@@ -1,7 +1,7 @@
 """The appliance as the benchmark runs it: one `appliance run` with the process counts of the reference stack.
 
 One balancer, three api workers (8 waitress threads each, the defaults), two
-task workers (the default concurrency), the scheduler and the monitor, on a
+task workers (the default concurrency), the monitor (the scheduler a thread of its process), on a
 fresh PostgreSQL database with the queue on the shared Redis (per-run key
 prefix), or on SQLite in its data dir (the embedded default) for the extra row.
 Rate limits are on with zones that never reject (the check still runs); the

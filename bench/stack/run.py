@@ -223,7 +223,7 @@ NOTES = [
     "Reference: nginx (1 worker, least_conn, keepalive 64, limit_req on /auth/ and /api/, auth_request to /auth/validate) -> "
     "3 gunicorn gthread workers (8 threads) of bench/stack/refapp.py (JWT decode + Redis blocklist in every protected view, "
     "psycopg2 user lookup, bcrypt 12 login) -> Celery prefork worker (2 processes) + beat on Redis, results kept in Redis.",
-    "Appliance: `appliance run` with 3 api workers (8 threads), 2 task workers (concurrency 4), scheduler, monitor; rate-limit zones that "
+    "Appliance: `appliance run` with 3 api workers (8 threads), 2 task workers (concurrency 4), the monitor (with the scheduler in its process); rate-limit zones that "
     "never reject; every task is a durable row with its history in the database; reference tasks keep only a Redis result.",
     "CPU each = user + system time of every process of the stack during the run / requests (or tasks) done: "
     "what one costs the machine, steadier than rates on a shared machine (the load generator is not counted).",
