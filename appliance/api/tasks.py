@@ -18,20 +18,27 @@ from msgspec import Meta
 from appliance.api.context import ApiContext
 from appliance.api.operations import Page, ok, operation, page_meta, require_user
 from appliance.api.readers import read_json, read_query
-from appliance.tasks import schedules, service
+from appliance.tasks import patterns, schedules, service
 from appliance.tasks.registry import registry_for
 from appliance.tasks.schedules import SchedulePatch, ScheduleRequest
 from appliance.tasks.service import BatchRequest, CancelRequest, ChainRequest, SubmitRequest
 
 TAGS = ("tasks",)
 
+_URL_RULE = "an http(s) URL of at most 2000 ASCII characters without credentials whose host is no internal address or localhost name"
+# A task type's input checks that its JSON Schema cannot state (registry.TaskType.parse; the 400 names `data`).
+_DATA_RULE = (
+    "the task type's own checks beyond its input schema: bulk_import takes exactly one of records or source_file_id,"
+    f" and each validation_rules[].pattern is an RE2 regular expression of at most {patterns.MAX_PATTERN} characters"
+    " (no backreferences or lookaround)"
+)
+_SUBMIT_RULES = (("callbacks.*", "validation_error|callback_refused", _URL_RULE), ("data", "validation_error", _DATA_RULE))
+_GROUP_RULES = (("tasks[].callbacks.*", "validation_error|callback_refused", _URL_RULE), ("tasks[].data", "validation_error", _DATA_RULE))
 _CRON_RULES = (
     ("schedule.expression", "validation_error", "a valid 5-field cron expression"),
     ("schedule.timezone", "validation_error", "an IANA time zone name"),
+    ("data", "validation_error", _DATA_RULE),
 )
-_URL_RULE = "an http(s) URL of at most 2000 ASCII characters without credentials whose host is no internal address or localhost name"
-_SUBMIT_RULES = (("callbacks.*", "validation_error|callback_refused", _URL_RULE),)
-_GROUP_RULES = (("tasks[].callbacks.*", "validation_error|callback_refused", _URL_RULE),)
 
 
 # --- response shapes (what /openapi.json documents; checked in tests) ----------------------------

@@ -143,7 +143,8 @@ def test_admin_login_rotates_the_session_and_sets_strict_cookies(appliance: Appl
     assert not b.cookies["appliance_status"].startswith("fixated")
     status, _, text = b.request("GET", "/status")
     assert status == 200 and 'id="processes"' in text and 'action="/status/logout"' in text
-    snap = wait_until(lambda: (r := b.request("GET", "/status/api/snapshot"))[0] == 200 and '"rows"' in r[2] and r[2], timeout=20)
+    # until the sampler's first pass has the processes in (a monitor just started has sampled nothing yet)
+    snap = wait_until(lambda: (r := b.request("GET", "/status/api/snapshot"))[0] == 200 and '"role":"api"' in r[2] and r[2], timeout=20)
     assert snap and '"role":"api"' in snap and '"overview"' in snap
     rows = json.loads(snap)["data"]["processes"]["rows"]
     assert [r["jobs"] for r in rows if r["role"] == "monitor"] == [["scheduler"]] and "scheduler" not in {r["role"] for r in rows}
