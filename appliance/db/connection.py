@@ -1,16 +1,18 @@
 """Opening the database named by the config, in any process.
 
 SQLite (default): one file in the data dir, WAL, busy timeout, foreign keys on.
-PostgreSQL: a connection pool per process; idle connections are probed by the
-pool, and a statement that fails because the server restarted (outside a
-transaction) reconnects once and runs again (ReconnectMixin with the
-psycopg2 messages). After os.fork() the child forgets the parent's
+PostgreSQL: a connection pool per process; a connection idle for more than
+PROBE_IDLE_SECONDS is probed by the pool before it is handed out (one used
+more recently is not: see PostgresDatabase._is_closed), and a statement that
+fails because the server restarted (outside a transaction) reconnects once and
+runs again (ReconnectMixin with the psycopg2 messages). After os.fork() the child forgets the parent's
 connections without closing them (closing would end the parent's sessions).
 """
 
 from __future__ import annotations
 
 import os
+import time
 import urllib.parse
 from typing import Any
 
@@ -21,6 +23,7 @@ from playhouse.shortcuts import ReconnectMixin
 from appliance.db.models import database
 
 _FORGOTTEN: list[Any] = []  # connections inherited over fork: kept referenced so GC never closes them
+PROBE_IDLE_SECONDS = 1.0
 
 
 class PostgresDatabase(ReconnectMixin, PooledPostgresqlDatabase):
@@ -32,6 +35,42 @@ class PostgresDatabase(ReconnectMixin, PooledPostgresqlDatabase):
         (pw.OperationalError, "could not receive data"),
         (pw.InterfaceError, "connection already closed"),
     )
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._checked_in: dict[Any, float] = {}  # pool key -> when the connection came back (monotonic)
+
+    def _close(self, conn: Any, close_conn: bool = False) -> None:
+        key = self.conn_key(conn)
+        if close_conn:
+            self._checked_in.pop(key, None)
+        else:
+            self._checked_in[key] = time.monotonic()
+        super()._close(conn, close_conn)
+
+    def _close_raw(self, conn: Any) -> None:
+        self._checked_in.pop(self.conn_key(conn), None)
+        super()._close_raw(conn)
+
+    def _is_closed(self, conn: Any) -> bool:
+        """Whether an idle connection of the pool is dead, asked before it is handed out.
+
+        peewee answers with a SELECT 1 round trip for every check-out: under load that was a
+        second round trip per request (an eighth of a task submission's time). A connection
+        that came back within PROBE_IDLE_SECONDS is trusted on its local state; a server
+        that went away since is met by the reconnect of the first statement (outside a
+        transaction) or fails that one request, as it could right after a probe.
+        """
+        if conn.closed:
+            self._checked_in.pop(self.conn_key(conn), None)
+            return True
+        returned = self._checked_in.get(self.conn_key(conn))
+        if returned is not None and time.monotonic() - returned < PROBE_IDLE_SECONDS:
+            return False
+        dead = bool(super()._is_closed(conn))
+        if dead:
+            self._checked_in.pop(self.conn_key(conn), None)
+        return dead
 
     def _reconnect(self, func: Any, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -116,6 +155,8 @@ def _after_fork_in_child() -> None:
         _FORGOTTEN.extend(db._in_use.values())
         db._connections = []
         db._in_use = {}
+        if isinstance(db, PostgresDatabase):
+            db._checked_in = {}
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

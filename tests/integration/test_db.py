@@ -116,6 +116,60 @@ def test_query_on_connection_killed_while_in_use_reconnects(db, pg_url) -> None:
     assert db.execute_sql("SELECT 1").fetchone()[0] == 1
 
 
+def _last_query(pg_url: str, pid: int) -> str:
+    import psycopg2
+
+    watcher = psycopg2.connect(pg_url)
+    try:
+        with watcher.cursor() as cur:
+            cur.execute("SELECT query FROM pg_stat_activity WHERE pid = %s", (pid,))
+            return cur.fetchone()[0]
+    finally:
+        watcher.close()
+
+
+@pytest.mark.parametrize("engine", ["postgresql"], indirect=True)
+def test_a_connection_back_in_the_pool_a_moment_ago_is_handed_out_without_a_probe(db, pg_url) -> None:
+    from appliance.db.connection import PROBE_IDLE_SECONDS
+
+    db.connect(reuse_if_open=True)
+    pid = db.execute_sql("SELECT pg_backend_pid() AS marker_one").fetchone()[0]
+    db.close()
+    db.connect()  # the same pooled connection, used a moment ago: trusted on its local state, no round trip
+    assert "marker_one" in _last_query(pg_url, pid)
+    assert db.execute_sql("SELECT pg_backend_pid()").fetchone()[0] == pid
+    db.close()
+    import time
+
+    time.sleep(PROBE_IDLE_SECONDS + 0.2)
+    db.connect()  # idle for longer: the pool probes it first (peewee's SELECT 1)
+    assert _last_query(pg_url, pid) == "SELECT 1"
+    db.close()
+
+
+@pytest.mark.parametrize("engine", ["postgresql"], indirect=True)
+def test_a_connection_that_died_idle_is_replaced_before_a_transaction_uses_it(db, pg_url) -> None:
+    import time
+
+    import psycopg2
+
+    from appliance.db.connection import PROBE_IDLE_SECONDS
+
+    db.connect(reuse_if_open=True)
+    pid = db.execute_sql("SELECT pg_backend_pid()").fetchone()[0]
+    db.close()
+    killer = psycopg2.connect(pg_url)
+    killer.autocommit = True
+    with killer.cursor() as cur:
+        cur.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    killer.close()
+    time.sleep(PROBE_IDLE_SECONDS + 0.2)
+    with db.connection_context(), db.atomic():  # inside a transaction no statement reconnects: the probe must catch it
+        User.create(username="erin", email="e@example.com", password_hash="x")
+        assert db.execute_sql("SELECT pg_backend_pid()").fetchone()[0] != pid
+    assert User.select().where(User.username == "erin").count() == 1
+
+
 def _fresh_pg_database(pg_url: str, name: str) -> str:
     import psycopg2
 
