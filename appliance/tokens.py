@@ -12,38 +12,16 @@ tokens add usr (user name) and role.
 
 from __future__ import annotations
 
-import sys
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
 from appliance.errors import Unauthorized
+from appliance.lean_import import import_without
 
-
-def _import_jwt_without_cryptography() -> Any:
-    """pyjwt, imported with `cryptography` hidden when nothing has loaded it yet.
-
-    pyjwt imports cryptography for its RSA, EC and EdDSA algorithms, which tokens here never use
-    (only the HMAC algorithms are accepted: [auth] jwt_algorithm). That import maps and touches
-    about 9 MiB of native code in whichever process imports tokens first, the template and so
-    every child's parent. Hidden, cryptography loads only where it is used (the balancer's
-    self-signed certificate), and pyjwt's HMAC path is the same either way.
-    """
-    if "jwt" in sys.modules:
-        return sys.modules["jwt"]
-    hide = "cryptography" not in sys.modules
-    if hide:
-        sys.modules["cryptography"] = None  # type: ignore[assignment]  # import of it raises ModuleNotFoundError
-    try:
-        import jwt
-    finally:
-        if hide and sys.modules.get("cryptography", 0) is None:
-            del sys.modules["cryptography"]
-    return jwt
-
-
-jwt = _import_jwt_without_cryptography()
+# HMAC only ([auth] jwt_algorithm): pyjwt's RSA/EC/EdDSA code and cryptography stay unloaded (appliance/lean_import.py).
+jwt = import_without("jwt", "cryptography")
 
 _REQUIRED = ["exp", "iat", "nbf", "iss", "aud", "jti", "sub", "typ"]
 

@@ -39,16 +39,19 @@ import threading
 import time
 from typing import Any
 
-from huey.consumer import Consumer, ConsumerStopped, Scheduler
-
 from appliance.contract import EXIT_BOOT_FAILURE
 from appliance.db.models import Task
+from appliance.lean_import import import_without
 from appliance.logs import fields
 from appliance.queue import reaper
 from appliance.queue.runner import Runner, Runtime
 from appliance.tasks import broker, callbacks, lifecycle, records
 from appliance.tasks.context import TaskCancelled
 from appliance.tasks.registry import registry_for
+
+# Greenlet workers are not offered ([queue] worker_type), so huey need not load gevent (appliance/lean_import.py).
+_consumer = import_without("huey.consumer", "gevent")
+Consumer, ConsumerStopped, Scheduler = _consumer.Consumer, _consumer.ConsumerStopped, _consumer.Scheduler
 
 log = logging.getLogger(__name__)
 

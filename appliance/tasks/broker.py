@@ -72,7 +72,10 @@ class _WalNormal:
 
 
 def _create(cfg: Any) -> Any:
-    from huey import PriorityRedisHuey, SqliteHuey
+    from appliance.lean_import import import_without
+
+    lib = import_without("huey", "gevent")  # no greenlet workers here: see appliance/lean_import.py
+    PriorityRedisHuey, SqliteHuey = lib.PriorityRedisHuey, lib.SqliteHuey
 
     if cfg.redis.url:
         cls = type("ApplianceRedisHuey", (_MessagesOnly, PriorityRedisHuey), {})
