@@ -82,19 +82,12 @@ def test_expired_revocations_are_purged_and_not_loaded(db) -> None:
 
 @pytest.mark.parametrize("engine", ["postgresql"], indirect=True)
 def test_query_after_backend_termination_reconnects(db, db_config, pg_url) -> None:
-    import psycopg2
-
     User.create(username="dave", email="d@example.com", password_hash="x")
     db.close()
     assert User.select().count() == 1
     pid = db.execute_sql("SELECT pg_backend_pid()").fetchone()[0]
     db.close()  # back to the pool, where it stays open and idle
-    killer = psycopg2.connect(pg_url)
-    killer.autocommit = True
-    with killer.cursor() as cur:
-        cur.execute("SELECT pg_terminate_backend(%s)", (pid,))
-        assert cur.fetchone()[0] is True
-    killer.close()
+    assert _terminate(pg_url, pid) is True
     # The pooled connection is dead; the next query must reconnect and succeed.
     assert User.select().count() == 1
     new_pid = db.execute_sql("SELECT pg_backend_pid()").fetchone()[0]
@@ -103,29 +96,33 @@ def test_query_after_backend_termination_reconnects(db, db_config, pg_url) -> No
 
 @pytest.mark.parametrize("engine", ["postgresql"], indirect=True)
 def test_query_on_connection_killed_while_in_use_reconnects(db, pg_url) -> None:
-    import psycopg2
-
     db.connect(reuse_if_open=True)
     pid = db.execute_sql("SELECT pg_backend_pid()").fetchone()[0]
-    killer = psycopg2.connect(pg_url)
-    killer.autocommit = True
-    with killer.cursor() as cur:
-        cur.execute("SELECT pg_terminate_backend(%s)", (pid,))
-    killer.close()
+    _terminate(pg_url, pid)
     # Same thread still holds the (now dead) connection: the statement reconnects once and runs.
     assert db.execute_sql("SELECT 1").fetchone()[0] == 1
 
 
-def _last_query(pg_url: str, pid: int) -> str:
+def _on_the_side(pg_url: str, sql: str, pid: int) -> object:
+    """The first column of `sql` (one parameter: a backend pid), run on a connection of its own."""
     import psycopg2
 
-    watcher = psycopg2.connect(pg_url)
+    side = psycopg2.connect(pg_url)
+    side.autocommit = True
     try:
-        with watcher.cursor() as cur:
-            cur.execute("SELECT query FROM pg_stat_activity WHERE pid = %s", (pid,))
+        with side.cursor() as cur:
+            cur.execute(sql, (pid,))
             return cur.fetchone()[0]
     finally:
-        watcher.close()
+        side.close()
+
+
+def _terminate(pg_url: str, pid: int) -> object:
+    return _on_the_side(pg_url, "SELECT pg_terminate_backend(%s)", pid)
+
+
+def _last_query(pg_url: str, pid: int) -> object:
+    return _on_the_side(pg_url, "SELECT query FROM pg_stat_activity WHERE pid = %s", pid)
 
 
 @pytest.mark.parametrize("engine", ["postgresql"], indirect=True)
@@ -151,18 +148,12 @@ def test_a_connection_back_in_the_pool_a_moment_ago_is_handed_out_without_a_prob
 def test_a_connection_that_died_idle_is_replaced_before_a_transaction_uses_it(db, pg_url) -> None:
     import time
 
-    import psycopg2
-
     from appliance.db.connection import PROBE_IDLE_SECONDS
 
     db.connect(reuse_if_open=True)
     pid = db.execute_sql("SELECT pg_backend_pid()").fetchone()[0]
     db.close()
-    killer = psycopg2.connect(pg_url)
-    killer.autocommit = True
-    with killer.cursor() as cur:
-        cur.execute("SELECT pg_terminate_backend(%s)", (pid,))
-    killer.close()
+    _terminate(pg_url, pid)
     time.sleep(PROBE_IDLE_SECONDS + 0.2)
     with db.connection_context(), db.atomic():  # inside a transaction no statement reconnects: the probe must catch it
         User.create(username="erin", email="e@example.com", password_hash="x")
