@@ -343,10 +343,28 @@ class Exchange:
         if conn is not self.conn:
             return
         self.conn = None
-        if self.response_started:
+        if self.response_started and not self.take_back_unsent():
             self.count_failure()
             return self.client.drop()
         self.upstream_failed(502, "upstream closed the connection before answering")
+
+    def take_back_unsent(self) -> bool:
+        """Forget an answer that began but of which the client has had nothing yet; True when forgotten.
+
+        An upstream killed between the head and the body of a small answer leaves that head held
+        back by defer_or_flush (outside an upstream read, `out` is non-empty only then). The
+        request may then go to another upstream as though this one had never answered, when its
+        method allows a retry: the client sees one whole answer instead of a reset connection.
+        """
+        head = self.head
+        if not self.out or not self.body_done or head is None or head.method not in self.p.retry_methods:
+            return False
+        self.out.clear()
+        self.response_started = self.deferred = self.response_chunked = False
+        self.status = 0
+        self.answer_left = -1
+        self.bytes_out = 0
+        return True
 
     def upstream_broken(self, conn: pool.UpstreamConnection, exc: ProtocolError) -> None:
         """The upstream's answer broke the framing rules."""

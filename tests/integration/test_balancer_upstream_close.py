@@ -11,6 +11,7 @@ must not wait for it.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import signal
@@ -124,5 +125,88 @@ def test_upstream_closing_right_after_connect_is_retried_or_502_and_never_hangs(
             os.kill(s.proc.pid, signal.SIGTERM)
             assert s.proc.wait(10) == 0
             assert time.monotonic() - t0 < 3
+    finally:
+        s.close()
+
+
+@contextlib.contextmanager
+def answer_head_then_close(port: int) -> Iterator[Counter]:
+    """A listener on 127.0.0.1:port that reads each request head, sends the head of a small answer
+    and closes before its body: an api worker killed between the two writes of one answer."""
+    seen: Counter = Counter()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    sock.listen(512)
+    sock.settimeout(0.1)
+    done = threading.Event()
+
+    def run() -> None:
+        while not done.is_set():
+            try:
+                conn, _ = sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(5)
+                got = b""
+                with contextlib.suppress(OSError):
+                    while b"\r\n\r\n" not in got:
+                        piece = conn.recv(65536)
+                        if not piece:
+                            break
+                        got += piece
+                    if b"\r\n\r\n" in got:
+                        conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 20\r\n\r\n")
+                        seen["half answered"] += 1
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    try:
+        yield seen
+    finally:
+        done.set()
+        t.join(5)
+        sock.close()
+
+
+def test_upstream_dying_after_an_answer_head_gets_a_get_retried_whole(tmp_path) -> None:
+    # The head of a small answer is held back for its body (defer_or_flush), so the client has had
+    # nothing when the upstream dies: a GET goes to another upstream and gets one whole answer; a
+    # POST, which may have done its work, is not repeated and its connection is reset as before.
+    s = Stack(tmp_path, workers=3, max_fails=1000, health_interval=3600, upstream_read_timeout=60, retries=2)
+    try:
+        s.start()
+        conn = s.client(timeout=10)
+        assert get(conn, "/whoami")[0] == 200
+        bad = s.upstreams[1]
+        os.kill(bad.pid, signal.SIGKILL)
+        bad.wait(5)
+        with answer_head_then_close(s.base + 1) as seen:
+            nodes: Counter = Counter()
+            for _ in range(60):
+                c = s.client(timeout=5)
+                status, body, _ = get(c, "/whoami")
+                c.close()
+                assert status == 200, body
+                nodes[json.loads(body)["node"]] += 1
+            assert seen["half answered"] > 0  # the dying upstream really answered a head
+            assert set(nodes) <= {"w0", "w2"}
+            resets = 0
+            before = seen["half answered"]
+            for _ in range(30):
+                c = s.client(timeout=5)
+                try:
+                    c.request("POST", "/upload", body=b"x" * 10)
+                    resp = c.getresponse()
+                    resp.read()
+                    assert resp.status == 200
+                except (ConnectionError, http.client.HTTPException):
+                    resets += 1
+                finally:
+                    c.close()
+            assert resets == seen["half answered"] - before > 0
     finally:
         s.close()
