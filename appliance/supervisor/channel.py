@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ class BalancerState:
     version: int
     upstreams: dict[str, list[dict[str, Any]]]
     mtime: float
+    pid: int = 0  # the balancer process that wrote it
 
     def entry(self, group: str, address: str) -> dict[str, Any] | None:
         for item in self.upstreams.get(group, []):
@@ -55,6 +57,14 @@ class BalancerState:
             return False
         item = self.entry(group, address)
         return item is None or int(item.get("active") or 0) == 0
+
+
+_SUMMED = ("active", "requests", "failures")
+
+
+def _count(value: Any) -> int:
+    """A count from a state file: a non-negative int, 0 for anything else."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
 class Channel:
@@ -93,10 +103,35 @@ class Channel:
         write_atomic(self.upstreams_path, json.dumps(upstreams_document(self.version, groups), indent=1).encode())
         return True
 
-    def latest_state(self) -> BalancerState | None:
-        """The most recently written state of any balancer process (for `appliance status`)."""
+    def combined_state(self, live: Collection[int] | None = None) -> BalancerState | None:
+        """What every balancer process reported, as one state (for `appliance status`).
+
+        Each upstream is listed as the newest file has it, with in flight, requests and failures
+        summed over the processes: each of [balancer] processes counts only what it proxied. With
+        `live`, only files written by those pids count (one left by a process since stopped or
+        restarted would otherwise add its last figures forever).
+        """
         states = [s for s in (self.read_state(i) for i in range(MAX_BALANCER_INDEX)) if s is not None]
-        return max(states, key=lambda s: s.mtime, default=None)
+        if live is not None:
+            states = [s for s in states if s.pid in live]
+        if not states:
+            return None
+        states.sort(key=lambda s: s.mtime)
+        newest = states[-1]
+        sums: dict[tuple[str, Any], dict[str, int]] = {}
+        for state in states:
+            for group, items in state.upstreams.items():
+                for item in items if isinstance(items, list) else ():
+                    if isinstance(item, dict):
+                        total = sums.setdefault((group, item.get("address")), dict.fromkeys(_SUMMED, 0))
+                        for key in _SUMMED:
+                            total[key] += _count(item.get(key))
+        upstreams = {
+            group: [{**item, **sums[(group, item.get("address"))]} for item in items if isinstance(item, dict)]
+            for group, items in newest.upstreams.items()
+            if isinstance(items, list)
+        }
+        return BalancerState(version=min(s.version for s in states), upstreams=upstreams, mtime=newest.mtime, pid=newest.pid)
 
     def read_state(self, index: int = 0) -> BalancerState | None:
         """Balancer `index`'s last state file, or None when absent or unreadable (it is replaced atomically)."""
@@ -113,4 +148,4 @@ class Channel:
             version = int(raw.get("version") or 0)
         except (TypeError, ValueError):
             version = 0
-        return BalancerState(version=version, upstreams=ups if isinstance(ups, dict) else {}, mtime=st.st_mtime)
+        return BalancerState(version=version, upstreams=ups if isinstance(ups, dict) else {}, mtime=st.st_mtime, pid=_count(raw.get("pid")))

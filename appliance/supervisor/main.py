@@ -100,10 +100,13 @@ def migrate(cfg: Any) -> None:
             handle.close()
 
 
-def status_extras(cfg: Any, channel: Channel) -> dict[str, Any]:
-    """Upstream health (from the balancer) and queue depth (from the database) for `appliance status`."""
+def status_extras(cfg: Any, channel: Channel, snapshot: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Upstream health (from the balancer processes) and queue depth (from the database) for `appliance status`."""
     out: dict[str, Any] = {}
-    state = channel.latest_state()
+    live = None
+    if snapshot is not None:  # only the state files of the balancer processes running now
+        live = {r["pid"] for r in snapshot.get("processes", []) if r.get("role") == "balancer" and r.get("pid")}
+    state = channel.combined_state(live)
     out["upstreams"] = state.upstreams if state else None
     try:
         from appliance import db
@@ -221,7 +224,9 @@ def _run_locked(cfg: Any, source: str, fmt: str, template: Template | None) -> i
     )
     beat = heartbeat.Heartbeat(cfg, "supervisor", 0, env={})  # its own row in /health/nodes (no file, no parent check)
     beat.start()
-    control = ControlServer(socket_path(rdir), lambda: arbiter.snapshot, lambda: status_extras(arbiter.cfg, arbiter.channel))
+    control = ControlServer(
+        socket_path(rdir), lambda: arbiter.snapshot, lambda: status_extras(arbiter.cfg, arbiter.channel, arbiter.snapshot)
+    )
     control.start()
     try:
         return arbiter.run()

@@ -141,6 +141,22 @@ def test_status_and_node_table_list_both_balancers(appliance):
     assert wait_until(lambda: page_balancers() == live, 20), (live, browser.request("GET", "/status/api/snapshot")[2][:3000])
 
 
+def status_api_requests(app: Appliance) -> int:
+    """The api upstreams' request counts summed, as `appliance status` prints them."""
+    result = app.cli("status")
+    assert result.returncode == 0, result.stdout + result.stderr
+    return sum(int(m) for m in re.findall(r"^  api .*requests (\d+),", result.stdout, re.M))
+
+
+def test_status_counts_the_requests_of_both_balancer_processes(appliance):
+    before = status_api_requests(appliance)
+    assert fresh_connections(appliance.port, 320, path="/api/status") == {200: 320}
+    balancers = set(appliance.pids("balancer").values())
+    assert wait_until(lambda: balancers <= access_pids(appliance, "/api/status"), 5)  # both proxied some
+    # Each process writes its own state file (at most every 0.5 s); status adds them up.
+    assert wait_until(lambda: status_api_requests(appliance) >= before + 320, 10), (before, appliance.cli("status").stdout)
+
+
 def test_kill_9_of_one_balancer_leaves_the_other_serving(appliance):
     before = appliance.pids("balancer")
     slot, pid = sorted(before.items())[0]

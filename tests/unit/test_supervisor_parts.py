@@ -2,6 +2,7 @@
 balancer state, the exit descriptions, the status rendering, the kinds table, hosted jobs and the unit."""
 
 import json
+import os
 import signal
 import sys
 import threading
@@ -72,6 +73,30 @@ def test_channel_publishes_only_changes_and_reads_state(tmp_path):
     ch.state_path.write_text(json.dumps({"version": 2, "upstreams": {"api": [{"address": "127.0.0.1:1", "active": 0}]}}))
     assert ch.read_state().idle("api", "127.0.0.1:1", 2)
     assert ch.read_state().idle("api", "127.0.0.1:9", 2)  # gone from the balancer: nothing in flight
+
+
+def test_channel_combines_the_state_of_every_balancer_process_that_is_running(tmp_path):
+    ch = channel.Channel(tmp_path)
+    assert ch.combined_state() is None
+
+    def write(index: int, pid: int, version: int, items: list[dict]) -> None:
+        ch.state_path_for(index).write_text(json.dumps({"version": version, "pid": pid, "upstreams": {"api": items}}))
+
+    a, b = "127.0.0.1:1", "127.0.0.1:2"
+    write(0, 100, 3, [{"address": a, "state": "up", "active": 2, "requests": 10, "failures": 1}])
+    write(1, 101, 4, [{"address": a, "state": "draining", "active": 1, "requests": 5}, {"address": b, "state": "up", "requests": 7}])
+    os.utime(ch.state_path_for(0), (1, 1))  # process 1 wrote last: its list and states are shown
+    state = ch.combined_state()
+    assert state is not None and state.version == 3 and state.pid == 101  # the version every process applied
+    assert state.upstreams["api"] == [
+        {"address": a, "state": "draining", "active": 3, "requests": 15, "failures": 1},
+        {"address": b, "state": "up", "active": 0, "requests": 7, "failures": 0},
+    ]
+    only = ch.combined_state(live={100})  # process 1 stopped: its file no longer counts
+    assert only is not None and only.upstreams["api"] == [{"address": a, "state": "up", "active": 2, "requests": 10, "failures": 1}]
+    assert ch.combined_state(live=set()) is None
+    write(1, 101, 4, [{"address": a, "active": "many", "requests": True}, "junk"])  # garbage counts as nothing
+    assert ch.combined_state(live={101}).upstreams["api"] == [{"address": a, "active": 0, "requests": 0, "failures": 0}]
 
 
 def test_describe_exit():
