@@ -131,6 +131,7 @@ def _run(cfg: Any, task: Any, attempt: int) -> None:
         previous_result=previous,
         cfg=cfg,
         on_progress=_progress_hook(cfg, task),
+        claimed=True,
     )
     log.debug("task started", extra=fields(task_id=task.id, task_type=task.task_type, attempt=attempt, worker_id=task.worker_id))
     try:
@@ -139,6 +140,7 @@ def _run(cfg: Any, task: Any, attempt: int) -> None:
         value = ttype(ctx, data)
         result = _jsonable(value)
     except TaskCancelled:
+        ctx.write_held()
         reason = task.cancel_reason or "cancelled on request"
         done = lifecycle.finish(task.id, attempt, "cancelled", started_at=task.started_at, message=reason)
         log.info("task cancelled", extra=fields(task_id=task.id, attempt=attempt))
@@ -146,9 +148,13 @@ def _run(cfg: Any, task: Any, attempt: int) -> None:
             lifecycle.after_terminal(cfg, task.id)
         return
     except Exception as exc:
+        ctx.write_held()  # the progress it reached stays on the failed (or retrying) row
         _failed(cfg, task, attempt, exc)
         return
-    done = lifecycle.finish(task.id, attempt, "succeeded", started_at=task.started_at, result=result)
+    held = ctx.take_held()  # progress reported since the last write goes with the final update
+    done = lifecycle.finish(
+        task.id, attempt, "succeeded", started_at=task.started_at, result=result, progress_message=held[1] if held else None
+    )
     log.debug("task succeeded", extra=fields(task_id=task.id, task_type=task.task_type, attempt=attempt))
     if done and (task.callbacks or task.group_id):  # nothing else to do for a plain task: no extra query
         lifecycle.after_terminal(cfg, task.id)

@@ -3,13 +3,19 @@
 `progress()` and `cancelled()` are the cancellation points: a cancel request
 stored in the task row is noticed there (the row is read at most every
 CHECK_INTERVAL seconds, so tight loops stay cheap) and `progress()` raises
-TaskCancelled, which the runner records as a cancelled task. `log()` lines go
+TaskCancelled, which the runner records as a cancelled task. Progress is written
+at most every CHECK_INTERVAL too: a call sooner after the last write (or the
+claim, which read the row) is held, and written by the next call after that,
+by the runner's last update of the attempt, or by this process's record
+flusher within records.FLUSH_INTERVAL, whichever comes first; a task that
+reports progress right before it returns costs no write of its own. `log()` lines go
 to the task_log table (batched with history rows by appliance.tasks.records).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -39,6 +45,7 @@ class TaskContext:
         cfg: Any = None,
         on_progress: Callable[[float, str], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        claimed: bool = False,
     ):
         self.task_id = task_id
         self.attempt = attempt
@@ -48,9 +55,12 @@ class TaskContext:
         self.cfg = cfg
         self._on_progress = on_progress
         self._clock = clock
-        self._checked_at = -1e9
+        # the claim (`claimed`) has just read the row: it was not being cancelled then
+        self._checked_at = clock() if claimed else -1e9
         self._cancel = False
         self.percentage = 0.0
+        self._held: tuple[float, str] | None = None  # progress not written yet
+        self._write_lock = threading.Lock()  # this task's thread and the record flusher write it
 
     def log(self, line: str, level: str = "info") -> None:
         """Append one line to the task's log (GET /tasks/logs/{id})."""
@@ -60,14 +70,24 @@ class TaskContext:
 
     def progress(self, percentage: float, message: str = "") -> None:
         """Record progress (0-100); a cancellation point."""
-        from appliance.tasks import lifecycle
+        from appliance.tasks import lifecycle, records
 
         pct = max(0.0, min(100.0, float(percentage)))
+        text = str(message)[:500]
         self.percentage = pct
-        cancel = lifecycle.set_progress(self.task_id, self.attempt, pct, str(message)[:500])
-        self._checked_at = self._clock()
-        if cancel:
-            self._cancel = True
+        newly_held = False
+        with self._write_lock:
+            now = self._clock()
+            if now - self._checked_at < CHECK_INTERVAL:
+                newly_held = self._held is None
+                self._held = (pct, text)
+            else:
+                self._held = None
+                if lifecycle.set_progress(self.task_id, self.attempt, pct, text):
+                    self._cancel = True
+                self._checked_at = now
+        if newly_held:
+            records.hold_progress(self)
         if self._on_progress is not None:
             try:
                 self._on_progress(pct, message)
@@ -75,6 +95,23 @@ class TaskContext:
                 log.exception("progress hook failed")
         if self._cancel:
             raise TaskCancelled("cancelled on request")
+
+    def write_held(self) -> None:
+        """Write held progress now, if any (the record flusher; the runner before it records a failure)."""
+        from appliance.tasks import lifecycle
+
+        with self._write_lock:
+            held, self._held = self._held, None
+            if held is not None:
+                if lifecycle.set_progress(self.task_id, self.attempt, *held):
+                    self._cancel = True
+                self._checked_at = self._clock()
+
+    def take_held(self) -> tuple[float, str] | None:
+        """The progress held unwritten, which the caller now writes itself (the runner's final update)."""
+        with self._write_lock:
+            held, self._held = self._held, None
+            return held
 
     def cancelled(self) -> bool:
         """True once a cancel was requested (cheap to call in a loop)."""

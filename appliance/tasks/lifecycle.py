@@ -129,9 +129,10 @@ def finish(
     error_code: str | None = None,
     message: str = "",
     worker_id: str | None = None,
+    progress_message: str | None = None,
 ) -> bool:
     """running -> succeeded/failed/cancelled for this attempt (and, given, this worker); False when the task
-    was taken away meanwhile."""
+    was taken away meanwhile. A success sets progress to 100 (and, given, its message)."""
     now = utcnow()
     db = database.obj
     p = db.param
@@ -141,6 +142,9 @@ def finish(
     if status == "succeeded":
         sets += f', "result" = {p}, "progress" = 100'
         params.append(Task.result.db_value(result))
+        if progress_message is not None:
+            sets += f', "progress_message" = {p}'
+            params.append(progress_message)
     sql = f'UPDATE "task" SET {sets} WHERE "id" = {p} AND "status" = \'running\' AND "attempt" = {p}'
     params += [task_id, attempt]
     if worker_id is not None:

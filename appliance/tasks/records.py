@@ -42,6 +42,7 @@ class _Buffer:
         self.lock = threading.Lock()
         self.history: list[dict[str, Any]] = []
         self.logs: list[dict[str, Any]] = []
+        self.progress: list[Any] = []  # TaskContexts holding progress to write (TaskContext.write_held)
         self.pid = os.getpid()
         self.wake = threading.Event()
         self.thread: threading.Thread | None = None
@@ -66,6 +67,12 @@ class _Buffer:
         with self.lock:
             history, self.history = self.history, []
             logs, self.logs = self.logs, []
+            progress, self.progress = self.progress, []
+        for ctx in progress:  # a context whose runner took its progress already has nothing to write
+            try:
+                ctx.write_held()
+            except Exception as exc:
+                log.warning("writing the progress of task %s failed (%s: %s)", ctx.task_id, type(exc).__name__, exc)
         if not history and not logs:
             return
         global _history_insert, _log_insert
@@ -127,6 +134,13 @@ def add_history(task_id: str, status: str, message: str = "", at: Any = None) ->
     buf = _buf()
     with buf.lock:
         buf.history.append({"task": task_id, "status": status, "message": message[:500], "at": at or utcnow()})
+
+
+def hold_progress(ctx: Any) -> None:
+    """A running task's context holds progress it has not written: the next flush writes it."""
+    buf = _buf()
+    with buf.lock:
+        buf.progress.append(ctx)
 
 
 def add_log(task_id: str, line: str, level: str = "info") -> None:

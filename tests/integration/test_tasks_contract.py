@@ -12,6 +12,7 @@ import datetime as dt
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -291,18 +292,88 @@ def test_sample_echoes_its_data_like_the_reference_health_check(tenv):
     assert r.status_code == 400 and r.json["error"]["details"]["field"] == "data.duration"
 
 
-def test_a_sample_task_is_three_statements_in_the_worker(tenv):
-    """The worker's hot path: claim, progress (UPDATE ... RETURNING its cancel flag) and finish, one statement each."""
+def test_a_sample_task_is_two_statements_in_the_worker(tenv):
+    """The worker's hot path: claim and finish, one statement each; sample's progress(100, "done") right
+    after the claim is held and goes with the finish (TaskContext.progress)."""
     tenv.submit("sample")
     run_next(tenv)  # warm (connection, registry, queue)
     tid = tenv.submit("sample", {"message": "hi"})
     with statements(tenv.handle) as seen:
         assert run_next(tenv) == tid
     # then run_next's flush: the history and log lines of the task, one multi-row INSERT each
-    assert seen == [["UPDATE", '"task"', "SET"]] * 3 + [["INSERT", "INTO", '"task_history"'], ["INSERT", "INTO", '"task_log"']]
+    assert seen == [["UPDATE", '"task"', "SET"]] * 2 + [["INSERT", "INTO", '"task_history"'], ["INSERT", "INTO", '"task_log"']]
     t = tenv.task(tid)
     assert t.status == "succeeded" and t.progress == 100.0 and t.progress_message == "done"
     assert [h["status"] for h in tenv.status(tid)["history"]] == ["queued", "running", "succeeded"]
+
+
+def test_progress_is_written_at_most_every_check_interval_and_held_progress_is_never_lost(tenv, monkeypatch):
+    # This process's record flusher would write held progress within 0.1 s: here only records.flush() does.
+    monkeypatch.setattr(records, "FLUSH_INTERVAL", 3600.0)
+    buf = records._buf()
+    buf.wake.set()  # the flusher's current wait ends, and its next one is the long one
+    time.sleep(0.3)
+    try:
+        _held_progress_steps(tenv)
+    finally:
+        monkeypatch.undo()
+        buf.wake.set()  # back to its usual pace for the tests after this one
+
+
+def _held_progress_steps(tenv) -> None:
+    from appliance.tasks.context import CHECK_INTERVAL, TaskCancelled, TaskContext
+
+    def row(task_id: str) -> Task:  # as stored now (tenv.task would flush the buffer first)
+        return Task.get_by_id(task_id)
+
+    tid = tenv.submit("sample")
+    huey = broker.get_queue(tenv.cfg)
+    while huey.dequeue() is not None:
+        pass
+    assert lifecycle.claim(tid, 1, f"{reaper.host_name(tenv.cfg)}:worker:9#1") is not None
+    now = [100.0]
+    ctx = TaskContext(tid, 1, clock=lambda: now[0], claimed=True)
+    ctx.progress(10, "a tenth")  # right after the claim: held
+    assert row(tid).progress == 0.0
+    records.flush()  # the record flusher writes what is held (every FLUSH_INTERVAL in a worker)
+    assert (row(tid).progress, row(tid).progress_message) == (10.0, "a tenth")
+    now[0] += CHECK_INTERVAL  # long enough since that write: the next one goes at once
+    ctx.progress(20, "a fifth")
+    assert row(tid).progress == 20.0
+    ctx.progress(25, "a quarter")
+    assert ctx.take_held() == (25.0, "a quarter") and ctx.take_held() is None  # the runner's final update takes it
+    records.flush()  # and the flusher has nothing left to write
+    assert row(tid).progress == 20.0
+    Task.update(cancel_requested=True).where(Task.id == tid).execute()
+    ctx.progress(30, "held")  # held: the cancel is not seen before the interval is over ...
+    assert row(tid).progress == 20.0
+    now[0] += CHECK_INTERVAL
+    try:
+        ctx.progress(40, "two fifths")  # ... and then it is, with this progress written
+        raise AssertionError("no TaskCancelled")
+    except TaskCancelled:
+        pass
+    assert (row(tid).progress, row(tid).progress_message) == (40.0, "two fifths")
+    records.flush()  # the held 30 % was replaced by the 40 % written at once, not written after it
+    assert row(tid).progress == 40.0
+
+
+def test_a_failing_task_keeps_the_progress_it_held(tenv):
+    from appliance.tasks.registry import registry_for, task_type
+
+    def half_then_fail(ctx: Any, data: Any) -> None:
+        ctx.progress(50, "half way")  # right after the claim: held, then written before the failure
+        raise RuntimeError("broke half way")
+
+    reg = registry_for(tenv.cfg)
+    reg.add(task_type("half_then_fail")(half_then_fail))
+    try:
+        tid = tenv.submit("half_then_fail")
+        assert run_next(tenv) == tid
+    finally:
+        reg._types.pop("half_then_fail")
+    t = tenv.task(tid)
+    assert (t.status, t.progress, t.progress_message) == ("failed", 50.0, "half way")
 
 
 def test_progress_reports_a_cancel_request_and_a_lost_attempt(tenv):
