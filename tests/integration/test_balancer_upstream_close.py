@@ -19,7 +19,7 @@ import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -29,8 +29,8 @@ pytestmark = pytest.mark.timeout(120)
 
 
 @contextlib.contextmanager
-def accept_and_close(port: int) -> Iterator[Counter]:
-    """A listener on 127.0.0.1:port that closes every connection as soon as it is accepted."""
+def listener(port: int, handle: Callable[[socket.socket, Counter], None]) -> Iterator[Counter]:
+    """A listener thread on 127.0.0.1:port that passes every accepted connection to `handle`, then closes it."""
     seen: Counter = Counter()
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -47,8 +47,8 @@ def accept_and_close(port: int) -> Iterator[Counter]:
                 continue
             except OSError:
                 return
-            conn.close()
-            seen["accepted"] += 1
+            with conn:
+                handle(conn, seen)
 
     t = threading.Thread(target=run, daemon=True)
     t.start()
@@ -58,6 +58,37 @@ def accept_and_close(port: int) -> Iterator[Counter]:
         done.set()
         t.join(5)
         sock.close()
+
+
+def _close_at_once(conn: socket.socket, seen: Counter) -> None:
+    seen["accepted"] += 1
+
+
+def accept_and_close(port: int) -> contextlib.AbstractContextManager[Counter]:
+    """A listener on 127.0.0.1:port that closes every connection as soon as it is accepted."""
+    return listener(port, _close_at_once)
+
+
+def kill_upstream_1(s: Stack) -> None:
+    """Warm keep-alive connections to the live upstreams, then SIGKILL upstream 1 (its port is free for a listener)."""
+    conn = s.client(timeout=10)
+    assert get(conn, "/whoami")[0] == 200
+    bad = s.upstreams[1]
+    os.kill(bad.pid, signal.SIGKILL)
+    bad.wait(5)
+
+
+def fresh_gets(s: Stack, count: int) -> Counter:
+    """`count` GET /whoami, each on a fresh client connection (a hang cannot hide behind keep-alive
+    order), each asserted 200; how many each upstream answered."""
+    nodes: Counter = Counter()
+    for _ in range(count):
+        c = s.client(timeout=5)
+        status, body, _ = get(c, "/whoami")
+        c.close()
+        assert status == 200, body
+        nodes[json.loads(body)["node"]] += 1
+    return nodes
 
 
 def _in_flight(tmp_path) -> dict[str, int]:
@@ -81,20 +112,9 @@ def test_upstream_closing_right_after_connect_is_retried_or_502_and_never_hangs(
     s.config.write_text(s.config.read_text() + "\n[supervisor]\ngrace_period = 30.0\n")
     try:
         s.start()
-        conn = s.client(timeout=10)
-        assert get(conn, "/whoami")[0] == 200  # warm: keep-alive connections to the live upstreams
-        bad = s.upstreams[1]
-        os.kill(bad.pid, signal.SIGKILL)
-        bad.wait(5)
+        kill_upstream_1(s)
         with accept_and_close(s.base + 1) as seen:
-            nodes: Counter = Counter()
-            for _ in range(150):
-                # A fresh client connection each time, so a hang cannot hide behind keep-alive order.
-                c = s.client(timeout=5)
-                status, body, _ = get(c, "/whoami")
-                c.close()
-                assert status == 200, body
-                nodes[json.loads(body)["node"]] += 1
+            nodes = fresh_gets(s, 150)
             assert seen["accepted"] > 0  # the closing upstream was really tried
             assert set(nodes) <= {"w0", "w2"}
             # Not idempotent: not retried, but answered (502 when it met the closing upstream).
@@ -129,47 +149,23 @@ def test_upstream_closing_right_after_connect_is_retried_or_502_and_never_hangs(
         s.close()
 
 
-@contextlib.contextmanager
-def answer_head_then_close(port: int) -> Iterator[Counter]:
+def _answer_head_only(conn: socket.socket, seen: Counter) -> None:
+    conn.settimeout(5)
+    got = b""
+    with contextlib.suppress(OSError):
+        while b"\r\n\r\n" not in got:
+            piece = conn.recv(65536)
+            if not piece:
+                return
+            got += piece
+        conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 20\r\n\r\n")
+        seen["half answered"] += 1
+
+
+def answer_head_then_close(port: int) -> contextlib.AbstractContextManager[Counter]:
     """A listener on 127.0.0.1:port that reads each request head, sends the head of a small answer
     and closes before its body: an api worker killed between the two writes of one answer."""
-    seen: Counter = Counter()
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", port))
-    sock.listen(512)
-    sock.settimeout(0.1)
-    done = threading.Event()
-
-    def run() -> None:
-        while not done.is_set():
-            try:
-                conn, _ = sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            with conn:
-                conn.settimeout(5)
-                got = b""
-                with contextlib.suppress(OSError):
-                    while b"\r\n\r\n" not in got:
-                        piece = conn.recv(65536)
-                        if not piece:
-                            break
-                        got += piece
-                    if b"\r\n\r\n" in got:
-                        conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 20\r\n\r\n")
-                        seen["half answered"] += 1
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    try:
-        yield seen
-    finally:
-        done.set()
-        t.join(5)
-        sock.close()
+    return listener(port, _answer_head_only)
 
 
 def test_upstream_dying_after_an_answer_head_gets_a_get_retried_whole(tmp_path) -> None:
@@ -179,19 +175,9 @@ def test_upstream_dying_after_an_answer_head_gets_a_get_retried_whole(tmp_path) 
     s = Stack(tmp_path, workers=3, max_fails=1000, health_interval=3600, upstream_read_timeout=60, retries=2)
     try:
         s.start()
-        conn = s.client(timeout=10)
-        assert get(conn, "/whoami")[0] == 200
-        bad = s.upstreams[1]
-        os.kill(bad.pid, signal.SIGKILL)
-        bad.wait(5)
+        kill_upstream_1(s)
         with answer_head_then_close(s.base + 1) as seen:
-            nodes: Counter = Counter()
-            for _ in range(60):
-                c = s.client(timeout=5)
-                status, body, _ = get(c, "/whoami")
-                c.close()
-                assert status == 200, body
-                nodes[json.loads(body)["node"]] += 1
+            nodes = fresh_gets(s, 60)
             assert seen["half answered"] > 0  # the dying upstream really answered a head
             assert set(nodes) <= {"w0", "w2"}
             resets = 0
