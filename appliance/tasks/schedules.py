@@ -102,7 +102,9 @@ def next_slot(expression: str, timezone: str, after: _dt.datetime) -> _dt.dateti
 def latest_slot(expression: str, timezone: str, at_or_before: _dt.datetime) -> _dt.datetime:
     """The last slot at or before the given time (naive UTC), as the first instant of its wall-clock time."""
     tz = zoneinfo.ZoneInfo(timezone)
-    probe = (at_or_before + _dt.timedelta(seconds=1)).replace(tzinfo=UTC).astimezone(tz)
+    # croniter's get_prev excludes its start; one microsecond (its resolution) makes it inclusive
+    # without reaching a slot still ahead (a second did, and fired a slot up to 1 s early).
+    probe = (at_or_before + _dt.timedelta(microseconds=1)).replace(tzinfo=UTC).astimezone(tz)
     return _first_instant(croniter(expression, probe).get_prev(_dt.datetime))
 
 

@@ -169,6 +169,13 @@ def test_latest_slot_after_downtime_is_one_slot():
     assert schedules.latest_slot("*/5 * * * *", "UTC", dt.datetime(2024, 1, 1, 12, 5)) == dt.datetime(2024, 1, 1, 12, 5)
 
 
+def test_latest_slot_never_returns_a_slot_still_ahead():
+    """Just before a slot the latest one is the previous: firing early made the next tick find nothing due."""
+    assert schedules.latest_slot("* * * * *", "UTC", dt.datetime(2024, 1, 1, 12, 2, 59, 500000)) == dt.datetime(2024, 1, 1, 12, 2)
+    assert schedules.latest_slot("* * * * *", "UTC", dt.datetime(2024, 1, 1, 12, 2, 59, 999999)) == dt.datetime(2024, 1, 1, 12, 2)
+    assert schedules.latest_slot("* * * * *", "UTC", dt.datetime(2024, 1, 1, 12, 3)) == dt.datetime(2024, 1, 1, 12, 3)
+
+
 @pytest.mark.parametrize(("expr", "tz", "field"), [("* * *", "UTC", "schedule.expression"), ("* * * * * *", "UTC", "schedule.expression"),
                                                     ("* * * * *", "Mars/Base", "schedule.timezone")])  # fmt: skip
 def test_bad_cron_is_a_400_naming_the_field(expr, tz, field):
