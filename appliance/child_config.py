@@ -28,6 +28,11 @@ def inherit_config(cfg: Any) -> None:
     _inherited = (cfg.to_json().decode(), cfg)
 
 
+def inherited_config() -> Any:
+    """The config inherit_config was given in this process (the supervisor, then the template it forked), else None."""
+    return _inherited[1] if _inherited is not None else None
+
+
 def child_config(args: argparse.Namespace) -> Any:
     """The config of this child: the supervisor's (APPLIANCE_CONFIG_JSON) or the --config file's."""
     from appliance.config import Config, ConfigError, load_config

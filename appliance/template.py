@@ -82,6 +82,19 @@ def preload() -> tuple[int, list[str]]:
     return _preloaded
 
 
+def prepare() -> None:
+    """Build what the roles can from the inherited config (supervisor/roles.PREPARE), then freeze it too."""
+    from appliance.child_config import inherited_config
+    from appliance.supervisor import roles
+
+    cfg = inherited_config()
+    if cfg is None:
+        return
+    for line in roles.prepare_in_template(cfg):
+        log.warning("cannot prepare %s in the template; its children build their own", line)
+    gc.freeze()
+
+
 def _limit_malloc_arenas(arenas: int = 2) -> None:
     # glibc gives each thread its own malloc arena (up to 8 per CPU), each holding freed memory of its
     # own; the roles' threads allocate little outside pymalloc, so two arenas cost no speed and save
@@ -111,6 +124,8 @@ def serve(fd: int, log_format: str) -> int:
                 log.warning("cannot preload %s", line)
             gc.collect()
             gc.freeze()  # what we imported stays out of every child's collections: its pages stay shared
+        else:  # forked by the supervisor, with its config: what the roles build from it, built once here
+            prepare()
         seconds = time.perf_counter() - t0
         sys.stdout.flush()
         sock.send(json.dumps({"ready": True, "pid": os.getpid(), "modules": loaded, "seconds": round(seconds, 3)}).encode())

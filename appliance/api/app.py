@@ -22,6 +22,7 @@ from appliance.api.context import ApiContext
 
 log = logging.getLogger(__name__)
 
+
 # (module, required): each module exposes register(app, ctx).
 ROUTE_MODULES: list[tuple[str, bool]] = [
     ("appliance.api.health", True),
@@ -53,16 +54,18 @@ def _present(module: str) -> bool:
 
 
 class ApplianceApp(falcon.App):
-    """falcon.App with its ApiContext at `.ctx`."""
+    """falcon.App with its ApiContext at `.ctx` and its CompiledRouter at `.router`."""
 
     ctx: ApiContext
+    router: falcon.routing.CompiledRouter
 
 
 def create_app(cfg: Any, *, index: int = 0, db: Any = None, check_responses: bool = False, load_apps: bool = True) -> ApplianceApp:
     """The WSGI app of worker `index`; `app.ctx` is its ApiContext."""
     ctx = ApiContext(cfg=cfg, db=db, index=index, check_responses=check_responses)
-    app = ApplianceApp(middleware=middleware.stack(ctx), cors_enable=False)
-    app.ctx = ctx
+    router = falcon.routing.CompiledRouter()
+    app = ApplianceApp(middleware=middleware.stack(ctx), cors_enable=False, router=router)
+    app.ctx, app.router = ctx, router
     app.router_options.converters["int"] = BoundedIntConverter
     app.req_options.strip_url_path_trailing_slash = True
     app.req_options.auto_parse_qs_csv = False
@@ -76,4 +79,42 @@ def create_app(cfg: Any, *, index: int = 0, db: Any = None, check_responses: boo
         from appliance.api import operator_apps
 
         operator_apps.load_all(app, ctx)
+    return app
+
+
+# --- built once in the template ---------------------------------------------------------------------
+
+_prebuilt: tuple[Any, ApplianceApp] | None = None  # (the config it was built from, the app)
+
+
+def prebuild(cfg: Any) -> None:
+    """Build the app in the template, from the config every child inherits, before any worker is forked.
+
+    Building it costs each worker some 4 MiB of pages of its own (falcon's route and middleware
+    setup touches objects all over the shared heap); built here, the workers share it. It opens
+    nothing (no database, socket or thread: see ApiContext.bind and start_background). The
+    operators' apps are not loaded here: each worker loads them after the fork (adopt_prebuilt).
+    """
+    global _prebuilt
+    app = create_app(cfg, load_apps=False)
+    app.router.find("/")  # compiles the router here, not at the first request of every worker
+    _prebuilt = (cfg, app)
+
+
+def adopt_prebuilt(cfg: Any, index: int, db: Any) -> ApplianceApp | None:
+    """The template's app for worker `index` with this process's database, when it was built from `cfg`, else None.
+
+    A worker handed another config (after a SIGHUP) or forked from a template that built none
+    builds its own with create_app. Raises operator_apps.AppLoadError like create_app.
+    """
+    global _prebuilt
+    if _prebuilt is None or _prebuilt[0] is not cfg:
+        return None
+    app = _prebuilt[1]
+    _prebuilt = None  # one worker per process: a second call builds its own
+    app.ctx.bind(db, index)
+    if cfg.api.apps_dir:
+        from appliance.api import operator_apps
+
+        operator_apps.load_all(app, app.ctx)
     return app

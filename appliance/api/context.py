@@ -84,15 +84,25 @@ class ApiContext:
         self._queue: Any = None
         self._queue_lock = threading.Lock()
         self._mirror_running = False
+        self.warmups: list[Callable[[], Any]] = []  # run in threads of their own by start_background
         self.inflight = 0
         self.pool_stalled: Callable[[], bool] = lambda: False  # set by the server: api/inline.py
         self.draining = False
         self._inflight_lock = threading.Lock()
 
+    def bind(self, db: pw.Database, index: int) -> None:
+        """Make a context built in the template (app.prebuild) this worker's: its database and index."""
+        self.db, self.index = db, index
+        self.node_id = f"{self.host}:api:{index}"
+        self.started = time.time()
+
     # --- revocation ---------------------------------------------------------------
 
     def start_background(self) -> None:
-        """Start the revocation mirror's polling thread (the server does; tests need not)."""
+        """Start the revocation mirror's polling thread and the warmups (the server does; tests need not)."""
+        for warmup in self.warmups:
+            threading.Thread(target=warmup, name="warmup", daemon=True).start()
+        self.warmups = []
         if not self._mirror_running:
             try:
                 with self.db.connection_context():  # type: ignore[union-attr]

@@ -226,9 +226,9 @@ class StatusResource:
         self.ctx = ctx
         self.checks = HealthChecks(ctx)
         # The first queue check of a process imports huey (and redis with it) and opens the queue: ~150 ms on
-        # SQLite, paid by the first /health/status of every worker. Done here, off any request, it costs a request
-        # what the check itself costs (a COUNT, well under a millisecond).
-        threading.Thread(target=self.checks.queue, name="queue-warmup", daemon=True).start()
+        # SQLite, paid by the first /health/status of every worker. Done when the worker starts, off any request,
+        # it costs a request what the check itself costs (a COUNT, well under a millisecond).
+        ctx.warmups.append(self.checks.queue)
 
     @operation(
         "Health of this node: database, queue, Redis and system",

@@ -45,7 +45,7 @@ _ACTIVITY_EVERY = 60.0  # seconds between last_activity writes per user and work
 class MetricsMiddleware:
     def __init__(self, ctx: ApiContext):
         self.ctx = ctx
-        self.inst = instruments.get()
+        self.inst: dict[str, Any] = {}  # made at the first request: never in the template (app.prebuild), whose pid would own the files
         # The labelled children, found once per label set: labels() validates and locks on every call,
         # a tenth of a ping's cost in the worker. Bounded like the children themselves (route templates).
         self._counts: dict[tuple[str, str, str], Any] = {}
@@ -54,6 +54,8 @@ class MetricsMiddleware:
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
         req.context.started = time.perf_counter()
         self.ctx.enter()
+        if not self.inst:
+            self.inst = instruments.get()
         self.inst["inflight"].inc()
 
     def process_response(self, req: falcon.Request, resp: falcon.Response, resource: Any, req_succeeded: bool) -> None:
@@ -182,13 +184,13 @@ class DatabaseMiddleware:
     """Return pooled connections after each request (SQLite keeps one per thread)."""
 
     def __init__(self, ctx: ApiContext):
-        self.db = ctx.db
-        self.pooled = isinstance(ctx.db, PooledDatabase)
+        self.ctx = ctx  # its db is read per request: an app built in the template gets it at ctx.bind
 
     def process_response(self, req: falcon.Request, resp: falcon.Response, resource: Any, req_succeeded: bool) -> None:
-        if self.pooled and self.db is not None and not self.db.is_closed():
+        db = self.ctx.db
+        if isinstance(db, PooledDatabase) and not db.is_closed():
             try:
-                self.db.close()
+                db.close()
             except Exception as exc:  # a broken connection is dropped by the pool
                 log.debug("closing pooled connection failed: %s", exc)
 

@@ -5,8 +5,9 @@ base_port + index when the operator pinned [api] base_port.
 
 Boot: point prometheus at the shared metrics dir (before it is imported), open
 the database (the supervisor migrates; a standalone worker migrates a stale
-schema itself), build the app (an operator module that fails stops the boot with
-exit 3 naming the file), start the revocation mirror, listen.
+schema itself), take the app the template built from the same config (app.prebuild:
+its pages stay shared) or build it, load the operators' modules (one that fails stops
+the boot with exit 3 naming the file), start the revocation mirror, listen.
 
 SIGTERM/SIGINT drain gracefully: the handler only starts a drain thread, which
 stops accepting (the listening socket is closed in the loop thread), waits until no request is queued, running or being
@@ -119,11 +120,13 @@ def serve(cfg: Any, index: int) -> int:
     except db.DatabaseError as exc:
         log.error("database %s cannot be used: %s", db.describe(cfg), exc)
         return 1  # transient: the supervisor retries with backoff
-    from appliance.api.app import create_app
+    from appliance.api.app import adopt_prebuilt, create_app
     from appliance.api.operator_apps import AppLoadError
 
     try:
-        app = create_app(cfg, index=index, db=handle)
+        app = adopt_prebuilt(cfg, index, handle)
+        shared = app is not None  # built in the template, shared with the other workers
+        app = app or create_app(cfg, index=index, db=handle)
     except AppLoadError as exc:
         log.error("%s", exc)
         print(f"appliance api: {exc}", file=sys.stderr)
@@ -166,7 +169,10 @@ def serve(cfg: Any, index: int) -> int:
     drainer = Drainer(server, app.ctx, cfg.supervisor.grace_period)
     signal.signal(signal.SIGTERM, drainer.start)
     signal.signal(signal.SIGINT, drainer.start)
-    log.info("api worker ready", extra=fields(index=index, address=address, threads=cfg.api.threads, node_id=app.ctx.node_id))
+    log.info(
+        "api worker ready",
+        extra=fields(index=index, address=address, threads=cfg.api.threads, node_id=app.ctx.node_id, app="template" if shared else "own"),
+    )
     dispatcher.bind_loop()
     try:
         server.run()

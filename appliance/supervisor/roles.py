@@ -38,6 +38,10 @@ ROLES: dict[str, str] = {
     "monitor": "appliance.monitor.server:serve",
 }
 
+# What a role builds in the template from the config every child inherits, before any child is forked:
+# `fn(cfg)`, opening no database, socket or thread. Each child of the role then shares it (api: its app).
+PREPARE: dict[str, str] = {"api": "appliance.api.app:prebuild"}
+
 # Loops that another role's process runs in a thread of its own: `fn(cfg, stop: threading.Event)`, returning when stop is set.
 JOBS: dict[str, str] = {"scheduler": "appliance.queue.scheduler:hosted"}
 JOB_STOP_TIMEOUT = 10.0  # seconds a job may take to finish its tick after the role stopped (bounded by the grace period)
@@ -148,6 +152,19 @@ def preload_modules() -> list[str]:
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         names += METRICS_MODULES
     return names
+
+
+def prepare_in_template(cfg: Any) -> list[str]:
+    """Run every role's PREPARE step; the problems (role: error) of those that failed (their children build their own)."""
+    failed = []
+    for role, target in PREPARE.items():
+        if not available(role):
+            continue
+        try:
+            _load(target)(cfg)
+        except Exception as exc:  # the role's children do the same work themselves, and report what fails
+            failed.append(f"{role}: {type(exc).__name__}: {exc}")
+    return failed
 
 
 def available(role: str) -> bool:

@@ -49,6 +49,10 @@ def test_every_child_is_forked_from_the_template_and_is_the_supervisors_child(ap
         assert cmdline(r["pid"]) == cmdline(appliance.proc.pid)
         assert ppid(r["pid"]) == appliance.proc.pid
     assert http_json(appliance.port, "GET", "/health/ping")[0] == 200
+    # Each api worker took the app the template built from the inherited config (app.prebuild): shared pages.
+    ready = [e for e in appliance.lines() if e.get("role") == "api" and e.get("message") == "api worker ready"]
+    assert [e["app"] for e in ready] == ["template", "template"], ready
+    assert sorted(e["node_id"].rpartition(":")[2] for e in ready) == ["0", "1"]
     result = appliance.cli("status")
     assert result.returncode == 0 and "\ntemplate " in result.stdout, result.stdout
 
@@ -102,6 +106,7 @@ def test_a_sighup_config_reaches_the_children_the_template_forks(appliance):
         appliance.config.write_text(good)
     ready = [e for e in appliance.lines() if e.get("role") == "api" and e.get("message") == "api worker ready"]
     assert ready[-1]["threads"] == 3 and ready[-2]["threads"] == 3
+    assert ready[-1]["app"] == ready[-2]["app"] == "own"  # the template's app was built from the old config
     assert all(r["via"] == "template" for r in appliance.status()["processes"] if r["role"] == "api")
 
 
@@ -122,6 +127,45 @@ def test_a_broken_operator_file_fails_its_role_naming_the_file(tmp_path):
         assert "started api[0] (pid" in text and "forked from the template" in text
     finally:
         app.stop()
+
+
+HELLO_APP = """
+from appliance.api import ok, operation
+
+
+class Hello:
+    @operation("says hello", response=dict)
+    def on_get(self, req, resp):
+        ok(resp, {"hello": ctx_of_app.node_id})
+
+
+def setup(app, ctx):
+    global ctx_of_app
+    ctx_of_app = ctx
+    app.add_route("/health/hello", Hello())  # under a public prefix of the balancer
+"""
+
+
+@pytest.mark.slow
+def test_an_operator_app_is_loaded_into_the_templates_app_by_each_worker(tmp_path):
+    apps = tmp_path / "apps"
+    apps.mkdir()
+    (apps / "hello.py").write_text(HELLO_APP)
+    app = Appliance(tmp_path, api_workers=2, task_workers=1)
+    app.sections["api"]["apps_dir"] = str(apps)
+    write_config(app.data, **app.sections)
+    app.start()
+    try:
+        seen = set()
+        for _ in range(20):
+            status, body = http_json(app.port, "GET", "/health/hello")
+            assert status == 200, body
+            seen.add(body["data"]["hello"].rpartition(":")[2])
+        assert seen == {"0", "1"}  # each worker's own context, though the app was built once, in the template
+        ready = [e for e in app.lines() if e.get("role") == "api" and e.get("message") == "api worker ready"]
+        assert [e["app"] for e in ready] == ["template", "template"], ready
+    finally:
+        assert app.stop() == 0
 
 
 @pytest.mark.slow
