@@ -166,17 +166,22 @@ def open_for_role(cfg: Any) -> pw.Database:
     """Open the database for a child role: connect once, migrate when run standalone.
 
     Under the supervisor the schema is already current (it migrates before any
-    child starts); a role started by hand migrates itself. Raises our
+    child starts): a child handed the config the supervisor migrated (the inherited
+    one) does not even ask; a role started by hand, or handed a SIGHUP's new config,
+    migrates a stale schema itself. Raises our
     DatabaseError (translated) when the database cannot be used: callers treat
     that as transient and exit 1, so the supervisor retries with backoff.
     """
+    from appliance.child_config import inherited_config
     from appliance.db import migrations
     from appliance.db.errors import translated
 
     handle = open_database(cfg)
     with translated():
         handle.connect(reuse_if_open=True)
-        if migrations.pending(handle):
+        # The supervisor migrated the database of the config it handed the template before it forked any
+        # child: asking again would only copy the pages of the migration code into every child.
+        if cfg is not inherited_config() and migrations.pending(handle):
             migrations.migrate(handle)
         handle.close()
     return handle

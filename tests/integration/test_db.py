@@ -202,6 +202,24 @@ def test_two_processes_migrating_at_once_apply_each_migration_once(engine, make_
     handle.close()
 
 
+def test_a_role_migrates_a_stale_database_unless_it_runs_the_config_the_supervisor_migrated(make_config, monkeypatch) -> None:
+    from appliance import child_config
+
+    by_hand, inherited = make_config(), make_config()
+    monkeypatch.setattr(child_config, "_inherited", None)
+    child_config.inherit_config(inherited)  # the supervisor migrates this one before it forks any child
+    for cfg, expected in ((by_hand, [v for v, _, _ in dbmod.migrations.MIGRATIONS]), (inherited, [])):
+        handle = dbmod.open_for_role(cfg)
+        handle.connect(reuse_if_open=True)
+        have = (
+            handle.execute_sql("SELECT version FROM schema_version ORDER BY version").fetchall()
+            if handle.table_exists("schema_version")
+            else []
+        )
+        assert [r[0] for r in have] == expected
+        handle.close()
+
+
 def test_sqlite_pragmas_are_set(make_config) -> None:
     cfg = make_config()
     handle = dbmod.open_database(cfg)
