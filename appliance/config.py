@@ -118,6 +118,11 @@ class BalancerSettings(Section):
     upstream_read_timeout: Annotated[float, _h("seconds to wait for an upstream answer (504 beyond)", gt=0, le=3600)] = 60.0
     upstream_keepalive: Annotated[int, _h("idle keep-alive connections kept per upstream", ge=0, le=10000)] = 64
     upstream_idle_timeout: Annotated[float, _h("seconds an idle upstream connection is kept open", gt=0, le=3600)] = 30.0
+    upstream_max_active: Annotated[
+        int,
+        _h("requests in flight per upstream (and weight) before the next waits its turn here; 0 means 2 x [api] threads", ge=0, le=100000),
+    ] = 0
+    upstream_queue_timeout: Annotated[float, _h("seconds a request may wait for an upstream slot (503 beyond)", gt=0, le=3600)] = 30.0
     retries: Annotated[int, _h("extra upstreams tried for an idempotent request", ge=0, le=10)] = 2
     retry_non_idempotent: Annotated[bool, _h("also retry POST and PATCH when the upstream never answered")] = False
     health_interval: Annotated[float, _h("seconds between active health checks", gt=0, le=3600)] = 2.0

@@ -20,6 +20,14 @@ does the upstream half of the path:
 
 An upstream is occupied by the exchange from the pick to `vacate` (its `active`
 count, which least-connection picking reads): one increment, one decrement.
+At most [balancer] upstream_max_active requests (per weight) are in flight on one
+upstream: when even the least loaded has that many, the request waits in its group's
+line (`wait_for_slot`, first come first served, in the CONNECT state, its body
+buffered) until a vacate frees a slot, or answers 503 after upstream_queue_timeout.
+A worker then holds about as many requests as it has threads, and the rest wait
+here, in order, instead of in a worker's loop thread (waitress reads every
+connection it holds; with some 80 of them on a busy worker a request waited a
+second or more behind the others while the median waited 100 ms).
 The connection states (IDLE ... CLOSED) are the client connection's; the
 Exchange moves it through CONNECT and FORWARD.
 """
@@ -80,6 +88,7 @@ class Exchange:
         "upstream",
         "upstream_keep_alive",
         "user_id",
+        "queued",
     )
 
     def __init__(self, client: Any):
@@ -115,6 +124,7 @@ class Exchange:
         self.upstream_keep_alive = False
         self.answer_left = -1  # body bytes of a Content-Length answer not yet read
         self.deferred = False  # one upstream read's output was held back (see defer_or_flush)
+        self.queued = False  # waiting in its group's line for an upstream slot (wait_for_slot)
 
     # -- the request body ---------------------------------------------------------------
     def on_body(self, data: bytes) -> None:
@@ -179,11 +189,19 @@ class Exchange:
         group = self.group
         if group is None:
             return self.client.respond_error(503, "service_unavailable", "no upstream serves this route")
+        most = self.p.upstream_max_active
+        if group.waiting and not group.waking:  # others came first: a free slot is theirs
+            wake_group(group, most)
+            if group.waiting:
+                return self.wait_for_slot(group)
         upstream = group.pick(self.tried or ())
         if upstream is None:
             if self.tried:
                 return self.client.respond_error(502, "bad_gateway", "the upstream servers could not be reached")
             return self.client.respond_error(503, "service_unavailable", "no upstream server is available")
+        if upstream.active * upstream.inv_weight >= most:  # the least loaded is full: so is every other
+            upstream.served -= 1  # not handed out after all (the picker's tie-break counts)
+            return self.wait_for_slot(group)
         upstream.active += 1  # occupied until vacate()
         self.upstream = upstream
         conn = pool.acquire(upstream)
@@ -194,6 +212,14 @@ class Exchange:
         self.client.deadline = 0.0
         self.task = p.loop.create_task(pool.connect(upstream, p.connect_timeout, p.max_header_bytes))
         self.task.add_done_callback(self._connected)
+
+    def wait_for_slot(self, group: Group) -> None:
+        """Every upstream of the group is full: wait at the end of its line; wake_group sends it on."""
+        self.queued = True
+        group.waiting.append(self)
+        client = self.client
+        client.state = CONNECT
+        client.deadline = time.monotonic() + self.p.queue_timeout  # not the sweeper's coarse clock: it may lag 0.25 s
 
     def _connected(self, task: Any) -> None:
         self.task = None
@@ -414,6 +440,9 @@ class Exchange:
         if upstream is not None:
             upstream.active -= 1
             self.upstream = None
+            group = self.group
+            if group is not None and group.waiting:
+                wake_group(group, self.p.upstream_max_active)
         return upstream
 
     def abort_upstream(self) -> None:
@@ -427,6 +456,7 @@ class Exchange:
 
     def abandon(self) -> None:
         """The client left (or broke the framing) in the middle of the exchange."""
+        self.queued = False  # its place in the line is skipped by wake_group
         if self.task is not None:
             self.task.cancel()
             self.task = None
@@ -438,3 +468,29 @@ class Exchange:
             self.conn = None
             conn.abort()
         self.vacate()
+
+
+def wake_group(group: Group, most_active: int) -> None:
+    """Send the group's waiting requests on, oldest first, while an upstream has a free slot.
+
+    Called by every vacate of the group (and by the sweeper, for slots that came with a new or
+    recovered upstream). Not re-entered: a request woken here that fails at once vacates again,
+    and this loop goes on instead of a nested one.
+    """
+    if group.waking:
+        return
+    group.waking = True
+    waiting = group.waiting
+    try:
+        while waiting:
+            ex = waiting[0]
+            if not ex.queued or ex.client.ex is not ex:  # its client left, or it was answered (timed out)
+                waiting.popleft()
+                continue
+            if not group.has_room(most_active):
+                return
+            waiting.popleft()
+            ex.queued = False
+            ex.pick_and_send()
+    finally:
+        group.waking = False

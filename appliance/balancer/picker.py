@@ -13,7 +13,9 @@ itself does no I/O.
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Container
+from typing import Any
 
 from appliance.balancer.upstream_state import DRAINING, HEALTHY, Health
 
@@ -79,6 +81,9 @@ class Group:
     def __init__(self, name: str, upstreams: list[Upstream] | None = None):
         self.name = name
         self.upstreams: list[Upstream] = list(upstreams or [])
+        # Requests waiting for a slot while every upstream has its most requests in flight (exchange.py), oldest first.
+        self.waiting: collections.deque[Any] = collections.deque()
+        self.waking = False
         self._next = 0
         self._orders: list[list[Upstream]] = []  # upstreams in rotation order from each start
         self._orders_of: list[Upstream] | None = None
@@ -128,6 +133,10 @@ class Group:
             best_i += 1
             self._next = best_i - n if best_i >= n else best_i
         return best
+
+    def has_room(self, most_active: int) -> bool:
+        """Whether a healthy upstream has fewer than `most_active` (per weight) requests in flight."""
+        return any(u.health.state == HEALTHY and u.active * u.inv_weight < most_active for u in self.upstreams)
 
     def any_up(self) -> bool:
         return any(u.health.up for u in self.upstreams)

@@ -105,6 +105,8 @@ class Proxy:
         self.max_connections = b.max_connections
         self.max_idle = b.upstream_keepalive
         self.retries = b.retries
+        self.upstream_max_active = b.upstream_max_active or 2 * cfg.api.threads
+        self.queue_timeout = b.upstream_queue_timeout
         self.retry_methods = IDEMPOTENT | {b"POST", b"PATCH"} if b.retry_non_idempotent else IDEMPOTENT
         clients = ClientAddresses(b.trusted_proxies, identity.key_bytes(cfg.secrets.identity_key))
         self.is_trusted = clients.is_trusted
@@ -305,6 +307,9 @@ class ClientConnection(asyncio.Protocol):
         elif state == HEAD:
             ex.keep_alive = False
             self.respond_error(408, "request_timeout", "the request head did not arrive in time", close=True)
+        elif state == CONNECT and ex.queued:
+            ex.queued = False
+            self.respond_error(503, "upstreams_busy", "every upstream server stayed busy; try again later")
         elif state == FORWARD and not ex.body_done:
             ex.abort_upstream()
             if ex.response_started:

@@ -33,6 +33,7 @@ from typing import Any
 
 from appliance import metrics
 from appliance.balancer import certs, upstreams
+from appliance.balancer.exchange import wake_group
 from appliance.balancer.framing import ProtocolError, RequestFramer, RequestHead
 from appliance.balancer.listeners import close_listeners
 from appliance.balancer.proxy import NEW_CONNECTION_GRACE, Proxy
@@ -296,6 +297,9 @@ class Balancer:
             try:
                 for conn in [c for c in proxy.connections if c.deadline and c.deadline <= now]:
                     conn.on_deadline()
+                for group in table.groups.values():
+                    if group.waiting:  # slots a new or recovered upstream brought, which no vacate announced
+                        wake_group(group, proxy.upstream_max_active)
                 proxy.access.flush()
                 if now - last_second >= 1.0:
                     last_second = now
