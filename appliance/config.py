@@ -309,6 +309,14 @@ class SupervisorSettings(Section):
     template: Annotated[
         bool, _h("fork children from one preloaded template process (shared memory, fast restarts); false: exec each child")
     ] = True
+    worker_nice: Annotated[
+        int,
+        _h(
+            "niceness added to every child but the balancer, so that the front door still reads and answers when workers fill the CPU",
+            ge=0,
+            le=19,
+        ),
+    ] = 5
 
 
 class LoggingSettings(Section):

@@ -176,11 +176,32 @@ def available(role: str) -> bool:
         return False
 
 
+# The front door keeps the supervisor's priority; every other role runs [supervisor] worker_nice lower.
+FRONT_ROLES = frozenset({"balancer"})
+
+
+def lower_priority(role: str, cfg: Any) -> None:
+    """Make this child [supervisor] worker_nice nicer than its parent, unless it is the balancer.
+
+    Before any thread starts: on Linux niceness is per thread, and threads inherit their creator's.
+    On a saturated machine the balancer's one thread then gets the CPU when it has work, instead of
+    a 1/30 share beside the workers' threads (clients saw a p99 of 1.3 s at 256 connections while
+    the balancer's own was 250 ms: their requests waited to be read and written).
+    """
+    if role in FRONT_ROLES or not cfg.supervisor.worker_nice:
+        return
+    try:
+        os.nice(cfg.supervisor.worker_nice)
+    except OSError as exc:  # pragma: no cover - raising niceness is always allowed; keep serving regardless
+        log.warning("cannot lower this process's priority: %s", exc)
+
+
 def run_child(args: argparse.Namespace) -> int:
     from appliance import heartbeat
     from appliance.logs import setup_logging
 
     cfg = child_config(args)
+    lower_priority(args.role, cfg)
     setup_logging(args.role, getattr(args, "log_format", None) or cfg.logging.format, cfg.logging.level)
     names = hosted_jobs(args.role, cfg)
     try:

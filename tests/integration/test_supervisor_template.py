@@ -57,6 +57,22 @@ def test_every_child_is_forked_from_the_template_and_is_the_supervisors_child(ap
     assert result.returncode == 0 and "\ntemplate " in result.stdout, result.stdout
 
 
+def _nice(pid: int, tid: int | None = None) -> int:
+    stat = Path(f"/proc/{pid}/task/{tid}/stat" if tid else f"/proc/{pid}/stat").read_text()
+    return int(stat.rpartition(")")[2].split()[16])  # field 19 of stat: nice
+
+
+def test_every_child_but_the_balancer_runs_worker_nice_lower_in_each_of_its_threads(appliance):
+    base = _nice(appliance.proc.pid)
+    rows = [r for r in appliance.status()["processes"] if r["role"] not in ("template",) and r["pid"]]
+    for r in rows:
+        expected = base if r["role"] == "balancer" else min(base + 5, 19)  # [supervisor] worker_nice = 5
+        threads = [int(t) for t in os.listdir(f"/proc/{r['pid']}/task")]
+        assert len(threads) > 1 or r["role"] == "balancer"
+        assert {_nice(r["pid"], t) for t in threads} == {expected}, r
+    assert _nice(template_row(appliance)["pid"]) == base  # it forks the balancer too
+
+
 @pytest.mark.slow
 def test_kill_9_of_the_template_under_gets_loses_no_request(appliance):
     old = template_row(appliance)["pid"]
