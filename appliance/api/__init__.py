@@ -1,7 +1,8 @@
 """The API workers: a Falcon 4 WSGI app served by waitress, one process per port.
 
 Layout
-    app.py             create_app(cfg, index=0) -> falcon.App; ROUTE_MODULES lists every route module
+    app.py             create_app(cfg, index=0) -> falcon.App; ROUTE_MODULES lists every route module;
+                       prebuild(cfg) in the template, adopt_prebuilt(cfg, index, db) in each worker
     context.py         ApiContext (cfg, db, tokens, identity_key, revocations, node_id, lazy .queue) and Identity
     operations.py      @operation, require_user/require_admin, client_address, ok/raw_json, Page/paginate
     readers.py         read_json/read_query/read_body: the request's body and query, validated

@@ -3,7 +3,8 @@
 Modules, each of one job:
   server     `serve(cfg, index)`, the role: sockets, signals, upkeep, graceful stop
   proxy      the per-request path (ClientConnection) and what it shares (Proxy)
-  exchange   one request upstream and back (Exchange, the upstream answer's handler)
+  exchange   one request upstream and back (Exchange, the upstream answer's handler; the line
+             for upstream slots: wait_for_slot, wake_group)
   admission  the token hook and the limiter as one verdict
   writer     HTTP/1.1 writing without I/O: heads, chunking, keep-alive, error answers
   ids        request and trace ids
