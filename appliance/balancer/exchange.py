@@ -475,14 +475,16 @@ def wake_group(group: Group, most_active: int) -> None:
 
     Called by every vacate of the group (and by the sweeper, for slots that came with a new or
     recovered upstream). Not re-entered: a request woken here that fails at once vacates again,
-    and this loop goes on instead of a nested one.
+    and this loop goes on instead of a nested one. Each waiter is looked at once per call: a
+    retry whose only free upstream is one it already tried goes back to the end of the line and
+    must not be woken again at once, for ever.
     """
     if group.waking:
         return
     group.waking = True
     waiting = group.waiting
     try:
-        while waiting:
+        for _ in range(len(waiting)):
             ex = waiting[0]
             if not ex.queued or ex.client.ex is not ex:  # its client left, or it was answered (timed out)
                 waiting.popleft()

@@ -84,3 +84,33 @@ def test_drain_table() -> None:
     assert not h.passive_failure(2) or h.state == DRAINING
     assert h.undrain() and h.state == HEALTHY
     assert changes == [(HEALTHY, DRAINING), (DRAINING, HEALTHY)]
+
+
+class _Waiter:
+    """A waiting request whose pick finds no slot it may use (a retry whose free upstream it already tried)."""
+
+    def __init__(self, group: Group):
+        self.group, self.queued, self.woken = group, True, 0
+        self.client = self
+        self.ex = self
+
+    def pick_and_send(self) -> None:
+        self.woken += 1
+        assert self.woken < 5, "woken again and again in one call"
+        self.queued = True
+        self.group.waiting.append(self)  # back to the end of the line, as Exchange.wait_for_slot does
+
+
+def test_wake_group_looks_at_each_waiter_once_per_call():
+    from appliance.balancer.exchange import wake_group
+
+    group = Group("api", [Upstream("127.0.0.1:1"), Upstream("127.0.0.1:2")])
+    group.upstreams[0].active = 1  # the other has room
+    first, second = _Waiter(group), _Waiter(group)
+    group.waiting.extend([first, second])
+    wake_group(group, 1)
+    assert (first.woken, second.woken) == (1, 1)
+    assert list(group.waiting) == [first, second] and not group.waking
+    first.queued = False  # its client left: skipped, and dropped from the line
+    wake_group(group, 1)
+    assert (first.woken, second.woken) == (1, 2) and list(group.waiting) == [second]
