@@ -5,6 +5,7 @@ Only processes started here are ever stopped, by pid. Every wait is bounded.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import random
@@ -24,16 +25,29 @@ def _ephemeral_low() -> int:
         return 32768
 
 
+# Ports handed out lately. A port is only checked free, not held, until the test binds it, so
+# without this two calls made before either port is bound (a Stack's upstream range and its
+# listen port, a redirect port picked before them) could return the same port. The balancer
+# binding second then fails to boot, and a client that connected to its listener in between
+# is reset (a CI flake: ConnectionResetError on the first TLS handshake of tls_stack).
+_HANDED_OUT: collections.deque[int] = collections.deque(maxlen=1024)
+
+
 def free_range(n: int) -> int:
     """A base port with n free consecutive ports after it, on 127.0.0.1.
 
     Ports come from below the ephemeral range, so the source port of some
     outgoing connection cannot take one between now and when a test binds it
     (workers use base_port + i; a rolling restart uses spare ports above).
+    No port of the range was handed out by a recent call (the last 1024 ports),
+    so ports asked for one after the other are distinct even before any is bound.
     """
     top = min(_ephemeral_low(), 65000) - n
+    recent = set(_HANDED_OUT)
     for _ in range(200):
         base = random.randrange(20000, top)
+        if recent.intersection(range(base, base + n)):
+            continue
         ok = True
         for p in range(base, base + n):
             with socket.socket() as s:
@@ -43,6 +57,7 @@ def free_range(n: int) -> int:
                     ok = False
                     break
         if ok:
+            _HANDED_OUT.extend(range(base, base + n))
             return base
     raise RuntimeError("no free port range below the ephemeral range")
 

@@ -71,7 +71,8 @@ def serve(cfg: Any, index: int = 0) -> int:
             return EXIT_BOOT_FAILURE
 
 
-def _bind(address: str, backlog: int) -> socket.socket:
+def _bind(address: str) -> socket.socket:
+    """A socket bound to `address`, not listening yet."""
     host, _, port = address.rpartition(":")
     host = host.strip("[]") or "0.0.0.0"
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -82,7 +83,6 @@ def _bind(address: str, backlog: int) -> socket.socket:
     except OSError as exc:
         sock.close()
         raise BootError(f"cannot listen on {address}: {exc.strerror}") from None
-    sock.listen(backlog)
     sock.setblocking(False)
     return sock
 
@@ -101,9 +101,27 @@ def listen_sockets(cfg: Any) -> tuple[socket.socket, socket.socket | None]:
         for s in socks:
             s.setblocking(False)
         return socks[0], (socks[1] if len(socks) > 1 else None)
-    main = _bind(b.listen, b.backlog)
-    redirect = _bind(b.redirect_listen, b.backlog) if b.redirect_listen else None
-    return main, redirect
+    # Every socket is bound before any listens, and the public one listens last: the kernel
+    # completes a client's TCP handshake as soon as a socket listens, so a balancer that then
+    # failed on the next socket (and exits) would reset every client that connected meanwhile,
+    # while to them (and to anything polling the port) it looked started.
+    addresses = [b.listen, b.redirect_listen] if b.redirect_listen else [b.listen]
+    socks: list[socket.socket] = []
+    try:
+        for address in addresses:
+            socks.append(_bind(address))
+        # Two sockets with SO_REUSEADDR may share an address until one listens (the redirect
+        # socket on the public address): that shows only now.
+        for sock, address in reversed(list(zip(socks, addresses, strict=True))):
+            try:
+                sock.listen(b.backlog)
+            except OSError as exc:
+                raise BootError(f"cannot listen on {address}: {exc.strerror}") from None
+    except BootError:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks[0], (socks[1] if len(socks) > 1 else None)
 
 
 OPEN_REDIRECTS: set[RedirectConnection] = set()

@@ -17,7 +17,7 @@ import pytest
 import trustme
 
 from tests.integration.test_balancer_proxy import Stack
-from tests.procs import free_port, wait_port
+from tests.procs import free_port, start_child, wait_port
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -32,16 +32,21 @@ def fetch(port: int, ctx: ssl.SSLContext, path: str = "/whoami") -> tuple[bytes,
         return data, tls.getpeercert(binary_form=True) or b""
 
 
-@pytest.fixture
-def tls_stack(tmp_path: Path):
-    ca = trustme.CA()
+def write_cert(ca: trustme.CA, data: Path) -> None:
+    """cert.pem (with its chain) and key.pem for localhost and 127.0.0.1 in `data`."""
     cert = ca.issue_cert("localhost", "127.0.0.1")
-    data = tmp_path / "data"
-    data.mkdir()
+    data.mkdir(exist_ok=True)
     cert.cert_chain_pems[0].write_to_path(data / "cert.pem")
     for pem in cert.cert_chain_pems[1:]:
         pem.write_to_path(data / "cert.pem", append=True)
     cert.private_key_pem.write_to_path(data / "key.pem")
+
+
+@pytest.fixture
+def tls_stack(tmp_path: Path):
+    ca = trustme.CA()
+    data = tmp_path / "data"
+    write_cert(ca, data)
     redirect = free_port()
     s = Stack(tmp_path, workers=1, tls_cert="cert.pem", tls_key="key.pem", redirect_listen=f"127.0.0.1:{redirect}")
     ctx = ssl.create_default_context()
@@ -107,6 +112,33 @@ def test_replaced_certificate_is_served_after_sighup(tls_stack) -> None:
         _, after = fetch(s.port, ctx)
     assert after != before
     assert after == ssl.PEM_cert_to_DER_cert(fresh.cert_chain_pems[0].bytes().decode())
+
+
+def test_balancer_that_cannot_bind_its_redirect_port_never_accepts_a_client(tmp_path: Path) -> None:
+    """A boot that fails on the second socket must not have listened on the first one meanwhile:
+    a client that connected then would be reset once the process exits (its handshake, its
+    request), and a start helper polling the port would take the balancer for started."""
+    from appliance.contract import EXIT_BOOT_FAILURE
+
+    write_cert(trustme.CA(), tmp_path / "data")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        redirect = taken.getsockname()[1]
+        s = Stack(tmp_path, workers=1, tls_cert="cert.pem", tls_key="key.pem", redirect_listen=f"127.0.0.1:{redirect}")
+        try:
+            s.proc = start_child("balancer", s.config, log=s.log)
+            accepted = 0
+            deadline = time.monotonic() + 30
+            while s.proc.poll() is None and time.monotonic() < deadline:
+                with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", s.port), timeout=1):
+                    accepted += 1
+                time.sleep(0.001)
+            assert s.proc.wait(5) == EXIT_BOOT_FAILURE
+        finally:
+            s.close()
+    assert accepted == 0
+    assert f"cannot listen on 127.0.0.1:{redirect}" in s.log.read_text()
 
 
 def test_redirect_listener_answers_308(tls_stack) -> None:
