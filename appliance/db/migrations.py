@@ -92,10 +92,22 @@ def _usernames_unique_ignoring_case(db: pw.Database) -> None:
     db.execute_sql('CREATE UNIQUE INDEX IF NOT EXISTS "user_username_lower" ON "user" (lower(username))')
 
 
+# Covered by a composite index that leads with the same column (owner, status, group), or
+# never searched alone (worker_id is read only among running tasks). Databases made since
+# build none of them; older ones drop them here.
+_REDUNDANT_TASK_INDEXES = ("task_status", "task_owner_id", "task_group_id", "task_worker_id")
+
+
+def _drop_redundant_task_indexes(db: pw.Database) -> None:
+    for name in _REDUNDANT_TASK_INDEXES:
+        db.execute_sql(f'DROP INDEX IF EXISTS "{name}"')
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[pw.Database], None]]] = [
     (1, "initial schema", _initial),
     (2, "MFA recovery codes", _recovery_codes),
     (3, "user names unique ignoring case", _usernames_unique_ignoring_case),
+    (4, "drop redundant task indexes", _drop_redundant_task_indexes),
 ]
 
 

@@ -155,8 +155,10 @@ class Task(BaseModel):
 
     id = pw.CharField(max_length=32, primary_key=True)
     task_type = pw.CharField(max_length=100, index=True)
-    owner = pw.ForeignKeyField(User, null=True, backref="tasks", on_delete="SET NULL")
-    status = pw.CharField(max_length=16, default="queued", index=True)
+    # owner, status and group lead the composite indexes below; a status update is never a
+    # HOT update, so each index more costs a new entry per state change (migration 4)
+    owner = pw.ForeignKeyField(User, null=True, backref="tasks", on_delete="SET NULL", index=False)
+    status = pw.CharField(max_length=16, default="queued")
     priority = pw.SmallIntegerField(default=5)  # 1 = most urgent .. 10
     input = JSONField(default=dict)
     result = JSONField(null=True)
@@ -176,11 +178,11 @@ class Task(BaseModel):
     started_at = pw.DateTimeField(null=True)
     finished_at = pw.DateTimeField(null=True)
     running_time = pw.FloatField(null=True)
-    worker_id = pw.CharField(max_length=200, null=True, index=True)
+    worker_id = pw.CharField(max_length=200, null=True)  # only ever read among running tasks
     cancel_requested = pw.BooleanField(default=False)
     cancel_reason = pw.CharField(max_length=500, null=True)
     cancel_force = pw.BooleanField(default=False)  # stop the running process, do not wait for a check
-    group = pw.ForeignKeyField(TaskGroup, null=True, backref="tasks", on_delete="SET NULL")
+    group = pw.ForeignKeyField(TaskGroup, null=True, backref="tasks", on_delete="SET NULL", index=False)
     group_index = pw.IntegerField(null=True)
     schedule = pw.ForeignKeyField(Schedule, null=True, backref="tasks", on_delete="SET NULL")
 

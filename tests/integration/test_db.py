@@ -327,8 +327,40 @@ def test_case_clashing_user_names_make_the_migration_refuse_naming_them(engine, 
         assert isinstance(refused.value, dbmod.DatabaseError)  # the CLI and the supervisor report it as such
         User.update(username="admin-old").where(User.id == ids["Admin"]).execute()
         User.delete().where(User.id == ids["BOB"]).execute()
-        assert dbmod.migrate(handle) == [(3, "user names unique ignoring case")]
+        assert dbmod.migrate(handle) == [(v, name) for v, name, _ in migrations.MIGRATIONS if v > 2]
         with pytest.raises(dbmod.ConstraintConflict), dbmod.translated(), handle.atomic():
             User.create(username="CAROL", email="c2@example.com", password_hash="x")
+    finally:
+        handle.close_all() if hasattr(handle, "close_all") else handle.close()
+
+
+_COMPOSITE_TASK_INDEXES = {"task_owner_id_status_created_at", "task_status_priority_created_at", "task_group_id_group_index"}
+
+
+def test_migration_4_drops_the_task_indexes_a_composite_covers(engine, make_config, request) -> None:
+    from appliance.db import migrations
+
+    if engine == "postgresql":
+        url = _fresh_pg_database(request.getfixturevalue("pg_url"), "appliance_migrate_indexes")
+        cfg = make_config(database={"url": url})
+    else:
+        cfg = make_config()
+    handle = dbmod.open_database(cfg)
+    try:
+        migrations.migrate(handle, target=3)
+        fresh = {ix.name for ix in handle.get_indexes("task")}
+        assert _COMPOSITE_TASK_INDEXES <= fresh and "task_task_type" in fresh
+        assert not fresh & set(migrations._REDUNDANT_TASK_INDEXES), "a new database never builds them"
+        # a database made by an older release has them: build them as release 3 did
+        for name, column in (
+            ("task_status", "status"),
+            ("task_owner_id", "owner_id"),
+            ("task_group_id", "group_id"),
+            ("task_worker_id", "worker_id"),
+        ):
+            handle.execute_sql(f'CREATE INDEX "{name}" ON "task" ("{column}")')
+        assert set(migrations._REDUNDANT_TASK_INDEXES) <= {ix.name for ix in handle.get_indexes("task")}
+        assert dbmod.migrate(handle) == [(4, "drop redundant task indexes")]
+        assert {ix.name for ix in handle.get_indexes("task")} == fresh
     finally:
         handle.close_all() if hasattr(handle, "close_all") else handle.close()
