@@ -3,16 +3,16 @@
 A stack offers `port`, `credentials`, `roots()`, `api_worker_pid()`,
 `task_worker_pid()` and `task_outcomes(ids)` (bench/stack/ours.py and
 reference.py). GET load is wrk (bench/balancer.py's runner); logins and task
-submissions come from client threads with keep-alive connections, since
-their cost is on the server (bcrypt, the queue).
+submissions come from client threads with keep-alive connections on plain
+sockets (Client: cheap enough that the client is not what a stack waits for).
 """
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import signal
+import socket
 import statistics
 import threading
 import time
@@ -23,37 +23,76 @@ from bench.stack import procs
 from bench.tasks import pct
 
 
+class ClientError(Exception):
+    """The server's answer could not be read as the HTTP/1.1 this client speaks (Content-Length framing)."""
+
+
 class Client:
-    """One keep-alive HTTP/1.1 connection; reconnects after an error."""
+    """One keep-alive HTTP/1.1 connection on a plain socket; reconnects after an error.
+
+    The submissions' load generator runs on the same 2 cores as both stacks: http.client's
+    header parsing cost about as much CPU per call as a stack's whole submit path, so this
+    client frames requests and reads Content-Length answers itself (both stacks send them).
+    """
 
     def __init__(self, port: int, token: str | None = None):
-        self.port, self.token = port, token
-        self.conn: http.client.HTTPConnection | None = None
+        self.port = port
+        auth = f"Authorization: Bearer {token}\r\n" if token else ""
+        self.head = f"Host: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n{auth}"
+        self.sock: socket.socket | None = None
+        self.buf = b""
 
     def call(self, method: str, path: str, body: Any = None) -> tuple[int, dict]:
-        headers = {"Content-Type": "application/json"}
-        if self.token:
-            headers["Authorization"] = f"Bearer {self.token}"
+        payload = json.dumps(body).encode() if body is not None else b""
+        request = f"{method} {path} HTTP/1.1\r\n{self.head}Content-Length: {len(payload)}\r\n\r\n".encode() + payload
         for attempt in (1, 2):
-            if self.conn is None:
-                self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
             try:
-                self.conn.request(method, path, body=json.dumps(body) if body is not None else None, headers=headers)
-                resp = self.conn.getresponse()
-                raw = resp.read()
-                if resp.getheader("Connection", "").lower() == "close":
+                if self.sock is None:
+                    self.sock = socket.create_connection(("127.0.0.1", self.port), timeout=30)
+                    self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    self.buf = b""
+                self.sock.sendall(request)
+                status, close, raw = self._response()
+                if close:
                     self.close()
-                return resp.status, json.loads(raw) if raw else {}
-            except (OSError, http.client.HTTPException):
+                return status, json.loads(raw) if raw else {}
+            except (OSError, ClientError):
                 self.close()
                 if attempt == 2:
                     raise
         raise AssertionError("unreachable")
 
+    def _recv(self) -> None:
+        assert self.sock is not None
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise ClientError("the server closed the connection before a whole answer")
+        self.buf += chunk
+
+    def _response(self) -> tuple[int, bool, bytes]:
+        while (end := self.buf.find(b"\r\n\r\n")) < 0:
+            self._recv()
+        head, self.buf = self.buf[:end].decode("latin-1"), self.buf[end + 4 :]
+        lines = head.split("\r\n")
+        parts = lines[0].split(" ", 2)
+        if len(parts) < 2 or not parts[0].startswith("HTTP/1."):
+            raise ClientError(f"not an HTTP/1.x status line: {lines[0][:80]!r}")
+        fields = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            fields[name.strip().lower()] = value.strip()
+        if "content-length" not in fields:
+            raise ClientError(f"answer without Content-Length ({fields.get('transfer-encoding', 'no framing')})")
+        length = int(fields["content-length"])
+        while len(self.buf) < length:
+            self._recv()
+        raw, self.buf = self.buf[:length], self.buf[length:]
+        return int(parts[1]), fields.get("connection", "").lower() == "close", raw
+
     def close(self) -> None:
-        if self.conn is not None:
-            self.conn.close()
-            self.conn = None
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
 
 
 def login_token(stack: Any) -> str:
@@ -92,7 +131,7 @@ def login_load(stack: Any, conns: int, seconds: float) -> dict[str, float]:
             t0 = time.perf_counter()
             try:
                 status, _ = client.call("POST", "/auth/login", stack.credentials)
-            except (OSError, http.client.HTTPException):
+            except (OSError, ClientError):
                 status = 0
             with lock:
                 if status == 200:
