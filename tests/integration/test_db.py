@@ -303,15 +303,18 @@ def test_recovery_codes_table_exists_after_migration(db) -> None:
         RecoveryCode.create(user=user, code_hash="h" * 64)
 
 
+def _unmigrated_database(engine: str, make_config, request, pg_name: str) -> pw.Database:
+    """An open handle on an empty database of `engine` (PostgreSQL: a fresh one named `pg_name`), not yet migrated."""
+    if engine == "postgresql":
+        url = _fresh_pg_database(request.getfixturevalue("pg_url"), pg_name)
+        return dbmod.open_database(make_config(database={"url": url}))
+    return dbmod.open_database(make_config())
+
+
 def test_case_clashing_user_names_make_the_migration_refuse_naming_them(engine, make_config, request) -> None:
     from appliance.db import migrations
 
-    if engine == "postgresql":
-        url = _fresh_pg_database(request.getfixturevalue("pg_url"), "appliance_migrate_clash")
-        cfg = make_config(database={"url": url})
-    else:
-        cfg = make_config()
-    handle = dbmod.open_database(cfg)
+    handle = _unmigrated_database(engine, make_config, request, "appliance_migrate_clash")
     try:
         migrations.migrate(handle, target=2)  # a database from before the case-insensitive index
         ids = {}
@@ -340,12 +343,7 @@ _COMPOSITE_TASK_INDEXES = {"task_owner_id_status_created_at", "task_status_prior
 def test_migration_4_drops_the_task_indexes_a_composite_covers(engine, make_config, request) -> None:
     from appliance.db import migrations
 
-    if engine == "postgresql":
-        url = _fresh_pg_database(request.getfixturevalue("pg_url"), "appliance_migrate_indexes")
-        cfg = make_config(database={"url": url})
-    else:
-        cfg = make_config()
-    handle = dbmod.open_database(cfg)
+    handle = _unmigrated_database(engine, make_config, request, "appliance_migrate_indexes")
     try:
         migrations.migrate(handle, target=3)
         fresh = {ix.name for ix in handle.get_indexes("task")}
